@@ -1,0 +1,84 @@
+# C declarations of csrc/ring.h only; the logic lives in _ring.pyx.
+from libc.stdint cimport int64_t, uint32_t, uint64_t
+
+
+cdef extern from "ring.h" nogil:
+    int RING_LAYOUT_VERSION
+    int RING_DEFAULT_CAPACITY
+    int RING_DEFAULT_SLOT_SIZE
+    int RING_DEFAULT_MAX_MESSAGE
+    int RING_ERRBUF
+    int64_t RING_NOWAIT
+    int64_t RING_FOREVER
+
+    enum ring_status:
+        RING_OK
+        RING_FULL
+        RING_EMPTY
+        RING_TIMEOUT
+        RING_CLOSED
+        RING_EINTR
+        RING_ETOOBIG
+        RING_ECORRUPT
+        RING_EINVAL
+        RING_ESYS
+        RING_EUNDERFLOW
+
+    enum ring_mode:
+        RING_CREATE
+        RING_ATTACH
+        RING_OPEN
+
+    ctypedef struct ring_t:
+        pass
+
+    ctypedef struct ring_params_t:
+        uint64_t maxsize
+        uint32_t slot_size
+        uint32_t max_message_size
+
+    ctypedef struct ring_iov_t:
+        const void *base
+        size_t len
+
+    ctypedef struct ring_batch_t:
+        uint64_t start
+        uint64_t end
+        uint64_t cursor
+        size_t count
+        size_t bytes
+
+    ctypedef struct ring_stats_t:
+        uint64_t capacity, limit, head, tail
+        uint64_t puts, gets, bytes_in, bytes_out, waits_full, waits_empty
+        uint64_t abandoned, recovered, segment_size, created_unix_ns
+        int64_t unfinished
+        uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid
+
+    int ring_open(const char *name, int mode, const ring_params_t *params,
+                  ring_t **out, char *errbuf)
+    void ring_detach(ring_t *r)
+    void ring_close(ring_t *r)
+    int ring_is_closed(const ring_t *r)
+    int ring_unlink(const char *name, char *errbuf)
+    int ring_validate_name(const char *name, char *errbuf)
+    uint64_t ring_capacity(const ring_t *r)
+    uint64_t ring_limit(const ring_t *r)
+    uint32_t ring_slot_size(const ring_t *r)
+    uint32_t ring_max_message(const ring_t *r)
+    const char *ring_name(const ring_t *r)
+    int ring_is_owner(const ring_t *r)
+    int64_t ring_now()
+    int64_t ring_deadline_after(double seconds)
+    void ring_set_spin(ring_t *r, int64_t spin_ns)
+    int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t deadline)
+    int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline)
+    int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len)
+    void ring_release(ring_t *r, const ring_batch_t *b)
+    uint64_t ring_qsize(const ring_t *r)
+    int ring_full(const ring_t *r)
+    void ring_get_stats(const ring_t *r, ring_stats_t *s)
+    void ring_task_add(ring_t *r, int64_t n)
+    int ring_task_done(ring_t *r)
+    int ring_task_join(ring_t *r, int64_t deadline)
+    int64_t ring_unfinished(const ring_t *r)

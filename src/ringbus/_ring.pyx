@@ -1,0 +1,602 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, auto_pickle=False
+"""Cython binding of the ring core: one handle class and a few functions.
+
+Fast paths (a message fits now / one is ready) run with the GIL held and
+make no system call; waits release the GIL and come back every SLICE to
+let Python run signal handlers (Ctrl-C, SIGTERM handlers that raise).
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals
+from libc.stdint cimport int64_t, uint64_t
+from libc.stdlib cimport free, malloc
+from libc.string cimport memset
+from posix.unistd cimport getpid
+
+from ringbus._cring cimport *
+
+import atexit
+import pickle
+import queue
+import weakref
+
+from ringbus.errors import MessageTooLarge, RingClosed, RingError
+
+LAYOUT_VERSION = RING_LAYOUT_VERSION
+DEFAULT_CAPACITY = RING_DEFAULT_CAPACITY
+DEFAULT_SLOT_SIZE = RING_DEFAULT_SLOT_SIZE
+DEFAULT_MAX_MESSAGE = RING_DEFAULT_MAX_MESSAGE
+
+cdef object _Full = queue.Full
+cdef object _Empty = queue.Empty
+cdef object _pdumps = pickle.dumps
+cdef object _ploads = pickle.loads
+cdef int PROTOCOL = 5
+# Wait in slices so signal handlers run even if the signal went to
+# another thread; four wakeups a second per waiter cost nothing.
+cdef int64_t SLICE_NS = 250000000
+# Small messages unpickle faster from a bytes copy; large ones are read in
+# place through a memoryview of the shared memory (no intermediate copy).
+cdef Py_ssize_t ZERO_COPY_FROM = 4096
+
+cdef extern from "Python.h":
+    object PyMemoryView_FromMemory(char *mem, Py_ssize_t size, int flags)
+    int PyBUF_READ
+
+_owned = weakref.WeakSet()
+
+
+@atexit.register
+def _unlink_owned():
+    """The creating process owns the name: remove it when the process exits."""
+    for r in list(_owned):
+        (<Ring>r)._drop_name()
+
+
+cdef bytes _as_name(str name):
+    cdef bytes b = name.encode("ascii", "strict") if name.isascii() else None
+    if b is None:
+        raise ValueError(f"invalid ring name {name!r}: only ASCII letters, digits, '.', '_' and '-'")
+    return b
+
+
+def normalize_name(name):
+    """Validate a shared-memory name and return it with its leading '/'."""
+    cdef char err[256]
+    if not isinstance(name, str):
+        raise TypeError(f"ring name must be str, not {type(name).__name__}")
+    cdef bytes b = _as_name(name)
+    if ring_validate_name(b, err) != RING_OK:
+        raise ValueError(err.decode("utf-8", "replace"))
+    return name if name.startswith("/") else "/" + name
+
+
+def unlink(name):
+    """Remove a ring's name (existing mappings stay valid)."""
+    cdef char err[256]
+    cdef bytes b = _as_name(normalize_name(name))
+    if ring_unlink(b, err) != RING_OK:
+        raise RingError(err.decode("utf-8", "replace"))
+
+
+cdef dict _stats_dict(ring_stats_t *s):
+    return {
+        "capacity": s.capacity, "limit": s.limit, "slot_size": s.slot_size,
+        "max_message_size": s.max_message_size, "layout_version": s.layout_version,
+        "creator_uid": s.creator_uid, "creator_pid": s.creator_pid,
+        "segment_size": s.segment_size, "created_unix_ns": s.created_unix_ns,
+        "head": s.head, "tail": s.tail, "puts": s.puts, "gets": s.gets,
+        "bytes_in": s.bytes_in, "bytes_out": s.bytes_out,
+        "waits_full": s.waits_full, "waits_empty": s.waits_empty,
+        "abandoned": s.abandoned, "recovered": s.recovered, "unfinished": s.unfinished,
+        "depth": s.puts - s.gets if s.puts > s.gets else 0,
+    }
+
+
+def read_stats(name):
+    """Attach to a ring by name, snapshot its header counters, detach."""
+    cdef char err[256]
+    cdef ring_t *r = NULL
+    cdef ring_stats_t s
+    cdef bytes b = _as_name(normalize_name(name))
+    if ring_open(b, RING_ATTACH, NULL, &r, err) != RING_OK:
+        raise RingError(err.decode("utf-8", "replace"))
+    ring_get_stats(r, &s)
+    ring_detach(r)
+    return _stats_dict(&s)
+
+
+cdef inline int64_t _check_timeout(object block, object timeout) except -2:
+    if block and timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return 0
+
+
+cdef inline int64_t _deadline(object timeout) except -2:
+    if timeout is None:
+        return RING_FOREVER
+    return ring_deadline_after(float(timeout))
+
+
+cdef class _Buffers:
+    """Pins the bytes of a list of objects for one ring_put call."""
+    cdef ring_iov_t *iov
+    cdef Py_buffer *views
+    cdef Py_ssize_t n
+    cdef Py_ssize_t nviews
+    cdef list keep
+
+    def __cinit__(self):
+        self.iov = NULL
+        self.views = NULL
+        self.n = 0
+        self.nviews = 0
+
+    cdef int fill(self, list items, Py_ssize_t limit, str name) except -1:
+        cdef Py_ssize_t i, n = len(items)
+        cdef object o
+        self.keep = items
+        self.iov = <ring_iov_t *>malloc(max(n, 1) * sizeof(ring_iov_t))
+        self.views = <Py_buffer *>malloc(max(n, 1) * sizeof(Py_buffer))
+        if self.iov == NULL or self.views == NULL:
+            raise MemoryError()
+        for i in range(n):
+            o = items[i]
+            if PyBytes_CheckExact(o):
+                self.iov[i].base = PyBytes_AS_STRING(o)
+                self.iov[i].len = <size_t>PyBytes_GET_SIZE(o)
+            else:
+                PyObject_GetBuffer(o, &self.views[self.nviews], PyBUF_SIMPLE)
+                self.iov[i].base = self.views[self.nviews].buf
+                self.iov[i].len = <size_t>self.views[self.nviews].len
+                self.nviews += 1
+            if <Py_ssize_t>self.iov[i].len > limit:
+                raise MessageTooLarge(<Py_ssize_t>self.iov[i].len, limit, name)
+        self.n = n
+        return 0
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        for i in range(self.nviews):
+            PyBuffer_Release(&self.views[i])
+        free(self.iov)
+        free(self.views)
+
+
+cdef class Ring:
+    """A process-local handle on one shared-memory ring (see ringbus.Queue)."""
+
+    cdef ring_t *_r
+    cdef str _name
+    cdef object _serializer
+    cdef object _dumps
+    cdef object _loads
+    cdef bint _pickle
+    cdef int _owner_pid
+    cdef bint _name_dropped
+    cdef Py_ssize_t _max_msg
+    cdef object __weakref__
+
+    def __cinit__(self, *args, **kwargs):
+        self._r = NULL
+        self._owner_pid = 0
+        self._pickle = True
+
+    def __dealloc__(self):
+        if self._r != NULL:
+            self._drop_name()
+            ring_detach(self._r)
+            self._r = NULL
+
+    def _open(self, name, int mode, maxsize, slot_size, max_message_size, serializer):
+        cdef char err[256]
+        cdef ring_params_t p
+        cdef ring_t *r = NULL
+        cdef int rc
+        if self._r != NULL:
+            raise RuntimeError("ring handle is already open")
+        if mode != RING_ATTACH:
+            if not isinstance(maxsize, int) or maxsize < 0:
+                raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
+            if not isinstance(slot_size, int) or slot_size <= 0:
+                raise ValueError(f"slot_size must be a positive int, not {slot_size!r}")
+            if max_message_size is not None and (
+                not isinstance(max_message_size, int) or max_message_size <= 0
+            ):
+                raise ValueError(
+                    f"max_message_size must be a positive int, not {max_message_size!r}"
+                )
+            if slot_size > 0xFFFFFFFF or (max_message_size or 0) > 0xFFFFFFFF:
+                raise ValueError("slot_size and max_message_size must be below 4 GiB")
+        if name is None:
+            if mode != RING_CREATE:
+                raise ValueError("a ring name is required to attach")
+            name = "/ringbus-" + __import__("uuid").uuid4().hex[:20]
+        name = normalize_name(name)
+        memset(&p, 0, sizeof(p))
+        if mode != RING_ATTACH:
+            p.maxsize = maxsize
+            p.slot_size = slot_size
+            p.max_message_size = max_message_size or 0
+        cdef bytes bname = _as_name(name)
+        rc = ring_open(bname, mode, &p, &r, err)
+        if rc != RING_OK:
+            msg = err.decode("utf-8", "replace")
+            if rc == RING_EINVAL and mode != RING_ATTACH and "ring" not in msg:
+                raise ValueError(msg)
+            raise RingError(msg)
+        self._r = r
+        self._name = name
+        self._max_msg = ring_max_message(r)
+        self._serializer = serializer
+        if serializer is None:
+            self._pickle = True
+        else:
+            if not (hasattr(serializer, "dumps") and hasattr(serializer, "loads")):
+                ring_detach(r)
+                self._r = NULL
+                raise TypeError("serializer must have dumps(obj) and loads(data) methods")
+            self._pickle = False
+            self._dumps = serializer.dumps
+            self._loads = serializer.loads
+        if ring_is_owner(r):
+            self._owner_pid = getpid()
+            _owned.add(self)
+
+    cdef int _drop_name(self) except -1:
+        # Only the creating process unlinks; forked children inherit the
+        # handle but not the ownership.
+        cdef char err[256]
+        if self._owner_pid and self._owner_pid == getpid() and not self._name_dropped:
+            self._name_dropped = True
+            ring_unlink(_as_name(self._name), err)
+        return 0
+
+    cdef inline int _ready(self) except -1:
+        if self._r == NULL:
+            raise ValueError("ring handle is not open")
+        if ring_is_closed(self._r):
+            raise RingClosed(f"Queue {self._name} is closed")
+        return 0
+
+    # ------------------------------------------------------------ errors
+
+    cdef int _fail(self, int rc, bint put, size_t done) except -1:
+        cdef object exc
+        if rc == RING_FULL or (rc == RING_TIMEOUT and put):
+            exc = _Full()
+            exc.done = done
+            raise exc
+        if rc == RING_EMPTY or rc == RING_TIMEOUT:
+            raise _Empty()
+        if rc == RING_CLOSED:
+            raise RingClosed(f"Queue {self._name} is closed")
+        if rc == RING_ECORRUPT:
+            raise RingError(f"ring {self._name} is corrupted: a record header is impossible")
+        raise RingError(f"ring {self._name}: operation failed (status {rc})")
+
+    # ------------------------------------------------------------ put
+
+    cdef int _put_iov(self, ring_iov_t *iov, size_t n, object block, object timeout) except -1:
+        cdef size_t done = 0, total = 0
+        cdef int rc
+        cdef int64_t deadline, until
+        self._ready()
+        rc = ring_put(self._r, iov, n, &done, RING_NOWAIT)
+        total = done
+        if rc == RING_OK:
+            return 0
+        if rc != RING_FULL or not block:
+            self._fail(rc, True, total)
+        deadline = _deadline(timeout)
+        while True:
+            until = ring_now() + SLICE_NS
+            if until > deadline:
+                until = deadline
+            with nogil:
+                rc = ring_put(self._r, iov + total, n - total, &done, until)
+            total += done
+            if rc == RING_OK:
+                return 0
+            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
+                PyErr_CheckSignals()
+                continue
+            self._fail(rc, True, total)
+
+    cdef inline object _dump(self, object obj):
+        if self._pickle:
+            return _pdumps(obj, PROTOCOL)
+        return self._dumps(obj)
+
+    def put(self, obj, block=True, timeout=None):
+        """Put obj; returns once its bytes are in shared memory."""
+        cdef ring_iov_t iov
+        cdef Py_buffer view
+        _check_timeout(block, timeout)
+        data = self._dump(obj)
+        if PyBytes_CheckExact(data):
+            iov.base = PyBytes_AS_STRING(data)
+            iov.len = <size_t>PyBytes_GET_SIZE(data)
+            if <Py_ssize_t>iov.len > self._max_msg:
+                raise MessageTooLarge(<Py_ssize_t>iov.len, self._max_msg, self._name)
+            self._put_iov(&iov, 1, block, timeout)
+            return
+        self.put_bytes(data, block, timeout)
+
+    def put_nowait(self, obj):
+        self.put(obj, False)
+
+    def put_bytes(self, data, block=True, timeout=None):
+        """Put raw bytes (any contiguous buffer), bypassing the serializer."""
+        cdef ring_iov_t iov
+        cdef Py_buffer view
+        _check_timeout(block, timeout)
+        if PyBytes_CheckExact(data):
+            iov.base = PyBytes_AS_STRING(data)
+            iov.len = <size_t>PyBytes_GET_SIZE(data)
+            if <Py_ssize_t>iov.len > self._max_msg:
+                raise MessageTooLarge(<Py_ssize_t>iov.len, self._max_msg, self._name)
+            self._put_iov(&iov, 1, block, timeout)
+            return
+        PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+        try:
+            if view.len > self._max_msg:
+                raise MessageTooLarge(view.len, self._max_msg, self._name)
+            iov.base = view.buf
+            iov.len = <size_t>view.len
+            self._put_iov(&iov, 1, block, timeout)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef int _put_list(self, list items, object block, object timeout) except -1:
+        cdef _Buffers bufs = _Buffers()
+        bufs.fill(items, self._max_msg, self._name)
+        if bufs.n:
+            self._put_iov(bufs.iov, <size_t>bufs.n, block, timeout)
+        return 0
+
+    def put_many(self, items, block=True, timeout=None):
+        """Serialize every item first (errors leave the queue unchanged), then
+        put them in order.  queue.Full carries .done: how many were queued."""
+        _check_timeout(block, timeout)
+        cdef list datas = [self._dump(o) for o in items]
+        self._put_list(datas, block, timeout)
+
+    def put_bytes_many(self, items, block=True, timeout=None):
+        """put_many for raw bytes-like items."""
+        _check_timeout(block, timeout)
+        self._put_list(items if type(items) is list else list(items), block, timeout)
+
+    # ------------------------------------------------------------ get
+
+    cdef int _claim(self, ring_batch_t *b, size_t max_items, object block, object timeout) except -1:
+        cdef int rc
+        cdef int64_t deadline, until
+        self._ready()
+        rc = ring_claim(self._r, max_items, b, RING_NOWAIT)
+        if rc == RING_OK:
+            return 0
+        if rc != RING_EMPTY or not block:
+            self._fail(rc, False, 0)
+        deadline = _deadline(timeout)
+        while True:
+            until = ring_now() + SLICE_NS
+            if until > deadline:
+                until = deadline
+            with nogil:
+                rc = ring_claim(self._r, max_items, b, until)
+            if rc == RING_OK:
+                return 0
+            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
+                PyErr_CheckSignals()
+                continue
+            self._fail(rc, False, 0)
+
+    cdef inline object _load(self, const char *p, size_t n):
+        cdef object view
+        if not self._pickle:
+            return self._loads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
+        if <Py_ssize_t>n < ZERO_COPY_FROM:
+            return _ploads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
+        view = PyMemoryView_FromMemory(<char *>p, <Py_ssize_t>n, PyBUF_READ)
+        try:
+            return _ploads(view)
+        finally:
+            view.release()
+
+    def get(self, block=True, timeout=None):
+        """Remove and return the next object."""
+        cdef ring_batch_t b
+        cdef const void *p
+        cdef size_t n
+        _check_timeout(block, timeout)
+        self._claim(&b, 1, block, timeout)
+        try:
+            ring_next(self._r, &b, &p, &n)
+            return self._load(<const char *>p, n)
+        finally:
+            ring_release(self._r, &b)
+
+    def get_nowait(self):
+        return self.get(False)
+
+    def get_bytes(self, block=True, timeout=None):
+        """Remove and return the next message's raw bytes."""
+        cdef ring_batch_t b
+        cdef const void *p
+        cdef size_t n
+        _check_timeout(block, timeout)
+        self._claim(&b, 1, block, timeout)
+        try:
+            ring_next(self._r, &b, &p, &n)
+            return PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
+        finally:
+            ring_release(self._r, &b)
+
+    def get_many(self, max_items, block=True, timeout=None):
+        """Wait for at least one object, return up to max_items in order.
+
+        If an item fails to deserialize, the others are still decoded; the
+        first error is raised with .items holding the decoded ones.
+        """
+        cdef ring_batch_t b
+        cdef const void *p
+        cdef size_t n
+        cdef list out = []
+        cdef object error = None
+        _check_timeout(block, timeout)
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, not {max_items!r}")
+        self._claim(&b, <size_t>max_items, block, timeout)
+        try:
+            while ring_next(self._r, &b, &p, &n):
+                try:
+                    out.append(self._load(<const char *>p, n))
+                except Exception as exc:
+                    if error is None:
+                        error = exc
+        finally:
+            ring_release(self._r, &b)
+        if error is not None:
+            error.items = out
+            raise error
+        return out
+
+    def get_bytes_many(self, max_items, block=True, timeout=None):
+        """get_many for raw bytes."""
+        cdef ring_batch_t b
+        cdef const void *p
+        cdef size_t n
+        cdef list out
+        _check_timeout(block, timeout)
+        if max_items < 1:
+            raise ValueError(f"max_items must be >= 1, not {max_items!r}")
+        self._claim(&b, <size_t>max_items, block, timeout)
+        try:
+            out = [None] * b.count
+            i = 0
+            while ring_next(self._r, &b, &p, &n):
+                out[i] = PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
+                i += 1
+        finally:
+            ring_release(self._r, &b)
+        return out
+
+    # ------------------------------------------------------------ state
+
+    def qsize(self):
+        """Messages in the queue now (an instantaneous estimate)."""
+        self._open_or_raise()
+        return ring_qsize(self._r)
+
+    def empty(self):
+        self._open_or_raise()
+        return ring_qsize(self._r) == 0
+
+    def full(self):
+        """True when a one-slot message would not fit now."""
+        self._open_or_raise()
+        return bool(ring_full(self._r))
+
+    cdef inline int _open_or_raise(self) except -1:
+        if self._r == NULL:
+            raise ValueError("ring handle is not open")
+        return 0
+
+    def stats(self):
+        """Header counters and geometry as a dict."""
+        cdef ring_stats_t s
+        self._open_or_raise()
+        ring_get_stats(self._r, &s)
+        return _stats_dict(&s)
+
+    def close(self):
+        """Close this handle: waiters in this process wake with "is closed".
+
+        The creating process also removes the ring's name.  The mapping is
+        released when the handle is garbage-collected.
+        """
+        if self._r == NULL:
+            return
+        if not ring_is_closed(self._r):
+            ring_close(self._r)
+        self._drop_name()
+
+    def set_spin(self, int64_t spin_ns):
+        """How long a waiter spins before it sleeps (default 20 µs)."""
+        self._open_or_raise()
+        ring_set_spin(self._r, spin_ns)
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def maxsize(self):
+        self._open_or_raise()
+        return ring_limit(self._r)
+
+    @property
+    def capacity(self):
+        self._open_or_raise()
+        return ring_capacity(self._r)
+
+    @property
+    def slot_size(self):
+        self._open_or_raise()
+        return ring_slot_size(self._r)
+
+    @property
+    def max_message_size(self):
+        self._open_or_raise()
+        return ring_max_message(self._r)
+
+    @property
+    def closed(self):
+        return self._r == NULL or bool(ring_is_closed(self._r))
+
+    @property
+    def owner(self):
+        return self._owner_pid != 0 and self._owner_pid == getpid()
+
+    @property
+    def serializer(self):
+        return self._serializer
+
+    # ------------------------------------------------------------ join
+
+    def _task_add(self, int64_t n):
+        self._open_or_raise()
+        ring_task_add(self._r, n)
+
+    def _task_done(self):
+        self._ready()
+        if ring_task_done(self._r) != RING_OK:
+            raise ValueError("task_done() called too many times")
+
+    def _unfinished(self):
+        self._open_or_raise()
+        return ring_unfinished(self._r)
+
+    def _task_join(self, timeout):
+        """True once every task is done; False if the timeout passed first."""
+        cdef int rc
+        cdef int64_t deadline, until
+        _check_timeout(True, timeout)
+        self._ready()
+        deadline = _deadline(timeout)
+        while True:
+            until = ring_now() + SLICE_NS
+            if until > deadline:
+                until = deadline
+            with nogil:
+                rc = ring_task_join(self._r, until)
+            if rc == RING_OK:
+                return True
+            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
+                PyErr_CheckSignals()
+                continue
+            if rc == RING_TIMEOUT:
+                return False
+            self._fail(rc, False, 0)

@@ -1,0 +1,48 @@
+"""Shared fixtures: unique ring names, cleanup of segments and processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+SHM = Path("/dev/shm")
+TEST_PREFIX = "ringbus-test-"
+
+
+def _ours() -> set[str]:
+    return {p.name for p in SHM.iterdir() if p.name.startswith("ringbus")}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_segment_left_behind() -> Iterator[None]:
+    """Fail the session if the suite left ringbus segments in /dev/shm."""
+    before = _ours()
+    yield
+    leaked = _ours() - before
+    for name in leaked:  # clean up so one failure does not poison the next run
+        (SHM / name).unlink(missing_ok=True)
+    assert not leaked, f"segments left in /dev/shm by the suite: {sorted(leaked)}"
+
+
+@pytest.fixture
+def shm_name() -> Iterator[str]:
+    """A fresh ring name; whatever is left under it is unlinked afterwards."""
+    name = f"/{TEST_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:12]}"
+    yield name
+    (SHM / name.lstrip("/")).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def procs() -> Iterator[list[mp.process.BaseProcess]]:
+    """Collects processes a test starts; kills and joins any still alive after it."""
+    started: list[mp.process.BaseProcess] = []
+    yield started
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(timeout=10)
