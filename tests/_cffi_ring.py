@@ -1,0 +1,64 @@
+"""cffi binding of the C core for tests: drives csrc/ring.c with no Cython.
+
+The declarations are read from ring.h (between its cffi-begin/cffi-end
+markers), so the binding cannot drift from the header.  Builds are cached
+under build/cffi/<hash of sources and flags>.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"]
+
+
+def cdef_source() -> str:
+    header = (CSRC / "ring.h").read_text()
+    m = re.search(r"/\* cffi-begin.*?\*/(.*)/\* cffi-end \*/", header, re.S)
+    assert m, "ring.h lost its cffi markers"
+    return m.group(1)
+
+
+def load(fault_injection: bool = False) -> tuple[Any, Any]:
+    """Compile (once) and import the binding; returns (ffi, lib)."""
+    from cffi import FFI
+
+    macros = [("RINGBUS_FAULT_INJECTION", "1")] if fault_injection else []
+    key = hashlib.sha256()
+    for p in (CSRC / "ring.h", CSRC / "ring.c"):
+        key.update(p.read_bytes())
+    key.update(repr((STRICT, macros)).encode())
+    modname = f"_ring_cffi_{key.hexdigest()[:16]}"
+    outdir = ROOT / "build" / "cffi"
+    outdir.mkdir(parents=True, exist_ok=True)
+    if modname in sys.modules:
+        mod = sys.modules[modname]
+        return mod.ffi, mod.lib
+    built = list(outdir.glob(f"{modname}*.so"))
+    if not built:
+        ffi = FFI()
+        ffi.cdef(cdef_source())
+        ffi.set_source(
+            modname,
+            '#include "ring.h"',
+            sources=[str(CSRC / "ring.c")],
+            include_dirs=[str(CSRC)],
+            define_macros=macros,
+            extra_compile_args=STRICT,
+        )
+        ffi.compile(tmpdir=str(outdir), verbose=False)
+        built = list(outdir.glob(f"{modname}*.so"))
+    spec = importlib.util.spec_from_file_location(modname, built[0])
+    assert spec and spec.loader
+    mod: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules[modname] = mod
+    return mod.ffi, mod.lib
