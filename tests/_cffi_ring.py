@@ -40,8 +40,8 @@ def load(fault_injection: bool = False) -> tuple[Any, Any]:
     outdir = ROOT / "build" / "cffi"
     outdir.mkdir(parents=True, exist_ok=True)
     if modname in sys.modules:
-        mod = sys.modules[modname]
-        return mod.ffi, mod.lib
+        cached = sys.modules[modname]
+        return cached.ffi, cached.lib
     built = list(outdir.glob(f"{modname}*.so"))
     if not built:
         ffi = FFI()

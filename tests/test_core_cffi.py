@@ -33,7 +33,7 @@ class Core:
     def put(self, *msgs: bytes, deadline: int = 0) -> tuple[int, int]:
         bufs = [ffi.from_buffer(m) for m in msgs]
         iov = ffi.new("ring_iov_t[]", len(msgs))
-        for i, (b, m) in enumerate(zip(bufs, msgs)):
+        for i, (b, m) in enumerate(zip(bufs, msgs, strict=True)):
             iov[i].base = b
             iov[i].len = len(m)
         done = ffi.new("size_t *")
@@ -155,14 +155,15 @@ def test_open_creates_or_attaches_and_never_owns(shm_name: str) -> None:
 def test_multi_slot_message_is_contiguous(ring: Any) -> None:
     r = ring(maxsize=16, slot=16, maxmsg=64)
     m = msg(50, 3)  # 4 slots
-    assert r.put(m) == (lib.RING_OK, 1)
-    rc, b = r.claim(1)
-    assert rc == lib.RING_OK and b.end - b.start == 4
-    [(addr, data)] = r.records(b)
-    assert data == m
-    # the bytes are read in place: the record starts at its slot's address
+    assert r.put(b"first", m) == (lib.RING_OK, 2)
+    rc, b = r.claim(2)
+    assert rc == lib.RING_OK and b.end - b.start == 5 and b.count == 2
+    [(a0, first), (a1, data)] = r.records(b)
+    assert (first, data) == (b"first", m)
+    # read in place: the second record starts one slot after the first
+    assert a1 == a0 + 16
     lib.ring_release(r.r, b)
-    assert r.stats().head == r.stats().tail == 4
+    assert r.stats().head == r.stats().tail == 5
 
 
 def test_wrap_padding_then_contiguous_record(ring: Any) -> None:
@@ -188,6 +189,9 @@ def test_wrap_padding_then_contiguous_record(ring: Any) -> None:
     [(addr, data)] = r.records(b)
     assert data == big2
     lib.ring_release(r.r, b)
+    r.put(b"tail")  # ticket 20 = index 4: four slots after big2's start (index 0)
+    [(addr2, _)] = r.records(r.claim(1)[1])
+    assert addr2 == addr + 4 * 16
 
 
 def test_too_large_is_refused_before_anything_is_put(ring: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["RingError", "MessageTooLarge", "RingClosed"]
+__all__ = ["MessageTooLarge", "RingClosed", "RingError"]
 
 
 class RingError(OSError):

@@ -17,7 +17,7 @@ from ringbus._ring import Ring
 if TYPE_CHECKING:
     from ringbus._ring import Serializer
 
-__all__ = ["Queue", "JoinableQueue", "DEFAULT_CAPACITY"]
+__all__ = ["DEFAULT_CAPACITY", "JoinableQueue", "Queue"]
 
 DEFAULT_CAPACITY: int = _ring.DEFAULT_CAPACITY
 """Capacity in slots of a ``Queue(maxsize=0)``."""
@@ -100,7 +100,8 @@ class Queue(Ring):
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"qsize={self.qsize()}"
-        return f"<{type(self).__name__} {self.name} capacity={self.capacity} {state} pid={os.getpid()}>"
+        kind = type(self).__name__
+        return f"<{kind} {self.name} capacity={self.capacity} {state} pid={os.getpid()}>"
 
 
 class JoinableQueue(Queue):
