@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <pthread.h>
 #include <sched.h>
 #include <stdalign.h>
 #include <stdarg.h>
@@ -28,26 +29,29 @@
 #define cpu_relax() ((void)0)
 #endif
 
-#ifdef RINGBUS_FAULT_INJECTION
-/* RINGBUS_FAULT=<point> makes the process _exit(77) when it reaches that
- * point, to test recovery from a death at exactly that instruction. */
-static void ring_fault_point(const char *name)
-{
-    const char *want = getenv("RINGBUS_FAULT");
-    if (want && !strcmp(want, name))
-        _exit(77);
-}
-#define FAULT_POINT(name) ring_fault_point(name)
-#else
-#define FAULT_POINT(name) ((void)0)
-#endif
+/* Fault injection, always compiled in and off unless RINGBUS_FAULT names a
+ * point when the handle is opened (RINGBUS_FAULT_AFTER=N skips N hits):
+ * the process then _exit()s exactly there, to test crash recovery. */
+enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
+#define FAULT(r, point)                                                        \
+    do {                                                                       \
+        if (__builtin_expect((r)->fault == (point), 0) && (r)->fault_skip-- <= 0) \
+            _exit(77);                                                         \
+    } while (0)
 
 #define MAGIC 0x31535542474e4952ULL /* "RINGBUS1" little-endian */
-#define META_PAD (1ULL << 63)
+#define META_PAD (1ULL << 63)       /* padding to the end of the array */
+#define META_ABANDONED (1ULL << 62) /* claimed by a producer that died */
+#define META_SKIP (META_PAD | META_ABANDONED)
+#define META_SPAN_MASK 0xffffffffULL
 #define META_LEN_MASK 0xffffffffULL
 #define PAGE 4096u
 #define DEFAULT_SPIN_NS 20000 /* bounded: on 2 cores a longer spin starves */
 #define YIELDS 8
+#define MAX_PARTS 64
+#define PARTS_OFFSET 4096
+/* A waiter stuck on one ticket this long checks whether its claimant died. */
+#define RECOVER_AFTER_NS 100000000LL
 
 typedef struct {
     _Atomic uint32_t seq;     /* bumped by notifiers; the futex word */
@@ -82,7 +86,25 @@ typedef struct {
     eventcount_t joined;
     alignas(128) _Atomic uint64_t abandoned; /* 768 */
     _Atomic uint64_t recovered;
+    _Atomic uint32_t recovery_lock; /* 784: pid of the recovering process */
 } header_t;
+
+/* One attached thread (page 1).  Intents are written BEFORE the CAS that
+ * claims tickets and cleared after publishing / freeing them, so a
+ * recoverer that sees the CAS's result also sees who made it. */
+typedef struct {
+    _Atomic uint32_t pid;      /* 0: free; CAS 0 -> pid takes the entry */
+    _Atomic uint32_t tid;
+    _Atomic uint64_t start;    /* process start time (clock ticks): pid reuse */
+    _Atomic uint64_t put_lo;   /* producer claim [put_lo, put_hi); empty: none */
+    _Atomic uint64_t put_hi;
+    _Atomic uint32_t put_n;    /* records in that claim */
+    _Atomic uint32_t put_done; /* records already published */
+    _Atomic uint64_t get_lo;   /* consumer claim [get_lo, get_hi) */
+    _Atomic uint64_t get_hi;
+    uint64_t reserved;
+} part_t;
+_Static_assert(sizeof(part_t) == 64, "one attach entry per cache line");
 
 _Static_assert(offsetof(header_t, layout_version) == RING_OFF_VERSION, "layout");
 _Static_assert(offsetof(header_t, capacity) == RING_OFF_CAPACITY, "layout");
@@ -100,6 +122,8 @@ _Static_assert(offsetof(header_t, not_full) == 512, "layout");
 _Static_assert(offsetof(header_t, unfinished) == 640, "layout");
 _Static_assert(offsetof(header_t, abandoned) == 768, "layout");
 _Static_assert(sizeof(header_t) <= PAGE, "header fits page 0");
+_Static_assert(offsetof(header_t, recovery_lock) == 784, "layout");
+_Static_assert(PARTS_OFFSET + MAX_PARTS * sizeof(part_t) <= RING_HEADER_SIZE, "table fits");
 _Static_assert(sizeof(_Atomic uint32_t) == 4, "futex word is 32 bits");
 
 typedef struct {
@@ -118,8 +142,38 @@ struct ring {
     int owner;
     int64_t spin_ns;
     _Atomic int closed; /* handle-local; other threads of this process read it */
+    uint64_t gen;       /* unique per handle: keys the per-thread entry cache */
+    _Atomic uint64_t mine; /* bit i: attach entry i was taken through this handle */
+    int fault;
+    long fault_skip;
     char name[RING_NAME_MAX + 2];
 };
+
+static inline part_t *parts(const ring_t *r)
+{
+    return (part_t *)(void *)((uint8_t *)r->hdr + PARTS_OFFSET);
+}
+
+static _Atomic uint64_t next_gen = 1;  /* handle generations */
+static _Atomic uint64_t fork_gen = 0;  /* bumped in every forked child */
+static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+
+/* relaxed: only this process's threads compare it, after the fork. */
+static void on_fork_child(void) { atomic_fetch_add_explicit(&fork_gen, 1, memory_order_relaxed); }
+static void install_fork_handler(void) { pthread_atfork(NULL, NULL, on_fork_child); }
+
+/* Per-thread cache of the attach entry this thread uses on a handle. */
+typedef struct {
+    const ring_t *r;
+    uint64_t gen, fgen;
+    part_t *p;
+} part_cache_t;
+static __thread part_cache_t part_cache[4];
+static __thread unsigned part_cache_next;
+
+static part_t *self_part(ring_t *r);
+static void release_parts(ring_t *r);
+static void check_stuck(ring_t *r, int64_t now, uint64_t *ticket, int64_t *since);
 
 /* ------------------------------------------------------------------ */
 /* small helpers                                                       */
@@ -263,6 +317,8 @@ typedef struct {
     int64_t spin_until;
     int yields;
     int started;
+    uint64_t stuck_ticket; /* the ticket this waiter has been stuck on */
+    int64_t stuck_since;   /* ... since then (0: not stuck) */
 } backoff_t;
 
 static int closed(const ring_t *r)
@@ -293,6 +349,12 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
         sched_yield();
         return RING_OK;
     }
+    /* A claimant that died would make this wait last forever: check for it
+     * now and then, and sleep no longer than that check's period. */
+    int64_t until = deadline;
+    check_stuck(r, now, &b->stuck_ticket, &b->stuck_since);
+    if (b->stuck_since && until > now + RECOVER_AFTER_NS)
+        until = now + RECOVER_AFTER_NS;
     uint32_t key = ec_prepare(ec);
     if (ready(r) || closed(r)) {
         ec_cancel(ec);
@@ -300,7 +362,9 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     }
     /* relaxed: a statistic. */
     atomic_fetch_add_explicit(&ec->waits, 1, memory_order_relaxed);
-    int rc = futex_wait(&ec->seq, key, deadline);
+    int rc = futex_wait(&ec->seq, key, until);
+    if (rc == RING_TIMEOUT && until < deadline)
+        rc = RING_OK;
     ec_cancel(ec);
     if (rc == RING_TIMEOUT || rc == RING_EINTR)
         return rc;
@@ -402,7 +466,9 @@ static int geometry(uint64_t maxsize, uint32_t slot, uint32_t max_msg, geometry_
     return RING_OK;
 }
 
-static uint64_t proc_start_time(pid_t pid)
+/* Start time (clock ticks since boot) and state letter of a process, from
+ * /proc/<pid>/stat; 0 if it does not exist. */
+static uint64_t proc_info(pid_t pid, char *state)
 {
     char path[64], buf[1024];
     snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
@@ -415,14 +481,138 @@ static uint64_t proc_start_time(pid_t pid)
         return 0;
     buf[n] = 0;
     char *p = strrchr(buf, ')'); /* comm may contain spaces and ')' */
-    if (!p)
+    if (!p || p[1] != ' ')
         return 0;
     unsigned long long start = 0;
-    /* after ") " come fields 3..; starttime is field 22 */
-    if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d "
-               "%*d %*d %llu", &start) != 1)
+    char st = 0;
+    /* after ") " come the state (field 3) ... starttime (field 22) */
+    if (sscanf(p + 2, "%c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %*u %*u %*d %*d %*d %*d "
+               "%*d %*d %llu", &st, &start) != 2)
         return 0;
+    if (state)
+        *state = st;
     return start;
+}
+
+static uint64_t proc_start_time(pid_t pid) { return proc_info(pid, NULL); }
+
+/* Dead: gone, a zombie, or its pid reused by a process started later. */
+static int proc_alive(uint32_t pid, uint64_t start)
+{
+    char state = 0;
+    if (pid == 0)
+        return 0;
+    uint64_t now = proc_info((pid_t)pid, &state);
+    if (now == 0)
+        return 0;
+    if (state == 'Z' || state == 'X')
+        return 0;
+    return start == 0 || now == start; /* start 0: entry still being filled in */
+}
+
+/* ------------------------------------------------------------------ */
+/* the attach table                                                    */
+
+static int part_idle(const part_t *e)
+{
+    /* acquire pairs with the release stores that clear intents. */
+    return atomic_load_explicit(&e->put_lo, memory_order_acquire) ==
+               atomic_load_explicit(&e->put_hi, memory_order_acquire) &&
+           atomic_load_explicit(&e->get_lo, memory_order_acquire) ==
+               atomic_load_explicit(&e->get_hi, memory_order_acquire);
+}
+
+static void free_part(part_t *e, uint32_t pid)
+{
+    /* relaxed stores: the release CAS on pid below publishes them. */
+    atomic_store_explicit(&e->start, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->tid, 0, memory_order_relaxed);
+    uint32_t expect = pid;
+    atomic_compare_exchange_strong_explicit(&e->pid, &expect, 0, memory_order_release,
+                                            memory_order_relaxed);
+}
+
+static uint64_t self_start(void)
+{
+    static _Atomic uint64_t cached;       /* per process... */
+    static _Atomic uint64_t cached_fgen;  /* ...re-read after a fork */
+    uint64_t fg = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    /* relaxed: a benign race computes the same value twice. */
+    uint64_t v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v == 0 || atomic_load_explicit(&cached_fgen, memory_order_relaxed) != fg) {
+        v = proc_start_time(getpid());
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+        atomic_store_explicit(&cached_fgen, fg, memory_order_relaxed);
+    }
+    return v;
+}
+
+static part_t *register_part(ring_t *r)
+{
+    part_t *t = parts(r);
+    uint32_t me = (uint32_t)getpid();
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < MAX_PARTS; i++) {
+            /* acquire: see the previous owner's final stores. */
+            uint32_t cur = atomic_load_explicit(&t[i].pid, memory_order_acquire);
+            if (pass == 0 && cur != 0)
+                continue;
+            if (pass == 1) {
+                /* table full: take over entries of dead processes that
+                 * hold no claim (a claim waits for ring_recover). */
+                if (cur == 0 || proc_alive(cur, atomic_load_explicit(&t[i].start,
+                                                                     memory_order_relaxed)) ||
+                    !part_idle(&t[i]))
+                    continue;
+            }
+            /* acq_rel: exclusive ownership of the entry. */
+            if (!atomic_compare_exchange_strong_explicit(&t[i].pid, &cur, me,
+                                                         memory_order_acq_rel,
+                                                         memory_order_relaxed))
+                continue;
+            /* relaxed: read by recoverers only together with pid. */
+            atomic_store_explicit(&t[i].tid, (uint32_t)syscall(SYS_gettid), memory_order_relaxed);
+            atomic_store_explicit(&t[i].put_lo, 0, memory_order_relaxed);
+            atomic_store_explicit(&t[i].put_hi, 0, memory_order_relaxed);
+            atomic_store_explicit(&t[i].get_lo, 0, memory_order_relaxed);
+            atomic_store_explicit(&t[i].get_hi, 0, memory_order_relaxed);
+            /* release: the cleared intents are visible before the start
+             * time that makes the entry count as fully alive. */
+            atomic_store_explicit(&t[i].start, self_start(), memory_order_release);
+            /* relaxed: only this process reads its own bitmask. */
+            atomic_fetch_or_explicit(&r->mine, 1ULL << i, memory_order_relaxed);
+            return &t[i];
+        }
+    }
+    return NULL; /* 64 live threads attached: run unprotected */
+}
+
+static part_t *self_part(ring_t *r)
+{
+    /* relaxed: changes only in a fresh child, before its threads run. */
+    uint64_t fg = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    for (int i = 0; i < 4; i++) {
+        part_cache_t *c = &part_cache[i];
+        if (c->r == r && c->gen == r->gen && c->fgen == fg)
+            return c->p;
+    }
+    part_t *p = register_part(r);
+    part_cache_t *c = &part_cache[part_cache_next++ & 3];
+    c->r = r;
+    c->gen = r->gen;
+    c->fgen = fg;
+    c->p = p;
+    return p;
+}
+
+static void release_parts(ring_t *r)
+{
+    part_t *t = parts(r);
+    uint32_t me = (uint32_t)getpid();
+    uint64_t mine = atomic_load_explicit(&r->mine, memory_order_relaxed);
+    for (int i = 0; i < MAX_PARTS; i++)
+        if ((mine >> i) & 1 && part_idle(&t[i]))
+            free_part(&t[i], me); /* a CAS: entries a fork child inherited stay */
 }
 
 static int map_handle(ring_t *r, int fd, const geometry_t *g, char *errbuf)
@@ -642,6 +832,18 @@ int ring_open(const char *name, int mode, const ring_params_t *params, ring_t **
     const char *env = getenv("RINGBUS_SPIN_NS");
     if (env && *env)
         r->spin_ns = atoll(env);
+    /* relaxed: a unique number is all that is needed. */
+    r->gen = atomic_fetch_add_explicit(&next_gen, 1, memory_order_relaxed);
+    env = getenv("RINGBUS_FAULT");
+    if (env && *env) {
+        r->fault = !strcmp(env, "put-after-claim")      ? F_PUT_AFTER_CLAIM
+                   : !strcmp(env, "put-mid-write")      ? F_PUT_MID_WRITE
+                   : !strcmp(env, "get-before-release") ? F_GET_BEFORE_RELEASE
+                                                        : F_NONE;
+        env = getenv("RINGBUS_FAULT_AFTER");
+        r->fault_skip = env ? atol(env) : 0;
+    }
+    pthread_once(&fork_once, install_fork_handler);
     atomic_init(&r->closed, 0);
     if (!params)
         params = &defaults;
@@ -668,8 +870,10 @@ void ring_detach(ring_t *r)
 {
     if (!r)
         return;
-    if (r->hdr)
+    if (r->hdr) {
+        release_parts(r);
         munmap(r->hdr, r->map_size);
+    }
     free(r);
 }
 
@@ -713,8 +917,8 @@ void ring_set_spin(ring_t *r, int64_t spin_ns) { r->spin_ns = spin_ns < 0 ? 0 : 
 /* Claims tickets for the longest prefix of iov that fits now, with one CAS
  * on tail.  Returns how many records were claimed (0: full) and their
  * ticket range. */
-static size_t claim_put(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t *start,
-                        uint64_t *end)
+static size_t claim_put(ring_t *r, part_t *p, const ring_iov_t *iov, size_t n,
+                        uint64_t *start, uint64_t *end)
 {
     header_t *h = r->hdr;
     /* relaxed: the CAS below validates it; the seq loads order the data. */
@@ -757,9 +961,17 @@ static size_t claim_put(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t *st
             pos = now;
             continue;
         }
-        /* relaxed CAS: it only arbitrates ticket ownership; publication
-         * order is carried by the per-cell seq release/acquire pairs. */
-        if (atomic_compare_exchange_weak_explicit(&h->tail, &pos, t, memory_order_relaxed,
+        if (p) {
+            /* relaxed: published by the release CAS just below. */
+            atomic_store_explicit(&p->put_lo, pos, memory_order_relaxed);
+            atomic_store_explicit(&p->put_hi, t, memory_order_relaxed);
+            atomic_store_explicit(&p->put_n, (uint32_t)i, memory_order_relaxed);
+            atomic_store_explicit(&p->put_done, 0, memory_order_relaxed);
+        }
+        /* release CAS: a recoverer that acquires tail sees our intent above.
+         * Ticket ownership is all it arbitrates; the data is ordered by the
+         * per-cell seq release/acquire pairs. */
+        if (atomic_compare_exchange_weak_explicit(&h->tail, &pos, t, memory_order_release,
                                                   memory_order_relaxed)) {
             *start = pos;
             *end = t;
@@ -768,7 +980,7 @@ static size_t claim_put(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t *st
     }
 }
 
-static void write_records(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t t)
+static void write_records(ring_t *r, part_t *p, const ring_iov_t *iov, size_t n, uint64_t t)
 {
     size_t bytes = 0;
     for (size_t i = 0; i < n; i++) {
@@ -784,13 +996,21 @@ static void write_records(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t t
             t += pad;
         }
         cell_t *c = cell_at(r, t);
-        if (iov[i].len)
+        if (__builtin_expect(r->fault == F_PUT_MID_WRITE, 0) && iov[i].len > r->slot_size) {
+            memcpy(slot_at(r, t), iov[i].base, r->slot_size);
+            FAULT(r, F_PUT_MID_WRITE);
+            memcpy(slot_at(r, t) + r->slot_size, (const uint8_t *)iov[i].base + r->slot_size,
+                   iov[i].len - r->slot_size);
+        } else if (iov[i].len) {
             memcpy(slot_at(r, t), iov[i].base, iov[i].len);
-        FAULT_POINT("put-after-write");
+        }
         atomic_store_explicit(&c->meta, (uint64_t)iov[i].len, memory_order_relaxed); /* as above */
         /* release: the bytes and meta written above are visible to the
          * consumer whose acquire load sees t + 1. */
         atomic_store_explicit(&c->seq, t + 1, memory_order_release);
+        if (p)
+            /* relaxed: read by a recoverer only once we are dead. */
+            atomic_store_explicit(&p->put_done, (uint32_t)(i + 1), memory_order_relaxed);
         bytes += iov[i].len;
         t += k;
     }
@@ -798,6 +1018,10 @@ static void write_records(ring_t *r, const ring_iov_t *iov, size_t n, uint64_t t
     /* relaxed: statistics; qsize() tolerates a momentary lag. */
     atomic_fetch_add_explicit(&h->puts, n, memory_order_relaxed);
     atomic_fetch_add_explicit(&h->bytes_in, bytes, memory_order_relaxed);
+    if (p)
+        /* release: a recoverer that sees the claim cleared sees it published. */
+        atomic_store_explicit(&p->put_hi, atomic_load_explicit(&p->put_lo, memory_order_relaxed),
+                              memory_order_release);
 }
 
 static int room_for_one(const ring_t *r)
@@ -810,19 +1034,20 @@ static int room_for_one(const ring_t *r)
 int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t deadline)
 {
     size_t off = 0;
-    backoff_t b = {0, 0, 0};
+    backoff_t b = {0};
     *done = 0;
     for (size_t i = 0; i < n; i++)
         if (iov[i].len > r->max_msg)
             return RING_ETOOBIG;
+    part_t *p = self_part(r);
     while (off < n) {
         if (closed(r))
             return RING_CLOSED;
         uint64_t start, end;
-        size_t got = claim_put(r, iov + off, n - off, &start, &end);
+        size_t got = claim_put(r, p, iov + off, n - off, &start, &end);
         if (got) {
-            FAULT_POINT("put-after-claim");
-            write_records(r, iov + off, got, start);
+            FAULT(r, F_PUT_AFTER_CLAIM);
+            write_records(r, p, iov + off, got, start);
             off += got;
             *done = off;
             ec_notify(&r->hdr->not_empty);
@@ -847,11 +1072,15 @@ static int meta_ok(const ring_t *r, uint64_t t, uint64_t meta)
         uint64_t pad = meta & ~META_PAD;
         return pad >= 1 && (t & r->mask) + pad == r->cap;
     }
+    if (meta & META_ABANDONED) {
+        uint64_t span = meta & ~META_ABANDONED;
+        return span >= 1 && span <= r->cap; /* carries no bytes: may wrap */
+    }
     uint64_t len = meta & META_LEN_MASK;
     return meta == len && len <= r->max_msg && (t & r->mask) + slots_for(r, len) <= r->cap;
 }
 
-static int claim_get(ring_t *r, size_t max, ring_batch_t *b)
+static int claim_get(ring_t *r, part_t *p, size_t max, ring_batch_t *b)
 {
     header_t *h = r->hdr;
     /* relaxed: validated by the CAS; data order comes from cell seq. */
@@ -876,8 +1105,8 @@ static int claim_get(ring_t *r, size_t max, ring_batch_t *b)
                     break; /* we raced a consumer: the CAS will fail */
                 return RING_ECORRUPT;
             }
-            if (meta & META_PAD) {
-                t += meta & ~META_PAD;
+            if (meta & META_SKIP) {
+                t += meta & META_SPAN_MASK;
                 continue;
             }
             t += slots_for(r, meta);
@@ -892,8 +1121,14 @@ static int claim_get(ring_t *r, size_t max, ring_batch_t *b)
             pos = now;
             continue;
         }
-        /* relaxed CAS: ownership only; see above for data ordering. */
-        if (atomic_compare_exchange_weak_explicit(&h->head, &pos, t, memory_order_relaxed,
+        if (p) {
+            /* relaxed: published by the release CAS just below. */
+            atomic_store_explicit(&p->get_lo, pos, memory_order_relaxed);
+            atomic_store_explicit(&p->get_hi, t, memory_order_relaxed);
+        }
+        /* release CAS: a recoverer that acquires head sees our intent;
+         * ownership is all it arbitrates (data order: cell seq). */
+        if (atomic_compare_exchange_weak_explicit(&h->head, &pos, t, memory_order_release,
                                                   memory_order_relaxed)) {
             b->start = b->cursor = pos;
             b->end = t;
@@ -918,14 +1153,15 @@ static int published(const ring_t *r)
 
 int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline)
 {
-    backoff_t bo = {0, 0, 0};
+    backoff_t bo = {0};
     memset(b, 0, sizeof *b);
     if (max == 0)
         return RING_EINVAL;
+    part_t *p = self_part(r);
     for (;;) {
         if (closed(r))
             return RING_CLOSED;
-        int rc = claim_get(r, max, b);
+        int rc = claim_get(r, p, max, b);
         if (rc == RING_OK) {
             if (b->count)
                 return RING_OK;
@@ -948,8 +1184,8 @@ int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len)
         uint64_t t = b->cursor;
         /* relaxed: we own these tickets; the claim's acquire ordered them. */
         uint64_t meta = atomic_load_explicit(&cell_at(r, t)->meta, memory_order_relaxed);
-        if (meta & META_PAD) {
-            b->cursor += meta & ~META_PAD;
+        if (meta & META_SKIP) {
+            b->cursor += meta & META_SPAN_MASK;
             continue;
         }
         b->cursor += slots_for(r, meta);
@@ -960,13 +1196,23 @@ int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len)
     return 0;
 }
 
-void ring_release(ring_t *r, const ring_batch_t *b)
+static void free_tickets(ring_t *r, uint64_t from, uint64_t to)
 {
-    FAULT_POINT("get-before-release");
-    for (uint64_t t = b->start; t < b->end; t++)
+    for (uint64_t t = from; t < to; t++)
         /* release pairs with the producer's acquire in claim_put: our reads
          * of the slot happen before the next lap overwrites it. */
         atomic_store_explicit(&cell_at(r, t)->seq, t + r->cap, memory_order_release);
+}
+
+void ring_release(ring_t *r, const ring_batch_t *b)
+{
+    FAULT(r, F_GET_BEFORE_RELEASE);
+    free_tickets(r, b->start, b->end);
+    part_t *p = self_part(r);
+    if (p)
+        /* release: whoever sees the claim cleared sees the slots freed. */
+        atomic_store_explicit(&p->get_hi, atomic_load_explicit(&p->get_lo, memory_order_relaxed),
+                              memory_order_release);
     ec_notify(&r->hdr->not_full);
 }
 
@@ -1049,7 +1295,7 @@ static int all_done(const ring_t *r) { return ring_unfinished(r) <= 0; }
 
 int ring_task_join(ring_t *r, int64_t deadline)
 {
-    backoff_t b = {0, 0, 0};
+    backoff_t b = {0};
     for (;;) {
         if (all_done(r))
             return RING_OK;
@@ -1061,4 +1307,298 @@ int ring_task_join(ring_t *r, int64_t deadline)
         if (rc != RING_OK)
             return rc;
     }
+}
+
+/* ------------------------------------------------------------------ */
+/* crash recovery                                                      */
+
+static int lock_recovery(ring_t *r)
+{
+    header_t *h = r->hdr;
+    uint32_t me = (uint32_t)getpid();
+    for (int i = 0; i < 2000; i++) {
+        uint32_t cur = 0;
+        /* acquire: see everything the previous recoverer did. */
+        if (atomic_compare_exchange_strong_explicit(&h->recovery_lock, &cur, me,
+                                                    memory_order_acquire, memory_order_relaxed))
+            return 1;
+        /* a holder that died keeps no lock: take it over */
+        if (cur != me && !proc_alive(cur, 0) &&
+            atomic_compare_exchange_strong_explicit(&h->recovery_lock, &cur, me,
+                                                    memory_order_acquire, memory_order_relaxed))
+            return 1;
+        usleep(500);
+    }
+    return 0;
+}
+
+static void unlock_recovery(ring_t *r)
+{
+    /* release: our repairs are visible to the next recoverer. */
+    atomic_store_explicit(&r->hdr->recovery_lock, 0, memory_order_release);
+}
+
+typedef struct {
+    uint32_t pid;
+    int alive;
+    uint64_t put_lo, put_hi, get_lo, get_hi;
+    uint32_t put_n, put_done;
+} snap_t;
+
+static void snapshot(ring_t *r, snap_t *sn)
+{
+    part_t *t = parts(r);
+    for (int i = 0; i < MAX_PARTS; i++) {
+        /* acquire pairs with register_part's release of start. */
+        sn[i].pid = atomic_load_explicit(&t[i].pid, memory_order_acquire);
+        uint64_t start = atomic_load_explicit(&t[i].start, memory_order_acquire);
+        sn[i].alive = sn[i].pid && proc_alive(sn[i].pid, start);
+        sn[i].put_lo = atomic_load_explicit(&t[i].put_lo, memory_order_acquire);
+        sn[i].put_hi = atomic_load_explicit(&t[i].put_hi, memory_order_acquire);
+        sn[i].put_n = atomic_load_explicit(&t[i].put_n, memory_order_relaxed);
+        sn[i].put_done = atomic_load_explicit(&t[i].put_done, memory_order_relaxed);
+        sn[i].get_lo = atomic_load_explicit(&t[i].get_lo, memory_order_acquire);
+        sn[i].get_hi = atomic_load_explicit(&t[i].get_hi, memory_order_acquire);
+    }
+}
+
+/* A dead producer's claim at ticket x: among dead intents covering x, the
+ * true claim has the largest start (a stale intent read an older tail);
+ * among equal starts take the shortest, so nothing beyond the true claim is
+ * ever abandoned (the rest is found on the next pass). */
+static int dead_put_claim(const snap_t *sn, uint64_t x, uint64_t tail)
+{
+    int best = -1;
+    for (int i = 0; i < MAX_PARTS; i++) {
+        if (!sn[i].pid || sn[i].alive || !(sn[i].put_lo <= x && x < sn[i].put_hi) ||
+            sn[i].put_hi > tail)
+            continue;
+        if (best < 0 || sn[i].put_lo > sn[best].put_lo ||
+            (sn[i].put_lo == sn[best].put_lo && sn[i].put_hi < sn[best].put_hi))
+            best = i;
+    }
+    return best;
+}
+
+static int live_covers(const snap_t *sn, uint64_t lo, uint64_t hi, int get)
+{
+    for (int i = 0; i < MAX_PARTS; i++) {
+        if (!sn[i].alive)
+            continue;
+        uint64_t a = get ? sn[i].get_lo : sn[i].put_lo, b = get ? sn[i].get_hi : sn[i].put_hi;
+        if (a < b && a < hi && lo < b)
+            return 1;
+    }
+    return 0;
+}
+
+static void clear_put(ring_t *r, int i)
+{
+    part_t *e = &parts(r)[i];
+    /* release: pairs with snapshot's acquire. */
+    atomic_store_explicit(&e->put_hi, atomic_load_explicit(&e->put_lo, memory_order_relaxed),
+                          memory_order_release);
+}
+
+static void clear_get(ring_t *r, int i)
+{
+    part_t *e = &parts(r)[i];
+    atomic_store_explicit(&e->get_hi, atomic_load_explicit(&e->get_lo, memory_order_relaxed),
+                          memory_order_release); /* as in clear_put */
+}
+
+static int keep(ring_recovery_t *out, const void *data, size_t len)
+{
+    if (out->n == out->cap) {
+        size_t cap = out->cap ? out->cap * 2 : 16;
+        ring_iov_t *iov = realloc(out->iov, cap * sizeof *iov);
+        if (!iov)
+            return -1;
+        out->iov = iov;
+        out->cap = cap;
+    }
+    void *copy = malloc(len ? len : 1);
+    if (!copy)
+        return -1;
+    memcpy(copy, data, len);
+    out->iov[out->n].base = copy;
+    out->iov[out->n].len = len;
+    out->n++;
+    return 0;
+}
+
+void ring_recovery_free(ring_recovery_t *out)
+{
+    for (size_t i = 0; i < out->n; i++)
+        free((void *)out->iov[i].base);
+    free(out->iov);
+    memset(out, 0, sizeof *out);
+}
+
+int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
+{
+    header_t *h = r->hdr;
+    snap_t sn[MAX_PARTS];
+    memset(out, 0, sizeof *out);
+    if (!lock_recovery(r))
+        return RING_TIMEOUT;
+    /* acquire pairs with the release CASes on head/tail: every claim they
+     * reflect has its intent visible in the snapshot taken after. */
+    uint64_t head = atomic_load_explicit(&h->head, memory_order_acquire);
+    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
+    snapshot(r, sn);
+    int rc = RING_OK;
+
+    /* Producers that died between claim and publish: walk the claimed,
+     * unconsumed tickets and turn each dead claim into a skip record. */
+    for (uint64_t x = head; (flags & RING_RECOVER_PRODUCERS) && x < tail;) {
+        cell_t *c = cell_at(r, x);
+        uint64_t s = atomic_load_explicit(&c->seq, memory_order_acquire); /* pairs with publish */
+        if (s == x + 1) {
+            uint64_t meta = atomic_load_explicit(&c->meta, memory_order_relaxed);
+            if (!meta_ok(r, x, meta))
+                break;
+            x += meta & META_SKIP ? meta & META_SPAN_MASK : slots_for(r, meta);
+            continue;
+        }
+        if (s != x)
+            break; /* consumers moved on under us: stop, nothing is lost */
+        int i = dead_put_claim(sn, x, tail);
+        if (i < 0 || live_covers(sn, x, x + 1, 0)) {
+            /* a live claimant will publish: skip past its claim if known */
+            uint64_t next = x;
+            for (int j = 0; j < MAX_PARTS; j++)
+                if (sn[j].alive && sn[j].put_lo <= x && x < sn[j].put_hi && sn[j].put_hi > next)
+                    next = sn[j].put_hi;
+            if (next == x)
+                break;
+            x = next;
+            continue;
+        }
+        uint64_t span = sn[i].put_hi - x;
+        uint64_t lost = sn[i].put_n > sn[i].put_done ? sn[i].put_n - sn[i].put_done : 0;
+        /* relaxed meta, then release seq: the same publication as a put. */
+        atomic_store_explicit(&c->meta, META_ABANDONED | span, memory_order_relaxed);
+        atomic_store_explicit(&c->seq, x + 1, memory_order_release);
+        clear_put(r, i);
+        sn[i].put_hi = sn[i].put_lo;
+        /* relaxed: statistics. */
+        atomic_fetch_add_explicit(&h->abandoned, lost, memory_order_relaxed);
+        out->abandoned += lost;
+        x += span;
+    }
+    if (out->abandoned || (flags & RING_RECOVER_PRODUCERS))
+        ec_notify(&h->not_empty);
+
+    /* Consumers that died holding a claimed batch: copy its messages out
+     * (or count them for requeueing) and free its slots. */
+    for (int i = 0; (flags & RING_RECOVER_CONSUMERS) && i < MAX_PARTS; i++) {
+        if (!sn[i].pid || sn[i].alive || sn[i].get_lo >= sn[i].get_hi)
+            continue;
+        uint64_t lo = sn[i].get_lo, hi = sn[i].get_hi;
+        if (hi > head) { /* its CAS never happened */
+            clear_get(r, i);
+            continue;
+        }
+        if (live_covers(sn, lo, hi, 1))
+            continue;
+        for (uint64_t t = lo; t < hi;) {
+            cell_t *c = cell_at(r, t);
+            uint64_t s = atomic_load_explicit(&c->seq, memory_order_acquire); /* as above */
+            if (s == t + 1) { /* a record start, still unfreed */
+                uint64_t meta = atomic_load_explicit(&c->meta, memory_order_relaxed);
+                uint64_t span = !meta_ok(r, t, meta) ? 1
+                                : meta & META_SKIP  ? meta & META_SPAN_MASK
+                                                    : slots_for(r, meta);
+                if (meta_ok(r, t, meta) && !(meta & META_SKIP)) {
+                    if (keep(out, slot_at(r, t), (size_t)meta) < 0) {
+                        rc = RING_ESYS; /* out of memory: leave the rest held */
+                        goto done;
+                    }
+                    out->recovered++;
+                }
+                if (t + span > hi)
+                    span = hi - t;
+                free_tickets(r, t, t + span);
+                t += span;
+            } else {
+                if (s == t) /* a middle slot whose record start was freed */
+                    free_tickets(r, t, t + 1);
+                t++;
+            }
+        }
+        clear_get(r, i);
+    }
+    if (out->recovered) {
+        atomic_fetch_add_explicit(&h->recovered, out->recovered, memory_order_relaxed); /* stat */
+        ec_notify(&h->not_full);
+    }
+
+    /* Give dead processes' idle entries back. */
+    for (int i = 0; i < MAX_PARTS; i++) {
+        if (sn[i].pid && !sn[i].alive && part_idle(&parts(r)[i])) {
+            free_part(&parts(r)[i], sn[i].pid);
+            out->reclaimed++;
+        }
+    }
+done:
+    unlock_recovery(r);
+    if (rc == RING_OK && (flags & RING_RECOVER_REQUEUE) && out->n) {
+        size_t done_n = 0;
+        rc = ring_put(r, out->iov, out->n, &done_n, RING_FOREVER);
+        ring_recovery_free(out);
+    }
+    return rc;
+}
+
+static void check_stuck(ring_t *r, int64_t now, uint64_t *ticket, int64_t *since)
+{
+    header_t *h = r->hdr;
+    /* relaxed: a heuristic trigger; ring_recover re-reads with acquire. */
+    uint64_t head = atomic_load_explicit(&h->head, memory_order_relaxed);
+    uint64_t tail = atomic_load_explicit(&h->tail, memory_order_relaxed);
+    uint64_t t = 0;
+    int flags = 0;
+    if (tail > head && atomic_load_explicit(&cell_at(r, head)->seq, memory_order_relaxed) == head) {
+        t = head; /* claimed, never published */
+        flags = RING_RECOVER_PRODUCERS;
+    } else if (tail >= r->cap && head > tail - r->cap &&
+               atomic_load_explicit(&cell_at(r, tail)->seq, memory_order_relaxed) != tail) {
+        t = tail | (1ULL << 63); /* consumed, never freed */
+        flags = RING_RECOVER_CONSUMERS | RING_RECOVER_REQUEUE;
+    }
+    if (!flags) {
+        *since = 0;
+        return;
+    }
+    if (*since == 0 || *ticket != t) {
+        *ticket = t;
+        *since = now;
+        return;
+    }
+    if (now - *since >= RECOVER_AFTER_NS) {
+        ring_recovery_t out;
+        ring_recover(r, flags, &out);
+        ring_recovery_free(&out);
+        *since = now;
+    }
+}
+
+size_t ring_participants(ring_t *r, ring_participant_t *out, size_t max)
+{
+    snap_t sn[MAX_PARTS];
+    size_t n = 0;
+    part_t *t = parts(r);
+    snapshot(r, sn);
+    for (int i = 0; i < MAX_PARTS && n < max; i++) {
+        if (!sn[i].pid)
+            continue;
+        out[n].pid = sn[i].pid;
+        out[n].tid = atomic_load_explicit(&t[i].tid, memory_order_relaxed); /* informative */
+        out[n].alive = sn[i].alive;
+        out[n].putting = sn[i].put_lo < sn[i].put_hi;
+        out[n].getting = sn[i].get_lo < sn[i].get_hi;
+        n++;
+    }
+    return n;
 }

@@ -29,9 +29,13 @@
  *                waits_full (u64 @520)
  *   640..767     join line: unfinished (i64 @640), join seq (u32 @648),
  *                join waiters (u32 @652)
- *   768..895     recovery counters: abandoned (u64 @768), recovered (@776)
+ *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
+ *                recovery_lock (u32 pid @784)
  *   896..4095    reserved (zero)
- *  page 1 (4096..8191): attached-process table, reserved for crash recovery
+ *  page 1 (4096..8191): attach table, 64 entries x 64 bytes, one per thread:
+ *       +0 pid u32 (0 = free)   +4 tid u32       +8 process start time u64
+ *      +16 put_lo u64  +24 put_hi u64  +32 put_n u32  +36 put_done u32
+ *      +40 get_lo u64  +48 get_hi u64  +56 reserved
  *  cells_offset: capacity x 16-byte cells {u64 seq; u64 meta}
  *  data_offset:  capacity x slot_size bytes of message data
  *
@@ -51,7 +55,19 @@
  * write, then publish each record by release-storing seq of its first cell.
  * Consumers claim a run of published records with ONE CAS on head, read the
  * bytes in place (zero copy), then free every ticket (seq = t + cap).
- * meta = payload length, or RING_META_PAD | slots for a padding record.
+ * meta = payload length, or PAD | slots for a padding record, or
+ * ABANDONED | slots for a claim whose producer died before publishing.
+ *
+ * Crash recovery
+ * --------------
+ * Before its CAS a thread writes the tickets it is about to claim into its
+ * attach entry (its "intent"), and clears it after publishing / freeing.
+ * A ticket claimed but unpublished whose claimants are all dead (pid gone,
+ * a zombie, or reused: start time differs) becomes an ABANDONED record that
+ * consumers skip.  A batch taken by a consumer that died before freeing it
+ * is copied out (handed to the caller, or put back into the ring) and freed.
+ * Waiters stuck on one ticket for 100 ms run the check; so can anyone,
+ * with ring_recover().  No heartbeats: liveness is read from /proc.
  */
 #ifndef RINGBUS_RING_H
 #define RINGBUS_RING_H
@@ -174,6 +190,30 @@ int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline);
 /* Next record of a claimed batch: 1 and (*data, *len), or 0 at its end. */
 int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len);
 void ring_release(ring_t *r, const ring_batch_t *b);
+
+/* Crash recovery: see the comment at the top.  With RING_RECOVER_REQUEUE
+ * the recovered messages are put back into the ring (blocking until they
+ * fit); otherwise they are handed to the caller in out->iov (heap copies,
+ * give them back with ring_recovery_free). */
+#define RING_RECOVER_PRODUCERS 1
+#define RING_RECOVER_CONSUMERS 2
+#define RING_RECOVER_REQUEUE 4
+#define RING_RECOVER_ALL 3
+typedef struct ring_recovery {
+    uint64_t abandoned; /* messages lost with producers that died mid-put */
+    uint64_t recovered; /* messages taken back from consumers that died */
+    uint64_t reclaimed; /* attach entries of dead processes freed */
+    size_t n, cap;
+    ring_iov_t *iov;
+} ring_recovery_t;
+int ring_recover(ring_t *r, int flags, ring_recovery_t *out);
+void ring_recovery_free(ring_recovery_t *out);
+
+typedef struct ring_participant {
+    uint32_t pid, tid;
+    int alive, putting, getting;
+} ring_participant_t;
+size_t ring_participants(ring_t *r, ring_participant_t *out, size_t max);
 
 uint64_t ring_qsize(const ring_t *r); /* messages published and not taken */
 int ring_full(const ring_t *r);

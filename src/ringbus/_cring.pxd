@@ -55,6 +55,30 @@ cdef extern from "ring.h" nogil:
         int64_t unfinished
         uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid
 
+    int RING_RECOVER_PRODUCERS
+    int RING_RECOVER_CONSUMERS
+    int RING_RECOVER_REQUEUE
+    int RING_RECOVER_ALL
+
+    ctypedef struct ring_recovery_t:
+        uint64_t abandoned
+        uint64_t recovered
+        uint64_t reclaimed
+        size_t n
+        size_t cap
+        ring_iov_t *iov
+
+    ctypedef struct ring_participant_t:
+        uint32_t pid
+        uint32_t tid
+        int alive
+        int putting
+        int getting
+
+    int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
+    void ring_recovery_free(ring_recovery_t *out)
+    size_t ring_participants(ring_t *r, ring_participant_t *out, size_t max)
+
     int ring_open(const char *name, int mode, const ring_params_t *params,
                   ring_t **out, char *errbuf)
     void ring_detach(ring_t *r)

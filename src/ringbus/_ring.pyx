@@ -564,6 +564,52 @@ cdef class Ring:
     def serializer(self):
         return self._serializer
 
+    # ------------------------------------------------------------ recovery
+
+    def recover(self, requeue=True):
+        """Repair the ring after processes that died in the middle of a put or
+        a get (kill -9 at any instruction).
+
+        Claims of dead producers become skipped records (counted as
+        abandoned); batches held by dead consumers are freed and their
+        messages put back into the ring (``requeue=True``) or returned in
+        ``"messages"`` for the caller to deliver again.  Waiters run the same
+        repair by themselves when they stay stuck on one ticket.
+        """
+        cdef ring_recovery_t out
+        cdef int rc
+        cdef int flags = RING_RECOVER_ALL | (RING_RECOVER_REQUEUE if requeue else 0)
+        cdef size_t i
+        self._ready()
+        with nogil:
+            rc = ring_recover(self._r, flags, &out)
+        try:
+            messages = [
+                PyBytes_FromStringAndSize(<const char *>out.iov[i].base, <Py_ssize_t>out.iov[i].len)
+                for i in range(out.n)
+            ]
+            if rc == RING_TIMEOUT:
+                raise RingError(f"ring {self._name}: another live process holds the recovery lock")
+            if rc != RING_OK:
+                self._fail(rc, False, 0)
+            return {"abandoned": out.abandoned, "recovered": out.recovered,
+                    "reclaimed": out.reclaimed, "messages": messages}
+        finally:
+            ring_recovery_free(&out)
+
+    def participants(self):
+        """Threads attached to the ring (from the header): pid, tid, alive,
+        and whether each is in the middle of a put or a get."""
+        cdef ring_participant_t parts[64]
+        cdef size_t i, n
+        self._open_or_raise()
+        n = ring_participants(self._r, parts, 64)
+        return [
+            {"pid": parts[i].pid, "tid": parts[i].tid, "alive": bool(parts[i].alive),
+             "putting": bool(parts[i].putting), "getting": bool(parts[i].getting)}
+            for i in range(n)
+        ]
+
     # ------------------------------------------------------------ join
 
     def _task_add(self, int64_t n):
