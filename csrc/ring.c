@@ -39,7 +39,8 @@ enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
             _exit(77);                                                         \
     } while (0)
 
-#define MAGIC 0x31535542474e4952ULL /* "RINGBUS1" little-endian */
+#define MAGIC 0x31535542474e4952ULL      /* "RINGBUS1" little-endian */
+#define INIT_MAGIC 0x54494e49474e4952ULL /* "RINGINIT": creator still writing */
 #define META_PAD (1ULL << 63)       /* padding to the end of the array */
 #define META_ABANDONED (1ULL << 62) /* claimed by a producer that died */
 #define META_SKIP (META_PAD | META_ABANDONED)
@@ -670,6 +671,8 @@ static int create_ring(ring_t *r, const ring_params_t *p, int *exists, char *err
         return rc;
     }
     header_t *h = r->hdr;
+    /* relaxed: only tells attachers to wait; MAGIC below is the publication. */
+    atomic_store_explicit(&h->magic, INIT_MAGIC, memory_order_relaxed);
     h->layout_version = RING_LAYOUT_VERSION;
     h->header_size = RING_HEADER_SIZE;
     h->capacity = g.cap;
@@ -738,23 +741,23 @@ static int attach_ring(ring_t *r, char *errbuf)
         }
         if (magic == MAGIC)
             break;
-        if (magic != 0) {
-            seterr(errbuf, "segment %s is foreign: not a ringbus ring (bad magic)", r->name);
-            goto fail;
-        }
-        /* magic 0: the creator may still be between shm_open and publishing
-         * its header; give it a bounded moment before calling it broken. */
-        if (ring_now() > give_up) {
-            int blank = 1;
-            for (size_t i = 0; i < sizeof hb.raw && blank; i++)
-                blank = hb.raw[i] == 0;
+        int blank = 1;
+        for (size_t i = 0; i < sizeof hb.raw && blank; i++)
+            blank = hb.raw[i] == 0;
+        /* Only a creator caught between shm_open and publishing its header
+         * leaves a segment that is empty, blank or marked RINGINIT; anything
+         * else is refused at once. */
+        int creating = st.st_size == 0 || (st.st_size >= (off_t)RING_HEADER_SIZE &&
+                                          (blank || magic == INIT_MAGIC));
+        if (!creating || ring_now() > give_up) {
             if (st.st_size < (off_t)RING_HEADER_SIZE)
                 seterr(errbuf, "segment %s is truncated: %lld bytes, smaller than a ring "
                        "header (%d bytes)", r->name, (long long)st.st_size, RING_HEADER_SIZE);
-            else if (blank)
-                seterr(errbuf, "segment %s was never initialized (blank header)", r->name);
+            else if (blank || magic == INIT_MAGIC)
+                seterr(errbuf, "segment %s was never initialized (its creator died while "
+                       "creating it)", r->name);
             else
-                seterr(errbuf, "segment %s is foreign: not a ringbus ring (no magic)", r->name);
+                seterr(errbuf, "segment %s is foreign: not a ringbus ring (bad magic)", r->name);
             goto fail;
         }
         usleep(1000);
