@@ -62,7 +62,10 @@ def _attach_and_use(name: str) -> None:
     q.close()
 
 
-@settings(max_examples=700, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FIXTURE_OK = [HealthCheck.function_scoped_fixture]  # shm_name is fresh per test, fine to share
+
+
+@settings(max_examples=700, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(
     edits=st.lists(
         st.tuples(st.sampled_from(FIELDS), st.one_of(interesting, st.integers(0, 2**64 - 1))),
@@ -86,7 +89,7 @@ def test_forged_fields(shm_name: str, edits: list, size_delta: int | None) -> No
     _attach_and_use(shm_name)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=400, deadline=None, suppress_health_check=FIXTURE_OK)
 @given(head=st.binary(min_size=0, max_size=9000))
 def test_random_bytes(shm_name: str, head: bytes) -> None:
     # random bytes, sometimes behind a valid magic so the deeper checks run
