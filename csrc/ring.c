@@ -329,7 +329,7 @@ static int closed(const ring_t *r)
 }
 
 static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
-                   int (*ready)(const ring_t *))
+                   int (*ready)(const ring_t *, size_t), size_t arg)
 {
     int64_t now;
     if (!b->started) {
@@ -341,7 +341,7 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     if (now >= deadline)
         return RING_TIMEOUT;
     if (now < b->spin_until) {
-        for (int i = 0; i < 64 && !ready(r); i++)
+        for (int i = 0; i < 64 && !ready(r, arg); i++)
             cpu_relax();
         return RING_OK;
     }
@@ -357,7 +357,7 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     if (b->stuck_since && until > now + RECOVER_AFTER_NS)
         until = now + RECOVER_AFTER_NS;
     uint32_t key = ec_prepare(ec);
-    if (ready(r) || closed(r)) {
+    if (ready(r, arg) || closed(r)) {
         ec_cancel(ec);
         return RING_OK;
     }
@@ -1027,11 +1027,26 @@ static void write_records(ring_t *r, part_t *p, const ring_iov_t *iov, size_t n,
                               memory_order_release);
 }
 
-static int room_for_one(const ring_t *r)
+/* Would a message of len bytes fit at the tail now?  The same test as
+ * claim_put's, without the CAS.  It must be exact: a waiter that sleeps
+ * only when this is false never sleeps through room, and never spins on a
+ * "room for one slot" that a larger message cannot use. */
+static int room_for(const ring_t *r, size_t len)
 {
-    /* relaxed reads: this is only a hint for the spin loop. */
+    /* relaxed loads: after ec_prepare's fence (or in the spin loop, where a
+     * stale answer only costs one more try). */
     uint64_t t = atomic_load_explicit(&r->hdr->tail, memory_order_relaxed);
-    return atomic_load_explicit(&cell_at(r, t)->seq, memory_order_relaxed) == t;
+    uint64_t k = slots_for(r, len), idx = t & r->mask;
+    uint64_t need = k + (idx + k > r->cap ? r->cap - idx : 0);
+    if (r->limit < r->cap) {
+        uint64_t head = atomic_load_explicit(&r->hdr->head, memory_order_relaxed);
+        if (t + need - head > r->limit && t != head)
+            return 0;
+    }
+    for (uint64_t j = 0; j < need; j++)
+        if (atomic_load_explicit(&cell_at(r, t + j)->seq, memory_order_relaxed) != t + j)
+            return 0;
+    return 1;
 }
 
 int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t deadline)
@@ -1059,7 +1074,7 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
         }
         if (deadline == RING_NOWAIT)
             return RING_FULL;
-        int rc = backoff(r, &b, &r->hdr->not_full, deadline, room_for_one);
+        int rc = backoff(r, &b, &r->hdr->not_full, deadline, room_for, iov[off].len);
         if (rc != RING_OK)
             return rc;
     }
@@ -1147,8 +1162,9 @@ static int claim_get(ring_t *r, part_t *p, size_t max, ring_batch_t *b)
     }
 }
 
-static int published(const ring_t *r)
+static int published(const ring_t *r, size_t unused)
 {
+    (void)unused;
     /* relaxed: a hint for the spin loop; claim_get re-reads with acquire. */
     uint64_t t = atomic_load_explicit(&r->hdr->head, memory_order_relaxed);
     return atomic_load_explicit(&cell_at(r, t)->seq, memory_order_relaxed) == t + 1;
@@ -1175,7 +1191,7 @@ int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline)
             return rc;
         if (deadline == RING_NOWAIT)
             return RING_EMPTY;
-        rc = backoff(r, &bo, &r->hdr->not_empty, deadline, published);
+        rc = backoff(r, &bo, &r->hdr->not_empty, deadline, published, 0);
         if (rc != RING_OK)
             return rc;
     }
@@ -1294,19 +1310,23 @@ int64_t ring_unfinished(const ring_t *r)
     return atomic_load_explicit(&r->hdr->unfinished, memory_order_acquire);
 }
 
-static int all_done(const ring_t *r) { return ring_unfinished(r) <= 0; }
+static int all_done(const ring_t *r, size_t unused)
+{
+    (void)unused;
+    return ring_unfinished(r) <= 0;
+}
 
 int ring_task_join(ring_t *r, int64_t deadline)
 {
     backoff_t b = {0};
     for (;;) {
-        if (all_done(r))
+        if (all_done(r, 0))
             return RING_OK;
         if (closed(r))
             return RING_CLOSED;
         if (deadline == RING_NOWAIT)
             return RING_TIMEOUT;
-        int rc = backoff(r, &b, &r->hdr->joined, deadline, all_done);
+        int rc = backoff(r, &b, &r->hdr->joined, deadline, all_done, 0);
         if (rc != RING_OK)
             return rc;
     }
