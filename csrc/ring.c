@@ -75,6 +75,7 @@ typedef struct {
     /* 64 */ uint64_t cells_offset;
     /* 72 */ uint64_t data_offset;
     /* 80 */ uint64_t created_unix_ns;
+    /* 88 */ uint32_t flags; /* RING_FLAG_PERSISTENT: made by RING_OPEN */
     alignas(128) _Atomic uint64_t tail; /* 128 */
     _Atomic uint64_t puts;
     _Atomic uint64_t bytes_in;
@@ -636,7 +637,8 @@ static int map_handle(ring_t *r, int fd, const geometry_t *g, char *errbuf)
     return RING_OK;
 }
 
-static int create_ring(ring_t *r, const ring_params_t *p, int *exists, char *errbuf)
+static int create_ring(ring_t *r, const ring_params_t *p, int *exists, uint32_t flags,
+                       char *errbuf)
 {
     geometry_t g;
     int rc = geometry(p->maxsize, p->slot_size ? p->slot_size : RING_DEFAULT_SLOT_SIZE,
@@ -688,6 +690,7 @@ static int create_ring(ring_t *r, const ring_params_t *p, int *exists, char *err
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     h->created_unix_ns = (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    h->flags = flags;
     for (uint64_t t = 0; t < g.cap; t++)
         /* relaxed: nobody may read cells before magic is published. */
         atomic_store_explicit(&r->cells[t].seq, t, memory_order_relaxed);
@@ -853,10 +856,10 @@ int ring_open(const char *name, int mode, const ring_params_t *params, ring_t **
     if (mode == RING_ATTACH) {
         rc = attach_ring(r, errbuf);
     } else if (mode == RING_CREATE) {
-        rc = create_ring(r, params, NULL, errbuf);
+        rc = create_ring(r, params, NULL, 0, errbuf);
     } else {
         int exists = 0;
-        rc = create_ring(r, params, &exists, errbuf);
+        rc = create_ring(r, params, &exists, RING_FLAG_PERSISTENT, errbuf);
         if (rc && exists)
             rc = attach_ring(r, errbuf);
         r->owner = 0; /* an opened ring is persistent: nobody auto-unlinks it */
@@ -1268,6 +1271,7 @@ void ring_get_stats(const ring_t *r, ring_stats_t *s)
     s->creator_pid = h->creator_pid;
     s->segment_size = h->segment_size;
     s->created_unix_ns = h->created_unix_ns;
+    s->flags = h->flags;
     /* relaxed loads throughout: a monitoring snapshot, not a transaction. */
     s->head = atomic_load_explicit(&h->head, memory_order_relaxed);
     s->tail = atomic_load_explicit(&h->tail, memory_order_relaxed);

@@ -21,6 +21,7 @@
  *      64     8  cells_offset (=8192)       creator
  *      72     8  data_offset (page aligned) creator
  *      80     8  created_unix_ns            creator
+ *      88     4  flags (1: persistent)      creator (made by RING_OPEN)
  *   128..255     producer line: tail (u64 @128), puts (@136), bytes_in (@144)
  *   256..383     consumer line: head (u64 @256), gets (@264), bytes_out (@272)
  *   384..511     not-empty eventcount: seq (u32 @384), waiters (u32 @388),
@@ -104,6 +105,8 @@ extern "C" {
 #define RING_OFF_SEGMENT_SIZE 56
 #define RING_OFF_CELLS 64
 #define RING_OFF_DATA 72
+#define RING_OFF_FLAGS 88
+#define RING_FLAG_PERSISTENT 1
 
 /* Deadlines are absolute CLOCK_MONOTONIC nanoseconds, or one of these. */
 #define RING_NOWAIT 0
@@ -152,7 +155,7 @@ typedef struct ring_stats {
     uint64_t puts, gets, bytes_in, bytes_out, waits_full, waits_empty;
     uint64_t abandoned, recovered, segment_size, created_unix_ns;
     int64_t unfinished;
-    uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid;
+    uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid, flags;
 } ring_stats_t;
 
 /* Open a ring.  On failure returns NULL-handle status != RING_OK and a

@@ -53,7 +53,7 @@ cdef extern from "ring.h" nogil:
         uint64_t puts, gets, bytes_in, bytes_out, waits_full, waits_empty
         uint64_t abandoned, recovered, segment_size, created_unix_ns
         int64_t unfinished
-        uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid
+        uint32_t slot_size, max_message_size, layout_version, creator_uid, creator_pid, flags
 
     int RING_RECOVER_PRODUCERS
     int RING_RECOVER_CONSUMERS

@@ -91,20 +91,36 @@ cdef dict _stats_dict(ring_stats_t *s):
         "waits_full": s.waits_full, "waits_empty": s.waits_empty,
         "abandoned": s.abandoned, "recovered": s.recovered, "unfinished": s.unfinished,
         "depth": s.puts - s.gets if s.puts > s.gets else 0,
+        "persistent": bool(s.flags & 1),
     }
 
 
+cdef list _participants(ring_t *r):
+    cdef ring_participant_t parts[64]
+    cdef size_t i, n = ring_participants(r, parts, 64)
+    return [
+        {"pid": parts[i].pid, "tid": parts[i].tid, "alive": bool(parts[i].alive),
+         "putting": bool(parts[i].putting), "getting": bool(parts[i].getting)}
+        for i in range(n)
+    ]
+
+
 def read_stats(name):
-    """Attach to a ring by name, snapshot its header counters, detach."""
+    """Attach to a ring by name (taking no attach entry), snapshot its header
+    counters, geometry and attached threads, detach."""
     cdef char err[256]
     cdef ring_t *r = NULL
     cdef ring_stats_t s
     cdef bytes b = _as_name(normalize_name(name))
     if ring_open(b, RING_ATTACH, NULL, &r, err) != RING_OK:
         raise RingError(err.decode("utf-8", "replace"))
-    ring_get_stats(r, &s)
-    ring_detach(r)
-    return _stats_dict(&s)
+    try:
+        ring_get_stats(r, &s)
+        out = _stats_dict(&s)
+        out["participants"] = _participants(r)
+        return out
+    finally:
+        ring_detach(r)
 
 
 cdef inline int64_t _check_timeout(object block, object timeout) except -2:
@@ -600,15 +616,8 @@ cdef class Ring:
     def participants(self):
         """Threads attached to the ring (from the header): pid, tid, alive,
         and whether each is in the middle of a put or a get."""
-        cdef ring_participant_t parts[64]
-        cdef size_t i, n
         self._open_or_raise()
-        n = ring_participants(self._r, parts, 64)
-        return [
-            {"pid": parts[i].pid, "tid": parts[i].tid, "alive": bool(parts[i].alive),
-             "putting": bool(parts[i].putting), "getting": bool(parts[i].getting)}
-            for i in range(n)
-        ]
+        return _participants(self._r)
 
     # ------------------------------------------------------------ join
 
