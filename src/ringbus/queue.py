@@ -41,6 +41,8 @@ class Queue(Ring):
     closes the queue or exits; processes that attach never do.
     """
 
+    __slots__ = ()  # no instance __dict__: method lookups go straight to the type
+
     def __init__(
         self,
         maxsize: int = 0,
@@ -106,6 +108,8 @@ class Queue(Ring):
 
 class JoinableQueue(Queue):
     """``Queue`` plus ``task_done()`` and ``join()``, counted across processes."""
+
+    __slots__ = ()
 
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None:
         self._task_add(1)
