@@ -966,8 +966,14 @@ static size_t claim_put(ring_t *r, part_t *p, const ring_iov_t *iov, size_t n,
             /* relaxed: just a fresher ticket to retry from. A stale pos
              * would otherwise report a full ring that has room. */
             uint64_t now = atomic_load_explicit(&h->tail, memory_order_relaxed);
-            if (!stale && now == pos)
+            if (!stale && now == pos) {
+                if (p) /* a failed CAS left an intent on others' tickets: a
+                        * sleeping "live claimant" would block their recovery */
+                    atomic_store_explicit(&p->put_hi,
+                                          atomic_load_explicit(&p->put_lo, memory_order_relaxed),
+                                          memory_order_release);
                 return 0;
+            }
             pos = now;
             continue;
         }
@@ -1141,8 +1147,13 @@ static int claim_get(ring_t *r, part_t *p, size_t max, ring_batch_t *b)
         if (t == pos) {
             /* relaxed: a fresher ticket; report empty only if head held. */
             uint64_t now = atomic_load_explicit(&h->head, memory_order_relaxed);
-            if (!stale && now == pos)
+            if (!stale && now == pos) {
+                if (p) /* as in claim_put: never sleep holding a stale intent */
+                    atomic_store_explicit(&p->get_hi,
+                                          atomic_load_explicit(&p->get_lo, memory_order_relaxed),
+                                          memory_order_release);
                 return RING_EMPTY;
+            }
             pos = now;
             continue;
         }
