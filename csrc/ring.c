@@ -1588,7 +1588,12 @@ done:
     if (rc == RING_OK && (flags & RING_RECOVER_REQUEUE) && out->n) {
         size_t done_n = 0;
         rc = ring_put(r, out->iov, out->n, &done_n, RING_FOREVER);
-        ring_recovery_free(out);
+        /* free the copies, keep the counts for the caller */
+        for (size_t i = 0; i < out->n; i++)
+            free((void *)out->iov[i].base);
+        free(out->iov);
+        out->iov = NULL;
+        out->n = out->cap = 0;
     }
     return rc;
 }

@@ -251,3 +251,12 @@ def test_fault_points_through_the_cffi_binding(shm_name: str) -> None:
     finally:
         lib.ring_detach(r)
         lib.ring_unlink(shm_name.encode(), err)
+
+
+def test_recover_with_requeue_reports_its_counts(shm_name: str, procs: list[Any]) -> None:
+    with Queue(64, name=shm_name) as q:
+        q.put_bytes(b"held")
+        assert run_child(procs, shm_name, "get-before-release", "get", b"") == 77
+        got = q.recover()  # requeue=True: the message goes back into the ring
+        assert got["recovered"] == 1 and got["messages"] == []
+        assert q.get_bytes(timeout=5) == b"held"
