@@ -3,17 +3,43 @@ shared-memory ring (and over Redis Streams beyond one machine)."""
 
 from __future__ import annotations
 
+from ringbus.bus import TaskBus
+from ringbus.envelope import (
+    BusClosed,
+    NoHandlerError,
+    RemoteTraceback,
+    TaskError,
+    TaskFailed,
+    TaskTimeout,
+    WorkerLost,
+)
 from ringbus.errors import MessageTooLarge, RingClosed, RingError
+from ringbus.executor import RingExecutor
 from ringbus.queue import DEFAULT_CAPACITY, JoinableQueue, Queue
+from ringbus.server import TaskServer
+from ringbus.transport import ShmTransport, Transport, TransportClosed
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_CAPACITY",
+    "BusClosed",
     "JoinableQueue",
     "MessageTooLarge",
+    "NoHandlerError",
     "Queue",
+    "RemoteTraceback",
     "RingClosed",
     "RingError",
+    "RingExecutor",
+    "ShmTransport",
+    "TaskBus",
+    "TaskError",
+    "TaskFailed",
+    "TaskServer",
+    "TaskTimeout",
+    "Transport",
+    "TransportClosed",
+    "WorkerLost",
     "__version__",
 ]

@@ -1,0 +1,243 @@
+"""Task envelopes and results: a packed binary header in front of a pickle.
+
+The header is a precompiled ``struct.Struct`` so that wrapping a task costs
+one ``pack`` and one concatenation (no pickled dict of metadata).  Task
+layer exceptions live here too: both the dispatching side (bus) and the
+worker side (server) need them.
+
+Task message::
+
+    offset  size  field
+    0       1     magic/version (0xB1)
+    1       1     flags          (FLAG_REPLY: the dispatcher waits for a result)
+    2       2     attempt        (1 for the first delivery; issue 4 counts redeliveries)
+    4       4     dispatcher pid (liveness check before blocking on its reply ring)
+    8       8     task id        (per-dispatcher counter)
+    16      8     deadline       (time.monotonic(), system-wide on Linux; 0.0 = none)
+    24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
+    32      2     reply address length n
+    34      n     reply address (transport-specific bytes, e.g. a ring name)
+    34+n    ...   pickled task (protocol 5)
+
+Result message::
+
+    0       1     magic/version (0xB2)
+    1       1     status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+    2       8     task id
+    10      ...   OK: pickled value; ERROR: pickled (exception, traceback text);
+                  FAILED/TIMEOUT/LOST: UTF-8 text
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+import traceback
+from typing import Any, NamedTuple
+
+__all__ = [
+    "FLAG_REPLY",
+    "LOST",
+    "BusClosed",
+    "EnvelopeError",
+    "NoHandlerError",
+    "RemoteTraceback",
+    "TaskError",
+    "TaskFailed",
+    "TaskHeader",
+    "TaskTimeout",
+    "WorkerLost",
+]
+
+TASK_MAGIC = 0xB1
+RESULT_MAGIC = 0xB2
+FLAG_REPLY = 0x01
+
+OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
+STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
+
+TASK_HEADER = struct.Struct("<BBHIQddH")
+RESULT_HEADER = struct.Struct("<BBQ")
+TASK_HEADER_SIZE = TASK_HEADER.size
+RESULT_HEADER_SIZE = RESULT_HEADER.size
+
+_pack_task = TASK_HEADER.pack
+_unpack_task = TASK_HEADER.unpack_from
+_pack_result = RESULT_HEADER.pack
+_unpack_result = RESULT_HEADER.unpack_from
+_dumps = pickle.dumps
+_loads = pickle.loads
+# Below this size a bytes slice (one small copy) is cheaper than a memoryview.
+_VIEW_FROM = 4096
+
+
+# ---------------------------------------------------------------- exceptions
+
+
+class TaskError(Exception):
+    """Base class of the task layer's own errors."""
+
+
+class NoHandlerError(TaskError, LookupError):
+    """No handler is registered for the task's type or any type in its MRO."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task missed its deadline (queued too long, or ran past a time limit)."""
+
+
+class WorkerLost(TaskError):
+    """The worker process running the task died before it answered."""
+
+
+class TaskFailed(TaskError):
+    """The task failed and its exception (or result) could not travel back as
+    an object; the message carries the worker's formatted traceback."""
+
+
+class BusClosed(TaskError):
+    """The dispatching side of the bus was closed before the result arrived."""
+
+
+class EnvelopeError(ValueError):
+    """Bytes on a task or reply channel are not a ringbus envelope."""
+
+
+class RemoteTraceback(Exception):
+    """Set as ``__cause__`` of a remote exception: prints the worker's traceback
+    (what ``concurrent.futures.process._RemoteTraceback`` does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class TaskHeader(NamedTuple):
+    magic: int
+    flags: int
+    attempt: int
+    pid: int
+    task_id: int
+    deadline: float
+    wall_deadline: float
+    reply_len: int
+
+
+def encode_task(
+    payload: bytes,
+    task_id: int,
+    flags: int,
+    pid: int,
+    reply: bytes,
+    deadline: float = 0.0,
+    wall_deadline: float = 0.0,
+    attempt: int = 1,
+) -> bytes:
+    """Header + reply address + already pickled task."""
+    return (
+        _pack_task(
+            TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply)
+        )
+        + reply
+        + payload
+    )
+
+
+def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
+    """Return (header, reply address, offset of the pickled task)."""
+    if len(data) < TASK_HEADER_SIZE or data[0] != TASK_MAGIC:
+        raise EnvelopeError(f"not a ringbus task envelope ({len(data)} bytes)")
+    hdr = TaskHeader._make(_unpack_task(data))
+    end = TASK_HEADER_SIZE + hdr.reply_len
+    if end > len(data):
+        raise EnvelopeError("task envelope truncated inside its reply address")
+    return hdr, data[TASK_HEADER_SIZE:end], end
+
+
+def load_payload(data: bytes, offset: int) -> Any:
+    """Unpickle the part of ``data`` from ``offset`` (no copy for large ones)."""
+    if len(data) - offset < _VIEW_FROM:
+        return _loads(data[offset:])
+    with memoryview(data) as view:
+        return _loads(view[offset:])
+
+
+# ---------------------------------------------------------------- results
+
+
+def encode_ok(task_id: int, value: Any) -> bytes:
+    """A successful result; a value that cannot be pickled becomes FAILED."""
+    try:
+        return _pack_result(RESULT_MAGIC, OK, task_id) + _dumps(value, 5)
+    except Exception as exc:
+        return encode_text(
+            task_id,
+            FAILED,
+            f"the task's result of type {type(value).__qualname__} could not be pickled: "
+            f"{type(exc).__name__}: {exc}",
+        )
+
+
+def encode_error(task_id: int, exc: BaseException) -> bytes:
+    """A handler's exception with its formatted traceback.
+
+    An exception that cannot be pickled travels as text (FAILED).
+    """
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        return _pack_result(RESULT_MAGIC, ERROR, task_id) + _dumps((exc, tb), 5)
+    except Exception as perr:
+        return encode_text(
+            task_id,
+            FAILED,
+            f"{tb}\n(the exception could not be pickled: {type(perr).__name__}: {perr})",
+        )
+
+
+def encode_text(task_id: int, status: int, text: str) -> bytes:
+    """FAILED / TIMEOUT / LOST results carry a message only."""
+    return _pack_result(RESULT_MAGIC, status, task_id) + text.encode("utf-8", "replace")
+
+
+WAKE_MESSAGE = _pack_result(RESULT_MAGIC, WAKE, 0)
+"""Put by a dispatcher on its own reply channel to wake its reader early."""
+
+
+def result_header(data: bytes) -> tuple[int, int]:
+    """(status, task id) of a result message."""
+    if len(data) < RESULT_HEADER_SIZE or data[0] != RESULT_MAGIC:
+        raise EnvelopeError(f"not a ringbus result envelope ({len(data)} bytes)")
+    _, status, task_id = _unpack_result(data)
+    return status, task_id
+
+
+def decode_result(data: bytes, status: int) -> tuple[bool, Any]:
+    """(True, value) or (False, exception) from a result message's body."""
+    if status == OK:
+        try:
+            return True, load_payload(data, RESULT_HEADER_SIZE)
+        except Exception as exc:
+            return False, TaskFailed(f"the task's result could not be unpickled: {exc!r}")
+    if status == ERROR:
+        try:
+            remote, tb = load_payload(data, RESULT_HEADER_SIZE)
+        except Exception as uerr:
+            return False, TaskFailed(
+                f"the task raised an exception that could not be unpickled here: {uerr!r}"
+            )
+        if not isinstance(remote, BaseException):
+            return False, TaskFailed(f"malformed error result: {remote!r}")
+        remote.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+        return False, remote
+    text = data[RESULT_HEADER_SIZE:].decode("utf-8", "replace")
+    if status == TIMEOUT:
+        return False, TaskTimeout(text)
+    if status == LOST:
+        return False, WorkerLost(text)
+    return False, TaskFailed(text)
