@@ -1,0 +1,161 @@
+"""The ``ringbus`` command.
+
+``ringbus worker module:bus --workers N`` runs a TaskServer in the
+foreground (a process of its own, like ``celery worker`` or Swoole's task
+workers); SIGTERM or SIGINT drain it (workers finish the task in hand), a
+second one kills the workers still busy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from types import FrameType
+
+__all__ = ["load_bus", "main"]
+
+log = logging.getLogger("ringbus.cli")
+
+
+def load_bus(target: str) -> object:
+    """Import ``module:attribute`` (the attribute may be dotted), with the
+    current directory on ``sys.path`` as gunicorn and celery do."""
+    module_name, sep, attr = target.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"expected module:bus, got {target!r}")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    obj: object = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from ringbus.bus import TaskBus
+    from ringbus.server import TaskServer
+
+    try:
+        bus = load_bus(args.target)
+    except (ImportError, AttributeError, ValueError) as exc:
+        print(f"ringbus worker: cannot load {args.target!r}: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(bus, TaskBus):
+        print(
+            f"ringbus worker: {args.target!r} is a {type(bus).__name__}, not a TaskBus",
+            file=sys.stderr,
+        )
+        return 2
+    server = TaskServer(
+        bus,
+        args.workers,
+        max_tasks_per_child=args.max_tasks_per_child,
+        task_timeout=args.task_timeout,
+        start_method=args.start_method,
+    )
+    stop = threading.Event()
+    signals_seen = 0
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        if signals_seen == 1:
+            log.info("ringbus worker: %s, draining", signal.Signals(signum).name)
+            stop.set()
+        else:
+            name = signal.Signals(signum).name
+            log.warning("ringbus worker: %s again, killing busy workers", name)
+            server.kill(wait=False)  # the main thread is waiting in stop()
+
+    previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        previous[int(sig)] = signal.signal(sig, on_signal)
+    try:
+        server.start()
+        print(
+            f"ringbus worker: serving bus {bus.name!r} with {args.workers} workers "
+            f"(pid {os.getpid()})",
+            file=sys.stderr,
+            flush=True,
+        )
+        while not stop.wait(1.0):
+            pass
+        server.stop(timeout=args.drain_timeout)
+    finally:
+        if server.running:
+            server.kill()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        bus.close()
+    print("ringbus worker: stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ringbus", description="Tasks to worker processes over shared-memory rings."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    w = sub.add_parser("worker", help="run a pool of task workers for a bus in the foreground")
+    w.add_argument("target", help="the bus to serve, as module:attribute (e.g. app.tasks:bus)")
+    w.add_argument("-w", "--workers", type=_positive_int, default=os.cpu_count() or 1)
+    w.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
+    w.add_argument("--task-timeout", type=_positive_float, default=None, metavar="SECONDS")
+    w.add_argument(
+        "--drain-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, kill workers still busy after this long (default: wait)",
+    )
+    w.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork")
+    w.set_defaults(func=_cmd_worker)
+    from ringbus.cli_admin import register
+
+    register(sub)  # stats, ls, rm, gc, recover
+    sub.add_parser(
+        "demo",
+        help="run the web-server demo: requests offload mail to task workers (ringbus demo -h)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:  # the demo parses its own options
+        from ringbus.demo.run import main as demo_main
+
+        return demo_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
+    )
+    func: Callable[[argparse.Namespace], int] = args.func
+    return func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
