@@ -45,6 +45,7 @@ cdef extern from "Python.h":
     int PyBUF_READ
 
 _owned = weakref.WeakSet()
+_finalizer_pid = 0
 
 
 @atexit.register
@@ -54,10 +55,24 @@ def _unlink_owned():
         (<Ring>r)._drop_name()
 
 
+cdef _own(Ring r):
+    # multiprocessing children (fork, forkserver) leave through os._exit:
+    # atexit does not run there, multiprocessing's own exit finalizers do.
+    global _finalizer_pid
+    _owned.add(r)
+    if _finalizer_pid != getpid():
+        _finalizer_pid = getpid()
+        import multiprocessing.util
+        multiprocessing.util.Finalize(None, _unlink_owned, exitpriority=0)
+
+
 cdef bytes _as_name(str name):
-    cdef bytes b = name.encode("ascii", "strict") if name.isascii() else None
+    # a NUL would silently cut the name short at the C boundary
+    cdef bytes b = name.encode("ascii", "strict") if name.isascii() and "\0" not in name else None
     if b is None:
-        raise ValueError(f"invalid ring name {name!r}: only ASCII letters, digits, '.', '_' and '-'")
+        raise ValueError(
+            f"invalid ring name {name!r}: only ASCII letters, digits, '.', '_' and '-'"
+        )
     return b
 
 
@@ -258,7 +273,7 @@ cdef class Ring:
             self._loads = serializer.loads
         if ring_is_owner(r):
             self._owner_pid = getpid()
-            _owned.add(self)
+            _own(self)
 
     cdef int _drop_name(self) except -1:
         # Only the creating process unlinks; forked children inherit the

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ringbus import _ring
 from ringbus._ring import Ring
@@ -23,6 +23,7 @@ DEFAULT_CAPACITY: int = _ring.DEFAULT_CAPACITY
 """Capacity in slots of a ``Queue(maxsize=0)``."""
 
 _CREATE, _ATTACH, _OPEN = 0, 1, 2
+_Q = TypeVar("_Q", bound="Queue")
 
 
 def _rebuild(cls: type[Queue], name: str, serializer: Serializer | None) -> Queue:
@@ -89,7 +90,7 @@ class Queue(Ring):
         # Attaching by name works under fork, spawn and forkserver alike.
         return (_rebuild, (type(self), self.name, self.serializer))
 
-    def __enter__(self) -> Queue:
+    def __enter__(self: _Q) -> _Q:
         return self
 
     def __exit__(
