@@ -54,14 +54,19 @@ def _consumer(name: str, producers: int, result: str, objects: bool) -> None:
     bad = 0
     while True:
         batch = q.get_many(128, timeout=120) if objects else q.get_bytes_many(128, timeout=120)
+        stops = sum(1 for m in batch if m == STOP)
         for m in batch:
             if m == STOP:
-                Path(result).write_bytes(pickle.dumps((seen, bad)))
-                return
+                continue
             pid, seq, crc = HDR.unpack_from(m)
             if zlib.crc32(memoryview(m)[HDR.size :]) != crc:
                 bad += 1
             seen[pid].append(seq)
+        if stops:  # one STOP ends one consumer: hand the others on
+            for _ in range(stops - 1):
+                q.put(STOP) if objects else q.put_bytes(STOP)
+            Path(result).write_bytes(pickle.dumps((seen, bad)))
+            return
 
 
 def run(tmp_path: Path, name: str, procs: list[Any], n_per: int, batch: int,
