@@ -4,6 +4,7 @@ shared-memory ring (and over Redis Streams beyond one machine)."""
 from __future__ import annotations
 
 from ringbus.bus import TaskBus
+from ringbus.deadletter import DeadLetter
 from ringbus.envelope import (
     BusClosed,
     NoHandlerError,
@@ -11,6 +12,7 @@ from ringbus.envelope import (
     TaskError,
     TaskFailed,
     TaskTimeout,
+    Unrecoverable,
     WorkerLost,
 )
 from ringbus.errors import MessageTooLarge, RingClosed, RingError
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_CAPACITY",
     "BusClosed",
+    "DeadLetter",
     "JoinableQueue",
     "MessageTooLarge",
     "NoHandlerError",
@@ -40,6 +43,7 @@ __all__ = [
     "TaskTimeout",
     "Transport",
     "TransportClosed",
+    "Unrecoverable",
     "WorkerLost",
     "__version__",
 ]

@@ -46,6 +46,7 @@ __all__ = [
     "TaskFailed",
     "TaskHeader",
     "TaskTimeout",
+    "Unrecoverable",
     "WorkerLost",
 ]
 
@@ -93,6 +94,11 @@ class WorkerLost(TaskError):
 class TaskFailed(TaskError):
     """The task failed and its exception (or result) could not travel back as
     an object; the message carries the worker's formatted traceback."""
+
+
+class Unrecoverable(TaskError):
+    """Raise it in a handler to fail the task at once: no retry, whatever the
+    handler's ``retries`` (the task goes to dead letters)."""
 
 
 class BusClosed(TaskError):

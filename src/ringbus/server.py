@@ -652,6 +652,9 @@ class TaskServer:
             process.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        # Readers outside see the pid as soon as the child exists, not only
+        # once it has booted (the worker writes the same value in worker_up).
+        SLOT_WORKER.pack_into(self._state.mm, self._state.offset(slot), process.pid)
         self._workers[slot] = _Worker(slot, process)
 
     def _next_timeout(self) -> float | None:

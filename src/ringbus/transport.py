@@ -28,8 +28,10 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from typing import Any
 
+from ringbus.deadletter import DeadLetter, DeadLetterFile, requeue_envelope
 from ringbus.errors import MessageTooLarge, RingClosed, RingError
 from ringbus.queue import Queue
 
@@ -73,6 +75,12 @@ class Transport(abc.ABC):
     """
 
     bus_name: str = ""
+
+    redelivers_lost_tasks: bool = False
+    """True when the transport itself delivers again the tasks a dead consumer
+    had taken (a broker's visibility timeout, with the attempt counted from
+    its delivery count).  The server then leaves a dead worker's in-flight
+    task to the transport instead of queueing it again itself."""
 
     def bind(self, bus_name: str) -> None:
         """Called once by the TaskBus that owns this transport."""
@@ -153,6 +161,39 @@ class Transport(abc.ABC):
         caller can send a smaller error instead.
         """
 
+    # ------------------------------------------------------------ dead letters
+
+    @abc.abstractmethod
+    def dead_letter(self, data: bytes, reason: str, task_type: str = "", attempts: int = 0) -> str:
+        """Keep a task envelope that failed for good, with the reason; returns
+        the record's id.  The store outlives servers and dispatchers."""
+
+    @abc.abstractmethod
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter of the bus, oldest first."""
+
+    @abc.abstractmethod
+    def take_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        handle: Callable[[DeadLetter], object] | None = None,
+    ) -> list[DeadLetter]:
+        """Remove the selected dead letters (all when ``ids`` is None) and
+        return them; ``handle(letter)`` runs before each one is removed."""
+
+    def retry_dead_letters(self, ids: Iterable[str] | None = None) -> int:
+        """Queue the selected dead letters again (attempt 1, no deadline, no
+        reply); returns how many."""
+
+        def requeue(d: DeadLetter) -> None:
+            self.put_task(requeue_envelope(d.data))
+
+        return len(self.take_dead_letters(ids, requeue))
+
+    def purge_dead_letters(self, ids: Iterable[str] | None = None) -> int:
+        """Drop the selected dead letters; returns how many."""
+        return len(self.take_dead_letters(ids))
+
     # ------------------------------------------------------------ lifecycle
 
     @abc.abstractmethod
@@ -161,7 +202,7 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def destroy(self) -> None:
-        """Remove the bus's channels (queued tasks are dropped)."""
+        """Remove the bus's channels and dead letters (queued tasks are dropped)."""
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.bus_name!r})"
@@ -517,6 +558,27 @@ class ShmTransport(Transport):
                 )
                 return False
 
+    # ------------------------------------------------------------ dead letters
+
+    @property
+    def dead_letter_path(self) -> str:
+        if not self.bus_name:
+            raise RuntimeError("transport is not bound to a bus")
+        return f"{SHM_DIR}/ringbus-{self.bus_name}-dead"
+
+    def dead_letter(self, data: bytes, reason: str, task_type: str = "", attempts: int = 0) -> str:
+        return DeadLetterFile(self.dead_letter_path).add(data, reason, task_type, attempts)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return DeadLetterFile(self.dead_letter_path).list()
+
+    def take_dead_letters(
+        self,
+        ids: Iterable[str] | None = None,
+        handle: Callable[[DeadLetter], object] | None = None,
+    ) -> list[DeadLetter]:
+        return DeadLetterFile(self.dead_letter_path).take(ids, handle)
+
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
@@ -539,6 +601,7 @@ class ShmTransport(Transport):
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(f"{SHM_DIR}/{self.task_ring_name.lstrip('/')}")
+        DeadLetterFile(self.dead_letter_path).destroy()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+$")
         try:
             names = os.listdir(SHM_DIR)
