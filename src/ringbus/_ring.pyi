@@ -3,6 +3,8 @@
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from _typeshed import WriteableBuffer
+
 LAYOUT_VERSION: int
 DEFAULT_MAX_MESSAGE: int
 DEFAULT_CAPACITY: int
@@ -52,6 +54,14 @@ class Ring:
         self, data: bytes | bytearray | memoryview, block: bool = True, timeout: float | None = None
     ) -> None: ...
     def get_bytes(self, block: bool = True, timeout: float | None = None) -> bytes: ...
+    def get_bytes_recorded(
+        self,
+        record: WriteableBuffer,
+        len_at: int,
+        data_at: int,
+        block: bool = True,
+        timeout: float | None = None,
+    ) -> bytes: ...
     def put_many(
         self, items: Iterable[Any], block: bool = True, timeout: float | None = None
     ) -> None: ...

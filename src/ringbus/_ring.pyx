@@ -6,12 +6,12 @@ make no system call; waits release the GIL and come back every SLICE to
 let Python run signal handlers (Ctrl-C, SIGTERM handlers that raise).
 """
 
-from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.buffer cimport PyBUF_SIMPLE, PyBUF_WRITABLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_CheckExact, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
 from cpython.exc cimport PyErr_CheckSignals
 from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport free, malloc
-from libc.string cimport memset
+from libc.string cimport memcpy, memset
 from posix.unistd cimport getpid
 
 from ringbus._cring cimport *
@@ -464,6 +464,49 @@ cdef class Ring:
             return PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
         finally:
             ring_release(self._r, &b)
+
+    def get_bytes_recorded(self, record, Py_ssize_t len_at, Py_ssize_t data_at,
+                           block=True, timeout=None):
+        """get_bytes that also copies the message into ``record`` (a writable
+        buffer, e.g. a worker's in-flight record in shared memory) *before*
+        its slots are freed: the u32 length at ``len_at`` (little-endian, 0
+        when the message does not fit) and the bytes at ``data_at``.
+
+        A process killed at any point leaves the message either still claimed
+        in the ring (recovery requeues it) or in the record (its supervisor
+        redelivers it), never in neither.
+        """
+        cdef ring_batch_t b
+        cdef const void *p
+        cdef size_t n
+        cdef Py_buffer view
+        cdef unsigned char *dst
+        cdef size_t stored
+        _check_timeout(block, timeout)
+        PyObject_GetBuffer(record, &view, PyBUF_SIMPLE | PyBUF_WRITABLE)
+        try:
+            if len_at < 0 or data_at < 0 or len_at + 4 > view.len or data_at > view.len:
+                raise ValueError("record offsets out of range")
+            dst = <unsigned char *>view.buf
+            self._claim(&b, 1, block, timeout)
+            try:
+                ring_next(self._r, &b, &p, &n)
+                out = PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
+                stored = n if n <= <size_t>(view.len - data_at) and n <= 0xFFFFFFFFu else 0
+                if stored:
+                    memcpy(dst + data_at, p, n)
+                # Plain stores are enough: the release below is a release
+                # store in the C core, so they are visible before the slots
+                # can be reused; a reader only looks after this process died.
+                dst[len_at] = stored & 0xFF
+                dst[len_at + 1] = (stored >> 8) & 0xFF
+                dst[len_at + 2] = (stored >> 16) & 0xFF
+                dst[len_at + 3] = (stored >> 24) & 0xFF
+                return out
+            finally:
+                ring_release(self._r, &b)
+        finally:
+            PyBuffer_Release(&view)
 
     def get_many(self, max_items, block=True, timeout=None):
         """Wait for at least one object, return up to max_items in order.

@@ -16,12 +16,13 @@ import logging
 import os
 import pickle
 import queue
+import random
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, TypeVar, Union
+from typing import Any, NamedTuple, TypeVar, Union
 
 from ringbus import envelope as env
 from ringbus.envelope import (
@@ -32,7 +33,7 @@ from ringbus.envelope import (
 )
 from ringbus.transport import Transport, TransportClosed, make_transport, validate_bus_name
 
-__all__ = ["TaskBus"]
+__all__ = ["DEFAULT_REDELIVERIES", "RetryPolicy", "TaskBus"]
 
 log = logging.getLogger("ringbus.bus")
 
@@ -58,6 +59,60 @@ _loads = pickle.loads
 
 _buses: weakref.WeakSet[TaskBus] = weakref.WeakSet()
 _pid = os.getpid()
+
+DEFAULT_REDELIVERIES = 3
+"""Deliveries after a worker death, for handlers registered without ``retries``."""
+
+
+class RetryPolicy(NamedTuple):
+    """How often a handler's task may be attempted.
+
+    ``retries`` counts extra attempts after the first, shared by handler
+    exceptions and worker deaths (one attempt counter travels in the
+    envelope).  ``None`` means: exceptions are not retried, but a task whose
+    worker died is delivered again up to ``DEFAULT_REDELIVERIES`` times
+    (at-least-once).  The delay before retry *n* is
+    ``min(max_backoff, backoff * 2**(n-1))`` scaled by a random factor in
+    [0.5, 1.5) so failing tasks do not retry in lockstep.
+    """
+
+    retries: int | None = None
+    backoff: float = 0.1
+    max_backoff: float = 30.0
+    dead_letter: bool = True
+    """Keep tasks whose last attempt raised in dead letters (worker deaths,
+    timeouts and malformed envelopes always are)."""
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts allowed when handlers raise."""
+        return 1 + (self.retries or 0)
+
+    @property
+    def max_deliveries(self) -> int:
+        """Attempts allowed when workers die (a poison task stops here)."""
+        return 1 + (DEFAULT_REDELIVERIES if self.retries is None else self.retries)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** max(0, attempt - 1))
+        return base * (0.5 + random.random())
+
+
+_DEFAULT_POLICY = RetryPolicy()
+
+
+def _check_policy(
+    retries: int | None, backoff: float, max_backoff: float, dead_letter: bool = True
+) -> RetryPolicy:
+    if retries is not None and (
+        isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000
+    ):
+        raise ValueError(f"retries must be None or an int in 0..1000, not {retries!r}")
+    for label, v in (("backoff", backoff), ("max_backoff", max_backoff)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 86400:
+            raise ValueError(f"{label} must be a number of seconds in [0, 86400), not {v!r}")
+    return RetryPolicy(retries, float(backoff), float(max_backoff), bool(dead_letter))
 
 
 def _after_fork_in_child() -> None:
@@ -191,7 +246,9 @@ class TaskBus:
         self.transport = make_transport(transport)
         self.transport.bind(name)
         self._handlers: dict[type, Callable[[Any], Any]] = {}
+        self._policies: dict[type, RetryPolicy] = {}
         self._resolved: dict[type, Callable[[Any], Any]] = {}
+        self._resolved_policy: dict[type, RetryPolicy] = {}
         self._reset_process_state()
         _buses.add(self)
 
@@ -201,31 +258,68 @@ class TaskBus:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # For spawn/forkserver workers: handlers travel by reference.
-        return (_rebuild_bus, (self.name, self.transport, dict(self._handlers)))
+        return (
+            _rebuild_bus,
+            (self.name, self.transport, dict(self._handlers), dict(self._policies)),
+        )
 
     def __repr__(self) -> str:
         return f"<TaskBus {self.name!r} {self.transport.describe()} handlers={len(self._handlers)}>"
 
     # ------------------------------------------------------------ handlers
 
-    def handler(self, task_type: type) -> Callable[[F], F]:
+    def handler(
+        self,
+        task_type: type,
+        *,
+        retries: int | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        dead_letter: bool = True,
+    ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
-        ``SendEmail`` and its subclasses (returns the function unchanged)."""
+        ``SendEmail`` and its subclasses (returns the function unchanged).
+
+        ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        """
+        policy = _check_policy(retries, backoff, max_backoff, dead_letter)
 
         def deco(fn: F) -> F:
-            self.register(task_type, fn)
+            self._register(task_type, fn, policy)
             return fn
 
         return deco
 
-    def register(self, task_type: type, fn: Callable[[Any], Any]) -> None:
+    def register(
+        self,
+        task_type: type,
+        fn: Callable[[Any], Any],
+        *,
+        retries: int | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        dead_letter: bool = True,
+    ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
+        self._register(task_type, fn, _check_policy(retries, backoff, max_backoff, dead_letter))
+
+    def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
         if not callable(fn):
             raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
         self._handlers[task_type] = fn
+        self._policies[task_type] = policy
         self._resolved.clear()
+        self._resolved_policy.clear()
+
+    def policy(self, task_type: type) -> RetryPolicy:
+        """The retry policy of the handler that serves ``task_type``."""
+        p = self._resolved_policy.get(task_type)
+        if p is None:
+            p = self._policies.get(self._lookup(task_type), _DEFAULT_POLICY)
+            self._resolved_policy[task_type] = p
+        return p
 
     def resolve(self, task_type: type) -> Callable[[Any], Any]:
         """The handler for ``task_type``: the first class of its MRO that has
@@ -234,6 +328,12 @@ class TaskBus:
         fn = self._resolved.get(task_type)
         if fn is not None:
             return fn
+        fn = self._handlers[self._lookup(task_type)]
+        self._resolved[task_type] = fn
+        return fn
+
+    def _lookup(self, task_type: type) -> type:
+        """The registered type whose handler serves ``task_type``."""
         handlers = self._handlers
         found: type | None = None
         for base in task_type.__mro__:
@@ -241,9 +341,7 @@ class TaskBus:
                 found = base
                 break
         if found is None:
-            virtual = [
-                k for k in handlers if k is not object and issubclass(task_type, k)
-            ]
+            virtual = [k for k in handlers if k is not object and issubclass(task_type, k)]
             # Most specific: an ABC no other match is a subclass of.
             for k in virtual:
                 if not any(o is not k and issubclass(o, k) for o in virtual):
@@ -256,9 +354,7 @@ class TaskBus:
                 f"no handler registered on bus {self.name!r} for "
                 f"{task_type.__module__}.{task_type.__qualname__} or any of its bases"
             )
-        fn = handlers[found]
-        self._resolved[task_type] = fn
-        return fn
+        return found
 
     @property
     def handlers(self) -> dict[type, Callable[[Any], Any]]:
@@ -298,9 +394,11 @@ class TaskBus:
         fut: Future[Any] = _BusFuture(st)
         tid = next(st.ids)
         if timeout is None:
-            data = _pack_task(
-                _TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, 0.0, 0.0, len(st.reply)
-            ) + st.reply + payload
+            data = (
+                _pack_task(_TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, 0.0, 0.0, len(st.reply))
+                + st.reply
+                + payload
+            )
             st.pending[tid] = fut
             try:
                 self.transport.put_task(data)
@@ -309,9 +407,20 @@ class TaskBus:
                 raise
             return fut
         deadline = self._deadline(timeout)
-        data = _pack_task(
-            _TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, deadline, time.time() + timeout, len(st.reply)
-        ) + st.reply + payload
+        data = (
+            _pack_task(
+                _TASK_MAGIC,
+                FLAG_REPLY,
+                1,
+                _pid,
+                tid,
+                deadline,
+                time.time() + timeout,
+                len(st.reply),
+            )
+            + st.reply
+            + payload
+        )
         st.pending[tid] = fut
         try:
             self.transport.put_task(data, timeout)
@@ -352,9 +461,11 @@ class TaskBus:
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        data = _pack_task(
-            _TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, deadline, wall, len(st.reply)
-        ) + st.reply + payload
+        data = (
+            _pack_task(_TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, deadline, wall, len(st.reply))
+            + st.reply
+            + payload
+        )
         st.pending[tid] = (loop, afut)
         try:
             self.transport.put_task(data, timeout)
@@ -659,9 +770,12 @@ def _fail(entry: _Entry, exc: BaseException) -> None:
 
 
 def _rebuild_bus(
-    name: str, transport: Transport, handlers: dict[type, Callable[[Any], Any]]
+    name: str,
+    transport: Transport,
+    handlers: dict[type, Callable[[Any], Any]],
+    policies: dict[type, RetryPolicy] | None = None,
 ) -> TaskBus:
     bus = TaskBus(name, transport=transport)
     for t, fn in handlers.items():
-        bus.register(t, fn)
+        bus._register(t, fn, (policies or {}).get(t, _DEFAULT_POLICY))
     return bus

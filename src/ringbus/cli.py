@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ringbus.cli_admin import register
 
     register(sub)  # stats, ls, rm, gc, recover
+    from ringbus.cli_dead import register as register_dead
+
+    register_dead(sub)
     sub.add_parser(
         "demo",
         help="run the web-server demo: requests offload mail to task workers (ringbus demo -h)",

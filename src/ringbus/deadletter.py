@@ -129,9 +129,10 @@ class DeadLetterFile:
             task_type = task_type or t
             attempts = attempts or a
         rid = secrets.randbits(63) | 1
-        r = reason.encode("utf-8", "replace")[:_MAX_TEXT]
-        t = task_type.encode("utf-8", "replace")[:_MAX_TEXT]
-        body = _BODY.pack(rid, time.time(), min(attempts, 0xFFFF), len(r), len(t)) + r + t + data
+        rb = reason.encode("utf-8", "replace")[:_MAX_TEXT]
+        tb = task_type.encode("utf-8", "replace")[:_MAX_TEXT]
+        head = _BODY.pack(rid, time.time(), min(attempts, 0xFFFF), len(rb), len(tb))
+        body = head + rb + tb + data
         rec = _REC.pack(_MAGIC, 1, len(body), zlib.crc32(body)) + body
         fd = self._open(True)
         assert fd is not None
@@ -163,12 +164,15 @@ class DeadLetterFile:
                 p = _BODY.size
                 reason = body[p : p + rl].decode("utf-8", "replace")
                 ttype = body[p + rl : p + rl + tl].decode("utf-8", "replace")
-                yield off, DeadLetter(
-                    f"{rid:016x}", when, reason, ttype, attempts, bytes(body[p + rl + tl :])
+                yield (
+                    off,
+                    DeadLetter(
+                        f"{rid:016x}", when, reason, ttype, attempts, bytes(body[p + rl + tl :])
+                    ),
                 )
             off = body_at + n
 
-    def list(self) -> list[DeadLetter]:
+    def records(self) -> list[DeadLetter]:
         fd = self._open(False)
         if fd is None:
             return []
@@ -179,7 +183,7 @@ class DeadLetterFile:
             os.close(fd)
 
     def __len__(self) -> int:
-        return len(self.list())
+        return len(self.records())
 
     def take(
         self,

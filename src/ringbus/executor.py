@@ -70,7 +70,9 @@ class RingExecutor(Executor):
 
     ``max_workers`` defaults to ``os.cpu_count()``.  ``mp_context`` (as in
     ``ProcessPoolExecutor``) picks the start method; the default is fork.
-    Workers start on the first submit.
+    Workers start on the first submit.  ``retries`` (default 0, as a call
+    to ``ProcessPoolExecutor`` is never run twice): how many more times a
+    call is run when it raises or its worker dies, see ``RetryPolicy``.
     """
 
     def __init__(
@@ -81,6 +83,7 @@ class RingExecutor(Executor):
         initargs: tuple[Any, ...] = (),
         max_tasks_per_child: int | None = None,
         mp_context: BaseContext | None = None,
+        retries: int = 0,
     ) -> None:
         if max_workers is None:
             max_workers = os.cpu_count() or 1
@@ -98,7 +101,8 @@ class RingExecutor(Executor):
         self._bus = TaskBus(
             f"x-{os.getpid()}-{secrets.token_hex(6)}", transport=ShmTransport(persistent=False)
         )
-        self._bus.register(tuple, _run_call)
+        # An executor's caller gets every exception: no dead letters for them.
+        self._bus.register(tuple, _run_call, retries=retries, dead_letter=False)
         self._server = TaskServer(
             self._bus,
             max_workers,

@@ -43,7 +43,8 @@ from typing import Any, NamedTuple
 
 from ringbus import envelope as env
 from ringbus.bus import TaskBus
-from ringbus.envelope import FLAG_REPLY
+from ringbus.deadletter import describe_envelope
+from ringbus.envelope import FLAG_REPLY, Unrecoverable
 from ringbus.transport import SHM_DIR, MessageTooLarge, Transport, TransportClosed, pid_alive
 
 __all__ = ["PoolState", "TaskServer", "WorkerInfo"]
@@ -73,8 +74,13 @@ STATE_NAMES = ("empty", "starting", "idle", "running", "exited")
 #  16 f64 started (monotonic)  24 f64 deadline (monotonic, 0 none)
 #  32 u16 attempt   34 u8 flags   35 u16 reply len   37 u8 state
 #  38 u64 tasks done  46 u16 type len  48 f64 worker started (monotonic)
-#  56 u32 envelope len (issue 4: envelope bytes from SLOT_HEAD)  60 u32 reserved
-#  64 reply address [256]   320 task type [128]   512 envelope area
+#  56 u32 in-flight envelope length (0: no task in hand)   60 u32 reserved
+#  64 reply address [256]   320 task type [128]
+# 448 u32 tasks failed  452 u32 tasks retried  456 u32 dead-lettered
+# 460 u16 deliveries allowed for the task in hand (0: not known yet)
+# 512 in-flight record: the whole envelope of the task in hand, written
+#     before the ring frees its slots (Ring.get_bytes_recorded), so a worker
+#     killed at any instant leaves its task either in the ring or here.
 SLOT = struct.Struct("<IIQddHBHBQHdII")
 # What a worker writes when it takes a task (offset 4) and when it finishes (offset 37).
 SLOT_RUN = struct.Struct("<IQddHBHB")
@@ -84,6 +90,12 @@ SLOT_DONE_OFF = 37
 SLOT_TYPE_LEN = struct.Struct("<H")
 SLOT_WORKER = struct.Struct("<I")
 SLOT_STARTED = struct.Struct("<d")
+SLOT_INFLIGHT_OFF = 56
+SLOT_COUNTERS = struct.Struct("<IIIH")
+SLOT_COUNTERS_OFF = 448
+SLOT_MAXDEL_OFF = 460
+_U16 = struct.Struct("<H")
+_ZERO4 = bytes(4)
 
 
 class WorkerInfo(NamedTuple):
@@ -102,6 +114,12 @@ class WorkerInfo(NamedTuple):
     task_type: str
     tasks_done: int
     worker_started: float
+    tasks_failed: int = 0
+    tasks_retried: int = 0
+    dead_lettered: int = 0
+    max_deliveries: int = 0
+    inflight: int = 0
+    """Length of the envelope in the worker's in-flight record (0: none)."""
 
 
 class PoolState:
@@ -214,6 +232,8 @@ class PoolState:
         (wpid, dpid, tid, started, deadline, attempt, flags, rlen, state, done, tlen, wstart) = (
             fields[:12]
         )
+        inflight = fields[12]
+        failed, retried, dead, maxdel = SLOT_COUNTERS.unpack_from(raw, SLOT_COUNTERS_OFF)
         rlen = min(rlen, REPLY_MAX)
         tlen = min(tlen, TYPE_MAX)
         return WorkerInfo(
@@ -230,7 +250,20 @@ class PoolState:
             task_type=raw[TYPE_OFF : TYPE_OFF + tlen].decode("utf-8", "replace"),
             tasks_done=done,
             worker_started=wstart,
+            tasks_failed=failed,
+            tasks_retried=retried,
+            dead_lettered=dead,
+            max_deliveries=maxdel,
+            inflight=inflight,
         )
+
+    def inflight(self, slot: int) -> bytes | None:
+        """The envelope in a worker's in-flight record, if it holds one."""
+        off = self.offset(slot)
+        (n,) = SLOT_WORKER.unpack_from(self.mm, off + SLOT_INFLIGHT_OFF)
+        if not n or n > self.stride - SLOT_HEAD:
+            return None
+        return bytes(self.mm[off + SLOT_HEAD : off + SLOT_HEAD + n])
 
     def snapshot(self) -> list[WorkerInfo]:
         return [self.read(i) for i in range(self.slots)]
@@ -320,104 +353,304 @@ def _serve(
     bus: TaskBus, pool: PoolState, slot: int, max_tasks: int | None, flag: _StopFlag
 ) -> None:
     """The worker loop: one task at a time, so a stop or a crash strands nothing
-    in this process but the task in hand."""
-    transport = bus.transport
-    get = transport.get_task
-    # Acknowledging is a no-op on shared memory: skip the call.
-    ack = None if type(transport).ack_tasks is Transport.ack_tasks else transport.ack_tasks
-    send = transport.send_reply
-    resolved = bus._resolved
-    resolve = bus.resolve
-    mm = pool.mm
-    base = pool.offset(slot)
-    run = functools.partial(SLOT_RUN.pack_into, mm, base + SLOT_RUN_OFF)
-    finish = functools.partial(SLOT_DONE.pack_into, mm, base + SLOT_DONE_OFF)
-    unpack = env.TASK_HEADER.unpack_from
-    hsize = env.TASK_HEADER_SIZE
-    loads = pickle.loads
-    monotonic = time.monotonic
-    encode_ok, encode_error, encode_text = env.encode_ok, env.encode_error, env.encode_text
-    result_header = env.RESULT_HEADER.pack
-    result_magic, status_ok = env.RESULT_MAGIC, env.OK
-    dumps = pickle.dumps
-    magic_ok = env.TASK_MAGIC
-    reply_at = base + REPLY_OFF
-    last_reply = b""
-    last_type: type | None = None
-    done = 0
-    while not flag.stop:
+    in this process but the task in hand, which sits in the in-flight record."""
+    rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
+    try:
+        _WorkerLoop(bus, pool, slot, rec, max_tasks, flag).run()
+    finally:
+        rec.release()
+
+
+class _WorkerLoop:
+    __slots__ = (
+        "ack",
+        "bus",
+        "counters",
+        "flag",
+        "max_tasks",
+        "pool",
+        "rec",
+        "send",
+        "slot",
+        "transport",
+    )
+
+    def __init__(
+        self,
+        bus: TaskBus,
+        pool: PoolState,
+        slot: int,
+        rec: memoryview,
+        max_tasks: int | None,
+        flag: _StopFlag,
+    ) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.slot = slot
+        self.rec = rec
+        self.max_tasks = max_tasks
+        self.flag = flag
+        self.transport = bus.transport
+        # Acknowledging is a no-op on shared memory: skip the call.
+        t = self.transport
+        self.ack = None if type(t).ack_tasks is Transport.ack_tasks else t.ack_tasks
+        self.send = t.send_reply
+        self.counters = [0, 0, 0]  # failed, retried, dead-lettered
+
+    # -------------------------------------------------------- rare paths
+
+    def _count(self, failed: int = 0, retried: int = 0, dead: int = 0) -> None:
+        c = self.counters
+        c[0] += failed
+        c[1] += retried
+        c[2] += dead
+        SLOT_COUNTERS.pack_into(self.rec, SLOT_COUNTERS_OFF, c[0], c[1], c[2], 0)
+
+    def _dead_letter(self, data: bytes, reason: str, task_type: str = "", attempt: int = 0) -> None:
         try:
-            data = get()
-        except TransportClosed:
-            break
-        try:
-            magic, flags, attempt, dpid, tid, deadline, _, rlen = unpack(data)
-        except struct.error:
-            magic = -1
-        if magic != magic_ok:
-            log.error("ringbus worker %d: dropping a malformed task envelope", os.getpid())
-            if ack is not None:
-                ack(1)
-            continue
-        start = hsize + rlen
-        reply = data[hsize:start]
-        now = monotonic()
-        if deadline and now > deadline:
-            if flags & FLAG_REPLY:
-                send(
-                    reply,
-                    dpid,
-                    encode_text(
-                        tid,
-                        env.TIMEOUT,
-                        f"task #{tid} reached its deadline {now - deadline:.3f} s before "
-                        f"a worker took it; it was not run",
-                    ),
-                )
-            if ack is not None:
-                ack(1)
-            continue
-        # Reply address first, then the head that refers to it (see PoolState.read).
-        if reply != last_reply and rlen <= REPLY_MAX:
-            mm[reply_at : reply_at + rlen] = reply
-            last_reply = reply
-        run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
-        out: bytes | None = None
-        try:
-            task = loads(data[start:]) if len(data) - start < 4096 else env.load_payload(
-                data, start
+            self.transport.dead_letter(data, reason, task_type, attempt)
+        except Exception:
+            log.exception(
+                "ringbus worker %d: could not keep a dead letter (%s)", os.getpid(), reason
             )
-            cls = type(task)
-            fn = resolved.get(cls) or resolve(cls)
-            if cls is not last_type:
-                pool.set_type(slot, f"{cls.__module__}.{cls.__qualname__}")
-                last_type = cls
-            value = fn(task)
-        except BaseException as exc:
-            if flags & FLAG_REPLY:
-                out = encode_error(tid, exc)
-            else:
-                log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
+            return
+        self._count(dead=1)
+
+    def _reply(self, reply: bytes, dpid: int, out: bytes, tid: int) -> None:
+        try:
+            self.send(reply, dpid, out)
+        except MessageTooLarge as big:
+            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
+        except Exception:
+            log.exception("ringbus worker %d: could not send a result", os.getpid())
+
+    def _malformed(self, data: bytes, why: str) -> None:
+        log.error(
+            "ringbus worker %d: dead-lettering a malformed task envelope: %s", os.getpid(), why
+        )
+        self._dead_letter(data, f"malformed task envelope: {why}")
+
+    def _fail(
+        self,
+        data: bytes,
+        tid: int,
+        flags: int,
+        reply: bytes,
+        dpid: int,
+        exc: BaseException,
+        attempt: int,
+        type_name: str,
+        keep: bool = True,
+    ) -> None:
+        """The last attempt failed: answer the caller, keep a dead letter."""
+        if flags & FLAG_REPLY:
+            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
         else:
-            if flags & FLAG_REPLY:
-                try:
-                    out = result_header(result_magic, status_ok, tid) + dumps(value, 5)
-                except Exception:
-                    out = encode_ok(tid, value)  # makes the pickling error a FAILED result
-            del value
-        if out is not None:
+            log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
+        self._count(failed=1)
+        if not keep:
+            return
+        self._dead_letter(
+            _with_attempt(data, attempt),
+            f"{type(exc).__name__}: {exc} (attempt {attempt})",
+            type_name,
+            attempt,
+        )
+
+    def _backoff(self, seconds: float) -> bool:
+        """Sleep before a retry; False when a stop arrived meanwhile."""
+        end = time.monotonic() + seconds
+        while not self.flag.stop:
+            left = end - time.monotonic()
+            if left <= 0:
+                return True
+            time.sleep(min(left, 0.05))
+        return False
+
+    # -------------------------------------------------------- the loop
+
+    def run(self) -> None:
+        bus, pool, slot, rec, flag = self.bus, self.pool, self.slot, self.rec, self.flag
+        transport = self.transport
+        take = transport.take_task
+        ack = self.ack
+        send = self.send
+        resolved = bus._resolved
+        resolve = bus.resolve
+        policy_of = bus.policy
+        run = functools.partial(SLOT_RUN.pack_into, rec, SLOT_RUN_OFF)
+        finish = functools.partial(SLOT_DONE.pack_into, rec, SLOT_DONE_OFF)
+        unpack = env.TASK_HEADER.unpack_from
+        hsize = env.TASK_HEADER_SIZE
+        loads = pickle.loads
+        monotonic = time.monotonic
+        encode_ok, encode_text = env.encode_ok, env.encode_text
+        result_header = env.RESULT_HEADER.pack
+        result_magic, status_ok = env.RESULT_MAGIC, env.OK
+        dumps = pickle.dumps
+        magic_ok = env.TASK_MAGIC
+        inflight_at = SLOT_INFLIGHT_OFF
+        inflight_end = SLOT_INFLIGHT_OFF + 4
+        maxdel_at, maxdel_end = SLOT_MAXDEL_OFF, SLOT_MAXDEL_OFF + 2
+        zero4, zero2 = _ZERO4, _ZERO4[:2]
+        pack_u16 = _U16.pack
+        max_tasks = self.max_tasks
+        last_reply = b""
+        last_type: type | None = None
+        type_name = ""
+        policy = None
+        done = 0
+        while not flag.stop:
             try:
-                send(reply, dpid, out)
-            except MessageTooLarge as big:
-                send(reply, dpid, encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
-            except Exception:
-                log.exception("ringbus worker %d: could not send a result", os.getpid())
-        if ack is not None:
-            ack(1)
-        done += 1
-        finish(IDLE, done)
-        if max_tasks and done >= max_tasks:
-            break
+                data = take(rec, inflight_at, SLOT_HEAD)
+            except TransportClosed:
+                break
+            try:
+                magic, flags, attempt, dpid, tid, deadline, _, rlen = unpack(data)
+            except struct.error:
+                magic = -1
+            start = hsize + rlen if magic == magic_ok else 0
+            if magic != magic_ok or start > len(data):
+                self._malformed(
+                    data,
+                    f"{len(data)} bytes starting {bytes(data[:8]).hex()}"
+                    if magic != magic_ok
+                    else f"reply address of {rlen} bytes runs past the end",
+                )
+                rec[inflight_at:inflight_end] = zero4
+                if ack is not None:
+                    ack(1)
+                continue
+            reply = data[hsize:start]
+            now = monotonic()
+            if deadline and now > deadline:
+                if flags & FLAG_REPLY:
+                    send(
+                        reply,
+                        dpid,
+                        encode_text(
+                            tid,
+                            env.TIMEOUT,
+                            f"task #{tid} reached its deadline {now - deadline:.3f} s before "
+                            f"a worker took it; it was not run",
+                        ),
+                    )
+                rec[inflight_at:inflight_end] = zero4
+                if ack is not None:
+                    ack(1)
+                continue
+            # Reply address first, then the head that refers to it (see PoolState.read).
+            if reply != last_reply and rlen <= REPLY_MAX:
+                rec[REPLY_OFF : REPLY_OFF + rlen] = reply
+                last_reply = reply
+            rec[maxdel_at:maxdel_end] = zero2
+            run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
+            out: bytes | None = None
+            try:
+                task = (
+                    loads(data[start:])
+                    if len(data) - start < 4096
+                    else env.load_payload(data, start)
+                )
+                cls = type(task)
+                if cls is not last_type:
+                    fn = resolved.get(cls) or resolve(cls)
+                    policy = policy_of(cls)
+                    type_name = f"{cls.__module__}.{cls.__qualname__}"
+                    pool.set_type(slot, type_name)
+                    last_type = cls
+                else:
+                    fn = resolved.get(cls) or resolve(cls)
+            except Exception as exc:
+                # Not retried: unpickling and handler lookup fail the same way again.
+                self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
+                last_type = None
+                rec[inflight_at:inflight_end] = zero4
+                if ack is not None:
+                    ack(1)
+                continue
+            assert policy is not None
+            keep = policy.dead_letter
+            rec[maxdel_at:maxdel_end] = pack_u16(policy.max_deliveries)
+            if attempt > policy.max_deliveries:
+                text = (
+                    f"task #{tid} ({type_name}) reached attempt {attempt} of at most "
+                    f"{policy.max_deliveries}: the workers running it died each time"
+                )
+                log.error("ringbus: %s; it goes to dead letters", text)
+                if flags & FLAG_REPLY:
+                    send(reply, dpid, encode_text(tid, env.LOST, text))
+                self._count(failed=1)
+                self._dead_letter(data, text, type_name, attempt)
+                rec[inflight_at:inflight_end] = zero4
+                if ack is not None:
+                    ack(1)
+                continue
+            while True:
+                try:
+                    value = fn(task)
+                except Exception as exc:
+                    if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
+                        self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                        break
+                    delay = policy.delay(attempt)
+                    if deadline and monotonic() + delay >= deadline:
+                        self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                        break
+                    attempt += 1
+                    self._count(retried=1)
+                    log.warning(
+                        "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
+                        tid,
+                        type_name,
+                        type(exc).__name__,
+                        attempt,
+                        policy.max_attempts,
+                        delay,
+                    )
+                    del exc
+                    data = _with_attempt(data, attempt)
+                    # The record first: a crash from here on redelivers this attempt.
+                    rec[SLOT_HEAD + 2 : SLOT_HEAD + 4] = pack_u16(attempt)
+                    run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)
+                    if not self._backoff(delay):
+                        # Stopping: hand the retry to the next worker or server.
+                        transport.put_task(data)
+                        break
+                    try:
+                        task = env.load_payload(
+                            data, start
+                        )  # fresh: the handler may have mutated it
+                    except Exception as uexc:
+                        self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
+                        break
+                    continue
+                except BaseException as exc:  # SystemExit and the like: not retried
+                    self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                    break
+                else:
+                    if flags & FLAG_REPLY:
+                        try:
+                            out = result_header(result_magic, status_ok, tid) + dumps(value, 5)
+                        except Exception:
+                            out = encode_ok(tid, value)  # makes the pickling error a FAILED result
+                    del value
+                    break
+            if out is not None:
+                self._reply(reply, dpid, out, tid)
+            # Only now is the task finished: a kill before this line redelivers it.
+            rec[inflight_at:inflight_end] = zero4
+            if ack is not None:
+                ack(1)
+            done += 1
+            finish(IDLE, done)
+            if max_tasks and done >= max_tasks:
+                break
+
+
+def _with_attempt(data: bytes, attempt: int) -> bytes:
+    """The envelope with its attempt field set."""
+    return data[:2] + _U16.pack(min(attempt, 0xFFFF)) + data[4:]
 
 
 # ---------------------------------------------------------------- the server
@@ -518,6 +751,10 @@ class TaskServer:
         self.restarts = 0
         self.lost = 0
         self.timeouts = 0
+        self.redelivered = 0
+        """Tasks of dead workers queued again (attempt + 1)."""
+        self.dead_lettered = 0
+        """Tasks this supervisor put in dead letters (workers count their own)."""
         self.on_initializer_failure: Callable[[TaskServer], None] | None = None
         """Called (from the supervisor thread) when a worker's initializer raised."""
 
@@ -530,7 +767,10 @@ class TaskServer:
                 raise RuntimeError("TaskServer already started")
             self._started = True
         self.bus.transport.open()
-        self._state = PoolState.create(self.bus.name, self.workers)
+        limit = self.bus.transport.max_task_size()
+        self._state = PoolState.create(
+            self.bus.name, self.workers, max(4096, limit or DEFAULT_ENVELOPE_AREA)
+        )
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -760,8 +1000,13 @@ class TaskServer:
         code = w.process.exitcode
         self._workers[w.slot] = None
         info = self._state.read(w.slot)
-        if info.state == "running" and (info.worker_pid in (0, w.pid)):
-            self._answer_lost(w, info, code)
+        record = self._state.inflight(w.slot) if info.worker_pid in (0, w.pid) else None
+        if code is not None and code < 0:
+            # A worker killed inside a get may hold claimed slots: hand them back.
+            with contextlib.suppress(Exception):
+                self.bus.transport.recover()
+        if record is not None:
+            self._task_in_hand(w, info, record, code)
         elif code not in (0, None) and not (self._stopping and code == -signal.SIGTERM):
             if code == EXIT_INIT_FAILED:
                 log.error("ringbus: worker %d of bus %r: initializer failed", w.pid, self.bus.name)
@@ -772,10 +1017,6 @@ class TaskServer:
                     self.bus.name,
                     _describe_exit(code),
                 )
-        if code is not None and code < 0:
-            # A worker killed inside a get may hold claimed slots: hand them back.
-            with contextlib.suppress(Exception):
-                self.bus.transport.recover()
         self._state.reset(w.slot)
         if code == EXIT_INIT_FAILED and self.on_initializer_failure is not None:
             try:
@@ -784,7 +1025,14 @@ class TaskServer:
                 log.exception("ringbus: on_initializer_failure hook failed")
         if self._stopping:
             return
-        quick = code != 0 and w.kill_reason is None and time.monotonic() - w.started < 1.0
+        # Back off only for workers that die on their own without a task in
+        # hand (a failing start); a poison task ends in dead letters instead.
+        quick = (
+            code != 0
+            and record is None
+            and w.kill_reason is None
+            and time.monotonic() - w.started < 1.0
+        )
         if quick:
             self._quick_fails[w.slot] += 1
             delay = min(5.0, 0.1 * 2 ** (self._quick_fails[w.slot] - 1))
@@ -793,32 +1041,65 @@ class TaskServer:
             self._quick_fails[w.slot] = 0
             self._respawn(w.slot)
 
-    def _answer_lost(self, w: _Worker, info: WorkerInfo, code: int | None) -> None:
-        """The worker died with a task in hand: answer its caller."""
-        what = f"task #{info.task_id} ({info.task_type or 'unknown type'})"
-        if w.kill_reason == "timeout" and w.killed_tid == info.task_id:
+    def _task_in_hand(self, w: _Worker, info: WorkerInfo, record: bytes, code: int | None) -> None:
+        """The worker died holding a task: deliver it again, or fail it for good."""
+        transport = self.bus.transport
+        try:
+            hdr, reply, _ = env.decode_task_header(record)
+        except env.EnvelopeError as exc:
+            self._bury(
+                record, f"malformed envelope in the in-flight record of worker {w.pid}: {exc}"
+            )
+            return
+        same = info.task_id == hdr.task_id and info.state == "running"
+        type_name = (info.task_type if same else "") or describe_envelope(record)[0]
+        what = f"task #{hdr.task_id} ({type_name or 'unknown type'})"
+        status = env.LOST
+        if w.kill_reason == "timeout" and w.killed_tid == hdr.task_id:
             self.timeouts += 1
             status = env.TIMEOUT
             text = (
                 f"{what} ran longer than task_timeout={self.task_timeout} s; "
                 f"worker pid {w.pid} was killed"
             )
-        else:
+        elif w.kill_reason == "stop":
             self.lost += 1
-            status = env.LOST
-            why = "was killed at stop" if w.kill_reason == "stop" else _describe_exit(code)
-            text = f"worker pid {w.pid} died ({why}) while running {what}"
-            log.warning("ringbus: %s", text)
-        if info.flags & FLAG_REPLY and info.reply:
+            text = f"worker pid {w.pid} was killed at stop while running {what}"
+        else:
+            died = f"worker pid {w.pid} died ({_describe_exit(code)}) while running {what}"
+            if transport.redelivers_lost_tasks:
+                log.warning("ringbus: %s; the transport delivers it again", died)
+                return
+            allowed = info.max_deliveries if same else 0
+            if not allowed or hdr.attempt < allowed:
+                try:
+                    transport.put_task(_with_attempt(record, hdr.attempt + 1), timeout=5.0)
+                except Exception as exc:
+                    log.error("ringbus: %s; could not queue it again: %s", died, exc)
+                else:
+                    self.redelivered += 1
+                    log.warning(
+                        "ringbus: %s; delivering it again (attempt %d)", died, hdr.attempt + 1
+                    )
+                    return
+            self.lost += 1
+            text = f"{died}, attempt {hdr.attempt} of at most {allowed or hdr.attempt}"
+            log.error("ringbus: %s; it goes to dead letters", text)
+        self._bury(record, text, type_name, hdr.attempt)
+        if hdr.flags & FLAG_REPLY and reply:
             try:
-                self.bus.transport.send_reply(
-                    info.reply,
-                    info.dispatcher_pid,
-                    env.encode_text(info.task_id, status, text),
-                    patience=5.0,
+                transport.send_reply(
+                    reply, hdr.pid, env.encode_text(hdr.task_id, status, text), patience=5.0
                 )
             except Exception:
                 log.exception("ringbus: could not answer %s", what)
+
+    def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
+        try:
+            self.bus.transport.dead_letter(record, reason, type_name, attempt)
+            self.dead_lettered += 1
+        except Exception:
+            log.exception("ringbus: could not keep a dead letter (%s)", reason)
 
     def _cleanup(self) -> None:
         _servers.discard(self)

@@ -114,6 +114,22 @@ class Transport(abc.ABC):
         """``get_tasks(1, timeout)[0]`` (a worker's hot path; override to speed it up)."""
         return self.get_tasks(1, timeout)[0]
 
+    def take_task(
+        self, record: Any, len_at: int, data_at: int, timeout: float | None = None
+    ) -> bytes:
+        """``get_task`` that also records the envelope in ``record`` (a worker's
+        in-flight record: u32 length at ``len_at``, bytes at ``data_at``; length
+        0 when it does not fit).  Shared memory records it before the ring
+        frees the slots, so a kill at any instant loses nothing; a broker that
+        redelivers unacknowledged tasks may record it afterwards (this default)."""
+        data = self.get_task(timeout)
+        mv = memoryview(record)
+        n = len(data) if len(data) <= len(mv) - data_at else 0
+        if n:
+            mv[data_at : data_at + n] = data
+        mv[len_at : len_at + 4] = n.to_bytes(4, "little")
+        return data
+
     def ack_tasks(self, n: int = 1) -> None:  # noqa: B027 - optional hook
         """The oldest ``n`` envelopes taken by ``get_tasks`` are finished."""
 
@@ -127,6 +143,11 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def pending_tasks(self) -> int:
         """Envelopes waiting in the task channel (an estimate)."""
+
+    def max_task_size(self) -> int | None:
+        """Largest envelope the task channel takes, if it has a limit (sizes
+        the workers' in-flight records)."""
+        return None
 
     def recover(self) -> int:
         """Repair the task channel after a consumer or producer died mid-operation
@@ -423,6 +444,17 @@ class ShmTransport(Transport):
         except RingClosed as exc:
             raise TransportClosed(str(exc)) from None
 
+    def take_task(
+        self, record: Any, len_at: int, data_at: int, timeout: float | None = None
+    ) -> bytes:
+        q = self._in or self._consumer()
+        if self._interrupted:
+            raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        try:
+            return q.get_bytes_recorded(record, len_at, data_at, True, timeout)
+        except RingClosed as exc:
+            raise TransportClosed(str(exc)) from None
+
     def interrupt(self) -> None:
         # Runs in signal handlers: no locks (the handler may have interrupted
         # a holder of self._lock in this very thread).
@@ -433,6 +465,9 @@ class ShmTransport(Transport):
 
     def pending_tasks(self) -> int:
         return self._producer().qsize()
+
+    def max_task_size(self) -> int | None:
+        return int(self._producer().max_message_size)
 
     def recover(self) -> int:
         try:
@@ -570,7 +605,7 @@ class ShmTransport(Transport):
         return DeadLetterFile(self.dead_letter_path).add(data, reason, task_type, attempts)
 
     def dead_letters(self) -> list[DeadLetter]:
-        return DeadLetterFile(self.dead_letter_path).list()
+        return DeadLetterFile(self.dead_letter_path).records()
 
     def take_dead_letters(
         self,
