@@ -53,6 +53,18 @@ class Square:
 
 
 @dataclass
+class Counted:
+    """Squares ``n`` and logs the run to a per-process file in ``log_dir``
+    first (the chaos test counts duplicate runs from those files)."""
+
+    n: int
+    log_dir: str
+
+
+_count_fd: list[int] = [-1, -1]  # (pid, fd) of this process's run log
+
+
+@dataclass
 class Hang:
     seconds: float
 
@@ -98,6 +110,14 @@ def square(task: Square) -> int:
     return task.n * task.n
 
 
+def counted(task: Counted) -> int:
+    if _count_fd[0] != os.getpid():
+        path = os.path.join(task.log_dir, f"runs-{os.getpid()}")
+        _count_fd[:] = [os.getpid(), os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)]
+    os.write(_count_fd[1], b"%d\n" % task.n)
+    return task.n * task.n
+
+
 def hang(task: Hang) -> None:
     time.sleep(task.seconds)
 
@@ -109,6 +129,7 @@ def make_bus(name: str, **kwargs: object) -> TaskBus:
     bus.register(Poison, poison, retries=2)
     bus.register(DieOnce, die_once)  # default policy: redelivered after a death
     bus.register(Square, square, retries=20)  # the chaos test: never runs out
+    bus.register(Counted, counted, retries=20)
     bus.register(Hang, hang)
     return bus
 

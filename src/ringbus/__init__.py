@@ -3,7 +3,7 @@ shared-memory ring (and over Redis Streams beyond one machine)."""
 
 from __future__ import annotations
 
-from ringbus.bus import TaskBus
+from ringbus.bus import RetryPolicy, TaskBus
 from ringbus.deadletter import DeadLetter
 from ringbus.envelope import (
     BusClosed,
@@ -32,6 +32,7 @@ __all__ = [
     "NoHandlerError",
     "Queue",
     "RemoteTraceback",
+    "RetryPolicy",
     "RingClosed",
     "RingError",
     "RingExecutor",

@@ -79,12 +79,15 @@ def _cmd(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     table = Table(title=f"dead letters of bus {args.name!r}: {len(letters)}")
-    for col in ("id", "when", "task type", "attempts", "bytes", "reason"):
+    table.add_column("id", no_wrap=True)
+    table.add_column("when", no_wrap=True)
+    for col in ("task type", "attempts", "bytes", "reason"):
         table.add_column(col, overflow="fold")
     for d in letters:
         when = datetime.datetime.fromtimestamp(d.time).isoformat(" ", "seconds")
         table.add_row(d.id, when, d.task_type or "?", str(d.attempts), str(len(d.data)), d.reason)
-    Console().print(table)
+    # Piped output keeps whole lines (ids are copied from it into --id).
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
     return 0
 
 

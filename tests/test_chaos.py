@@ -1,0 +1,205 @@
+"""Chaos: 4 dispatcher processes push >= 200,000 tasks through a pool of 4
+workers while the test SIGKILLs, at random, workers, extra dispatchers and
+bare producers/consumers of a side ring (>= 50 kills in all).
+
+Every task of a surviving dispatcher must come back with the right value (a
+``WorkerLost`` would have to match a dead letter; with ``retries=20`` none is
+expected); a task runs more than once only if a worker died running it; the
+side ring keeps working.  The figures are printed in every run."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import multiprocessing as mp
+import os
+import queue
+import random
+import signal
+import time
+from multiprocessing.synchronize import Event
+from pathlib import Path
+
+import pytest
+
+from _tasks_retry import Counted, make_bus
+from _tasks_support import bus_name_fixture, servers_fixture  # noqa: F401
+from ringbus import Queue, ShmTransport, TaskServer, WorkerLost
+
+DISPATCHERS = 4
+WORKERS = 4
+MIN_TASKS = 50_000  # per surviving dispatcher
+MIN_KILLS = 50
+WINDOW = 1000  # outstanding tasks per dispatcher
+CTX = mp.get_context("fork")
+
+
+def _dispatcher(bus_name: str, idx: int, log_dir: str, stop: Event, out: mp.SimpleQueue) -> None:
+    bus = make_bus(bus_name)
+    sent = ok = wrong = lost = 0
+    base = idx * 10_000_000
+    try:
+        while sent < MIN_TASKS or not stop.is_set():
+            futs = bus.dispatch_many([Counted(base + sent + i, log_dir) for i in range(WINDOW)])
+            for i, f in enumerate(futs):
+                try:
+                    value = f.result(timeout=120)
+                except WorkerLost:
+                    lost += 1
+                    continue
+                if value == (base + sent + i) ** 2:
+                    ok += 1
+                else:
+                    wrong += 1
+            sent += WINDOW
+    finally:
+        bus.close()
+        out.put((idx, sent, ok, wrong, lost))
+
+
+def _victim_dispatcher(bus_name: str, idx: int, log_dir: str) -> None:
+    """Dispatches until it is killed (its results are never read)."""
+    bus = make_bus(bus_name)
+    n = 0
+    while True:
+        bus.dispatch_many([Counted(idx * 10_000_000 + n + i, log_dir) for i in range(200)])
+        n += 200
+        time.sleep(0.005)
+
+
+def _bare_producer(ring: str) -> None:
+    q = Queue.attach(ring)
+    i = 0
+    while True:
+        q.put_bytes(b"%d" % i + b"x" * (i % 3000))  # single- and multi-slot messages
+        i += 1
+
+
+def _bare_consumer(ring: str) -> None:
+    q = Queue.attach(ring)
+    while True:
+        q.get_bytes_many(64)
+
+
+def test_chaos_sigkill_under_load(
+    bus_name: str, servers: list[TaskServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bus = make_bus(bus_name)
+    stop = CTX.Event()
+    out: mp.SimpleQueue = CTX.SimpleQueue()
+    side = Queue(256, name=f"/ringbus-{bus_name}-side", max_message_size=8192)
+    rng = random.Random(1234)
+    survivors: list[mp.process.BaseProcess] = []
+    extras: dict[str, mp.process.BaseProcess] = {}
+    kills: collections.Counter[str] = collections.Counter()
+    killed_workers: set[int] = set()
+    next_victim = DISPATCHERS
+
+    def spawn(kind: str) -> None:
+        nonlocal next_victim
+        if kind == "dispatcher":
+            p = CTX.Process(target=_victim_dispatcher, args=(bus_name, next_victim, str(tmp_path)))
+            next_victim += 1
+        elif kind == "producer":
+            p = CTX.Process(target=_bare_producer, args=(side.name,))
+        else:
+            p = CTX.Process(target=_bare_consumer, args=(side.name,))
+        p.start()
+        extras[kind] = p
+
+    try:
+        server = TaskServer(bus, workers=WORKERS).start()
+        servers.append(server)
+        t0 = time.monotonic()
+        survivors = [
+            CTX.Process(target=_dispatcher, args=(bus_name, i, str(tmp_path), stop, out))
+            for i in range(DISPATCHERS)
+        ]
+        for p in survivors:
+            p.start()
+        for kind in ("dispatcher", "producer", "consumer"):
+            spawn(kind)
+        while sum(kills.values()) < MIN_KILLS or any(p.is_alive() for p in survivors):
+            time.sleep(rng.uniform(0.01, 0.06))
+            if sum(kills.values()) >= MIN_KILLS:
+                stop.set()
+                if time.monotonic() - t0 > 300:
+                    break
+                continue
+            kind = rng.choices(["worker", "dispatcher", "producer", "consumer"], [6, 2, 1, 1])[0]
+            if kind == "worker":
+                pids = server.pids
+                if not pids:
+                    continue
+                pid = rng.choice(pids)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed_workers.add(pid)
+            else:
+                victim = extras[kind]
+                victim.kill()
+                victim.join()
+                spawn(kind)
+            kills[kind] += 1
+        for p in survivors:
+            p.join(timeout=300)
+        elapsed = time.monotonic() - t0
+        assert not any(p.is_alive() for p in survivors), "a dispatcher hung"
+        for p in extras.values():
+            p.kill()
+            p.join()
+        results = sorted(out.get() for _ in survivors)
+        sent = sum(r[1] for r in results)
+        ok = sum(r[2] for r in results)
+        wrong = sum(r[3] for r in results)
+        lost = sum(r[4] for r in results)
+        # Runs per task, from the per-process logs (a kill may tear a last line).
+        runs: dict[int, list[int]] = collections.defaultdict(list)
+        for f in tmp_path.glob("runs-*"):
+            pid = int(f.name.split("-")[1])
+            for line in f.read_text().splitlines():
+                if line.isdigit():
+                    runs[int(line)].append(pid)
+        mine = {n: pids for n, pids in runs.items() if n < DISPATCHERS * 10_000_000}
+        duplicates = {n: pids for n, pids in mine.items() if len(pids) > 1}
+        assert isinstance(bus.transport, ShmTransport)
+        stats = bus.transport._producer().stats()
+        # The side ring still works: drain what the killed producers left,
+        # then one more message through it.
+        with contextlib.suppress(queue.Empty):
+            while True:
+                side.get_bytes_many(256, timeout=1.0)
+        side.put_bytes(b"after the storm", timeout=10)
+        assert side.get_bytes(timeout=10) == b"after the storm"
+        side_stats = side.stats()
+        dead = bus.transport.dead_letters()
+        summary = (
+            f"\nchaos: {sent} tasks from {DISPATCHERS} dispatchers to {WORKERS} workers in "
+            f"{elapsed:.1f} s ({sent / elapsed:,.0f} tasks/s); SIGKILLs: {dict(kills)}; "
+            f"{server.restarts} worker restarts, {server.redelivered} tasks redelivered, "
+            f"{len(duplicates)} tasks ran twice or more; task ring abandoned="
+            f"{stats.get('abandoned')} recovered={stats.get('recovered')}; side ring "
+            f"abandoned={side_stats.get('abandoned')} recovered={side_stats.get('recovered')}; "
+            f"ok={ok} wrong={wrong} lost={lost} dead letters={len(dead)}"
+        )
+        with capsys.disabled():  # the figures belong in every run's output
+            print(summary)
+        assert sum(kills.values()) >= MIN_KILLS and kills["worker"] >= 20
+        assert sent >= DISPATCHERS * MIN_TASKS
+        assert (ok, wrong, lost, len(dead)) == (sent, 0, 0, 0)
+        assert len(mine) == sent  # every task of a surviving dispatcher ran
+        for n, pids in duplicates.items():  # each extra run follows a worker's death
+            assert len([p for p in pids if p in killed_workers]) >= len(pids) - 1, (n, pids)
+        assert server.redelivered > 0  # the kills did hit tasks in hand
+    finally:
+        stop.set()
+        for p in [*survivors, *extras.values()]:
+            if p.is_alive():
+                p.kill()
+            p.join(timeout=10)
+        for s in servers:
+            s.stop(timeout=5)
+        side.close()
+        bus.destroy()
