@@ -105,6 +105,31 @@ def test_the_last_exception_fails_the_future_and_is_dead_lettered(
     assert "ValueError: still broken (run 3)" in dead.reason
 
 
+def test_stats_show_each_workers_failed_retried_and_dead_lettered_counts(
+    rbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    servers.append(TaskServer(rbus, workers=2).start())
+    for i in range(2):
+        with pytest.raises(ValueError):
+            rbus.dispatch(Broken(str(tmp_path / f"b{i}"))).result(timeout=30)
+    assert rbus.dispatch(Flaky(str(tmp_path / "f"), 1)).result(timeout=30)
+    out = subprocess.run(
+        [sys.executable, "-m", "ringbus.cli", "stats", rbus.name, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    workers = [w for srv in doc["bus"]["servers"] for w in srv["workers"]]
+    total = {
+        k: sum(w[k] for w in workers) for k in ("tasks_failed", "tasks_retried", "dead_lettered")
+    }
+    # Broken: 3 attempts each (2 retries), failed and dead-lettered; Flaky: 1 retry.
+    assert total == {"tasks_failed": 2, "tasks_retried": 5, "dead_lettered": 2}
+    assert doc["bus"]["dead_letters"] == 2
+
+
 def test_unrecoverable_is_not_retried(
     rbus: TaskBus, servers: list[TaskServer], tmp_path: Path
 ) -> None:

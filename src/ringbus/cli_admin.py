@@ -346,7 +346,16 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
         for c in _WORKER_COUNTERS
         if any(c in w for s in servers for w in s["workers"])
     }
-    return {"name": bus, "servers": servers, "reply_rings": replies, "totals": totals}
+    from ringbus.deadletter import DeadLetterFile
+
+    dead = len(DeadLetterFile(f"{SHM_DIR}/ringbus-{bus}-dead"))
+    return {
+        "name": bus,
+        "servers": servers,
+        "reply_rings": replies,
+        "totals": totals,
+        "dead_letters": dead,
+    }
 
 
 # ---------------------------------------------------------------- stats
@@ -587,6 +596,13 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
                 f"{r['dispatcher_pid']} ({'alive' if r['alive'] else 'dead'})",
                 str(r["depth"]),
             )
+        parts.append(t)
+    if bus.get("dead_letters"):
+        t = Table(
+            title=f"dead letters: {bus['dead_letters']} (ringbus dead-letters {bus['name']})",
+            title_justify="left",
+        )
+        t.add_column("")
         parts.append(t)
     return parts
 
