@@ -204,10 +204,14 @@ def test_task_queued_past_its_deadline_is_not_run(
 def test_future_fails_at_the_deadline_of_a_running_task(
     bus: TaskBus, servers: list[TaskServer]
 ) -> None:
-    _serve(bus, servers, workers=1)
-    fut = bus.dispatch(Sleep(1.5), timeout=0.3)
+    server = _serve(bus, servers, workers=1)
+    # An idle worker and a deadline it can meet on a loaded machine: the task
+    # must be running, not still queued, when the deadline passes.
+    wait_for(lambda: [w.state for w in server.worker_info()] == ["idle"], what="an idle worker")
+    fut = bus.dispatch(Sleep(2.5), timeout=1.0)
     with pytest.raises(TaskTimeout, match="no result within"):
         fut.result(timeout=30)
+    assert [w.state for w in server.worker_info()] == ["running"]
     # The late result is ignored; the next task gets its own answer.
     assert bus.dispatch(Add(20, 22)).result(timeout=30) == 42
 
