@@ -250,10 +250,12 @@ static int futex_wait(_Atomic uint32_t *word, uint32_t expect, int64_t deadline)
     return RING_ESYS;
 }
 
-static void futex_wake_all(_Atomic uint32_t *word)
+static void futex_wake(_Atomic uint32_t *word, int n)
 {
-    syscall(SYS_futex, (uint32_t *)(void *)word, FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+    syscall(SYS_futex, (uint32_t *)(void *)word, FUTEX_WAKE, n, NULL, NULL, 0);
 }
+
+static void futex_wake_all(_Atomic uint32_t *word) { futex_wake(word, INT_MAX); }
 
 /* Eventcount: a waiter registers, re-checks its condition, then sleeps on
  * the seq word it read; a notifier only bumps and wakes when a waiter is
@@ -290,7 +292,12 @@ static void ec_cancel(eventcount_t *ec)
     atomic_fetch_sub_explicit(&ec->waiters, 1, memory_order_relaxed);
 }
 
-static void ec_notify(eventcount_t *ec)
+/* Wake up to n sleepers (INT_MAX: all).  Waking only as many consumers as
+ * there are new messages avoids a thundering herd: with 4 idle workers on 2
+ * cores, waking all of them per task cost 3 wasted wake-ups and spins.  A
+ * woken waiter that leaves without taking anything passes the wake-up on
+ * (see backoff), so none is lost. */
+static void ec_notify_n(eventcount_t *ec, int n)
 {
 #ifdef RING_TSAN
     /* seq_cst RMW reads the latest count: either it sees the waiter, or the
@@ -306,8 +313,10 @@ static void ec_notify(eventcount_t *ec)
 #endif
     /* release pairs with ec_prepare's acquire load of the key. */
     atomic_fetch_add_explicit(&ec->seq, 1, memory_order_release);
-    futex_wake_all(&ec->seq);
+    futex_wake(&ec->seq, n);
 }
+
+static void ec_notify(eventcount_t *ec) { ec_notify_n(ec, INT_MAX); }
 
 static void ec_wake_everyone(eventcount_t *ec)
 {
@@ -343,8 +352,13 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
         b->spin_until = ring_now() + r->spin_ns;
     }
     now = ring_now();
-    if (now >= deadline)
+    if (now >= deadline) {
+        /* Leaving: if a wake-up meant for us finds work nobody takes, hand
+         * it to the next sleeper (a no-op when nobody sleeps). */
+        if (ready(r, arg))
+            ec_notify_n(ec, 1);
         return RING_TIMEOUT;
+    }
     if (now < b->spin_until) {
         for (int i = 0; i < 64 && !ready(r, arg); i++)
             cpu_relax();
@@ -372,8 +386,11 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     if (rc == RING_TIMEOUT && until < deadline)
         rc = RING_OK;
     ec_cancel(ec);
-    if (rc == RING_TIMEOUT || rc == RING_EINTR)
+    if (rc == RING_TIMEOUT || rc == RING_EINTR) {
+        if (ready(r, arg))
+            ec_notify_n(ec, 1); /* pass it on, as above */
         return rc;
+    }
     if (rc != RING_OK)
         return RING_ESYS;
     b->started = 0; /* woken: spin again briefly before the next sleep */
@@ -1081,7 +1098,9 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
             write_records(r, p, iov + off, got, start);
             off += got;
             *done = off;
-            ec_notify(&r->hdr->not_empty);
+            /* one consumer per new message: got is small, and a consumer
+             * woken for a batch takes what it finds */
+            ec_notify_n(&r->hdr->not_empty, got > INT_MAX ? INT_MAX : (int)got);
             b.started = 0;
             continue;
         }
