@@ -9,6 +9,7 @@ import os
 import pickle
 import queue
 import signal
+import time
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
@@ -410,3 +411,57 @@ def test_queue_full_at_dispatch_deadline(bus_name: str) -> None:
             futs[1].result(timeout=30)
     finally:
         b.destroy()
+
+
+def test_a_waiter_is_not_woken_early_by_other_futures_results(
+    bus: TaskBus, servers: list[TaskServer]
+) -> None:
+    """Futures of a process share one condition: results of other tasks
+    arriving while a caller waits must neither end its wait early nor lose it."""
+    import concurrent.futures
+    import threading
+
+    _serve(bus, servers, workers=2)
+    slow = bus.dispatch(Sleep(1.5))
+    others: list[Any] = []
+    stop = threading.Event()
+
+    def churn() -> None:  # results keep arriving during the wait below
+        while not stop.is_set():
+            others.extend(bus.dispatch_many([Add(i, 1) for i in range(50)]))
+            wait(others[-50:], timeout=30)
+
+    t = threading.Thread(target=churn)
+    t.start()
+    try:
+        # Two waiters: one reads the replies itself, the other sleeps on the
+        # shared condition while the churn's results keep notifying it.
+        outcomes: list[tuple[str, float]] = []
+
+        def wait_slow() -> None:
+            t0 = time.monotonic()
+            try:
+                slow.result(timeout=0.5)
+                outcomes.append(("done", time.monotonic() - t0))
+            except concurrent.futures.TimeoutError:
+                outcomes.append(("timeout", time.monotonic() - t0))
+
+        waiters = [threading.Thread(target=wait_slow) for _ in range(2)]
+        for w in waiters:
+            w.start()
+        for w in waiters:
+            w.join()
+        # A lower bound only (load cannot shorten a correct wait): a wake-up
+        # for another future must not end a wait early.
+        assert [o[0] for o in outcomes] == ["timeout", "timeout"]
+        assert all(elapsed >= 0.5 for _, elapsed in outcomes), outcomes
+        assert not slow.done()
+        done, not_done = wait([slow, *others[:100]], timeout=30)
+        assert not not_done and slow in done
+        assert isinstance(slow.result(timeout=0), int)
+    finally:
+        stop.set()
+        t.join()
+    assert [f.result(timeout=30) for f in others] == [
+        i + 1 for _ in others[::50] for i in range(50)
+    ]

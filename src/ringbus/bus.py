@@ -53,6 +53,16 @@ _INF = float("inf")
 # How long the reader thread stays parked after a caller read the replies.
 _PARK = 0.005
 _WAITING = frozenset(("PENDING", "RUNNING"))  # concurrent.futures' not-done states
+_PENDING = "PENDING"
+# Whether Future.__init__ sets exactly the fields _BusFuture sets itself.
+_PLAIN_FUTURE = set(vars(Future())) == {
+    "_condition",
+    "_state",
+    "_result",
+    "_exception",
+    "_waiters",
+    "_done_callbacks",
+}
 _OK = env.OK
 _RESULT_HEADER_SIZE = env.RESULT_HEADER_SIZE
 _loads = pickle.loads
@@ -142,6 +152,7 @@ class _ProcState:
         "caller_last",
         "caller_reading",
         "closing",
+        "cond",
         "heap",
         "heap_lock",
         "ids",
@@ -171,6 +182,8 @@ class _ProcState:
         self.caller_reading = False
         self.caller_last = 0.0
         self.closing = threading.Event()
+        # Shared by this process's futures (see _BusFuture.__init__).
+        self.cond = threading.Condition()
         # Results received, and those that matched no pending task (late
         # after a timeout, or a second answer): for stats and tests.
         self.results = 0
@@ -194,8 +207,33 @@ class _BusFuture(Future[Any]):
     _rb_waiter = 0  # ident of a thread reading replies for this future
 
     def __init__(self, st: _ProcState) -> None:
-        super().__init__()
+        if _PLAIN_FUTURE:
+            # One condition per process instead of one per future: building
+            # a threading.Condition was an eighth of a dispatch.  Our waits
+            # loop on the state, so a notify meant for another future only
+            # costs a re-check (concurrent.futures.wait() takes the shared
+            # RLock once per future, which an RLock allows).
+            self._condition = st.cond
+            self._state = _PENDING
+            self._result = None
+            self._exception = None
+            self._waiters: list[Any] = []
+            self._done_callbacks: list[Callable[[Future[Any]], object]] = []
+        else:
+            super().__init__()
         self._rb_state = st
+
+    def _wait_state(self, timeout: float | None) -> None:
+        end = None if timeout is None else _monotonic() + timeout
+        with self._condition:
+            while self._state in _WAITING:
+                if end is None:
+                    self._condition.wait()
+                    continue
+                left = end - _monotonic()
+                if left <= 0:
+                    return
+                self._condition.wait(left)
 
     def _rb_wait(self, timeout: float | None) -> float | None:
         """Read replies until this future is done or ``timeout`` passes;
@@ -224,13 +262,13 @@ class _BusFuture(Future[Any]):
     # class methods called afterwards decide.
     def result(self, timeout: float | None = None) -> Any:
         if self._state in _WAITING:
-            timeout = self._rb_wait(timeout)
-        return super().result(timeout)
+            self._wait_state(self._rb_wait(timeout))
+        return super().result(0)  # done, or TimeoutError at once
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         if self._state in _WAITING:
-            timeout = self._rb_wait(timeout)
-        return super().exception(timeout)
+            self._wait_state(self._rb_wait(timeout))
+        return super().exception(0)
 
 
 class TaskBus:
