@@ -259,14 +259,15 @@ def test_exactly_once_pickled_objects(
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("objects", [False, True], ids=["bytes", "objects"])
 def test_exactly_once_under_spawn(
-    shm_name: str, procs: list[mp.process.BaseProcess], tmp_path: Path, objects: bool
+    shm_name: str, procs: list[mp.process.BaseProcess], tmp_path: Path, objects: bool, method: str
 ) -> None:
-    """Children started by spawn attach by name (no inherited mapping)."""
+    """Children started by spawn or forkserver attach by name (no inherited mapping)."""
     with Queue(256, name=shm_name, slot_size=SLOT, max_message_size=16 * SLOT) as q:
         run_exactly_once(
-            ctx=mp.get_context("spawn"),
+            ctx=mp.get_context(method),
             q=q,
             procs=procs,
             tmp_path=tmp_path,
