@@ -53,11 +53,17 @@ enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
 #define PARTS_OFFSET 4096
 /* A waiter stuck on one ticket this long checks whether its claimant died. */
 #define RECOVER_AFTER_NS 100000000LL
+/* How long one round of spinning holds a side's spin lease (renewed each
+ * round: a few microseconds covers 64 pauses with room to spare). */
+#define SPIN_LEASE_NS 5000LL
 
 typedef struct {
     _Atomic uint32_t seq;     /* bumped by notifiers; the futex word */
     _Atomic uint32_t waiters; /* sleepers registered; 0 => no wake syscall */
     _Atomic uint64_t waits;   /* statistics: sleeps entered */
+    /* CLOCK_MONOTONIC ns until which one waiter holds the right to spin.
+     * A lease, not a count: a spinner killed mid-spin frees it by itself. */
+    _Atomic int64_t spin_lease;
 } eventcount_t;
 
 typedef struct {
@@ -330,6 +336,7 @@ static void ec_wake_everyone(eventcount_t *ec)
  * Returns RING_OK to retry the operation, or a terminal status. */
 typedef struct {
     int64_t spin_until;
+    int64_t lease;  /* the spin lease this waiter last took (0: none) */
     int yields;
     int started;
     uint64_t stuck_ticket; /* the ticket this waiter has been stuck on */
@@ -349,6 +356,7 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     if (!b->started) {
         b->started = 1;
         b->yields = 0;
+        b->lease = 0;
         b->spin_until = ring_now() + r->spin_ns;
     }
     now = ring_now();
@@ -360,6 +368,24 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
         return RING_TIMEOUT;
     }
     if (now < b->spin_until) {
+        /* One spinner per side: on 2 cores, two idle workers spinning next
+         * to a dispatcher that also spins for its reply starve each other.
+         * The others go straight to yielding and sleeping (and a put wakes
+         * one of them).  relaxed: the lease only decides whether to spin;
+         * no data is published through it. */
+        int64_t held = atomic_load_explicit(&ec->spin_lease, memory_order_relaxed);
+        if (held != b->lease && held > now) {
+            b->spin_until = now; /* someone else spins: do not */
+            return RING_OK;
+        }
+        int64_t mine = now + SPIN_LEASE_NS;
+        if (!atomic_compare_exchange_strong_explicit(&ec->spin_lease, &held, mine,
+                                                     memory_order_relaxed,
+                                                     memory_order_relaxed)) {
+            b->spin_until = now;
+            return RING_OK;
+        }
+        b->lease = mine;
         for (int i = 0; i < 64 && !ready(r, arg); i++)
             cpu_relax();
         return RING_OK;

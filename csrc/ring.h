@@ -25,9 +25,9 @@
  *   128..255     producer line: tail (u64 @128), puts (@136), bytes_in (@144)
  *   256..383     consumer line: head (u64 @256), gets (@264), bytes_out (@272)
  *   384..511     not-empty eventcount: seq (u32 @384), waiters (u32 @388),
- *                waits_empty (u64 @392)
+ *                waits_empty (u64 @392), spin lease (i64 ns @400)
  *   512..639     not-full eventcount: seq (u32 @512), waiters (u32 @516),
- *                waits_full (u64 @520)
+ *                waits_full (u64 @520), spin lease (i64 ns @528)
  *   640..767     join line: unfinished (i64 @640), join seq (u32 @648),
  *                join waiters (u32 @652)
  *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
