@@ -499,6 +499,8 @@ class _WorkerLoop:
         last_type: type | None = None
         type_name = ""
         policy = None
+        max_del = 0
+        max_del_packed = b"\0\0"
         done = 0
         while not flag.stop:
             try:
@@ -556,6 +558,8 @@ class _WorkerLoop:
                 if cls is not last_type:
                     fn = resolved.get(cls) or resolve(cls)
                     policy = policy_of(cls)
+                    max_del = policy.max_deliveries
+                    max_del_packed = pack_u16(max_del)
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
                     last_type = cls
@@ -571,8 +575,8 @@ class _WorkerLoop:
                 continue
             assert policy is not None
             keep = policy.dead_letter
-            rec[maxdel_at:maxdel_end] = pack_u16(policy.max_deliveries)
-            if attempt > policy.max_deliveries:
+            rec[maxdel_at:maxdel_end] = max_del_packed
+            if attempt > max_del:
                 text = (
                     f"task #{tid} ({type_name}) reached attempt {attempt} of at most "
                     f"{policy.max_deliveries}: the workers running it died each time"
