@@ -97,6 +97,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+WORKER_EXAMPLES = """\
+examples:
+  ringbus worker app.tasks:bus --workers 8
+  ringbus worker app.tasks:bus -w 4 --max-tasks-per-child 1000 --task-timeout 30
+  ringbus worker app.tasks:bus --drain-timeout 10     # stop waits 10 s, then kills
+
+exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could not be loaded
+"""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -117,7 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    w = sub.add_parser("worker", help="run a pool of task workers for a bus in the foreground")
+    w = sub.add_parser(
+        "worker",
+        help="run a pool of task workers for a bus in the foreground",
+        description=(
+            "Run a TaskServer for BUS in the foreground. SIGTERM or SIGINT drains it "
+            "(workers finish the task in hand); a second one kills the busy workers."
+        ),
+        epilog=WORKER_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     w.add_argument("target", help="the bus to serve, as module:attribute (e.g. app.tasks:bus)")
     w.add_argument("-w", "--workers", type=_positive_int, default=os.cpu_count() or 1)
     w.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
