@@ -240,11 +240,10 @@ def make_transport(spec: Transport | str | None) -> Transport:
             return ShmTransport()
         if spec.startswith(("redis://", "rediss://", "unix://")):
             try:
-                from ringbus import redis as _redis  # type: ignore[attr-defined]
+                from ringbus.redis_transport import RedisTransport
             except ImportError as exc:
                 raise ValueError(f"the Redis transport is not available: {exc}") from exc
-            transport: Transport = _redis.RedisTransport(spec)
-            return transport
+            return RedisTransport(spec)
         raise ValueError(f"unknown transport {spec!r}: use None, 'shm' or a redis:// URL")
     raise TypeError(f"transport must be a Transport, a URL or None, not {type(spec).__name__}")
 
