@@ -54,6 +54,7 @@ _INF = float("inf")
 _PARK = 0.005
 _WAITING = frozenset(("PENDING", "RUNNING"))  # concurrent.futures' not-done states
 _PENDING = "PENDING"
+_FINISHED = "FINISHED"
 # Whether Future.__init__ sets exactly the fields _BusFuture sets itself.
 _PLAIN_FUTURE = set(vars(Future())) == {
     "_condition",
@@ -741,6 +742,8 @@ def _resolve(bus: TaskBus, st: _ProcState, batch: list[bytes]) -> None:
     """Resolve the futures answered by ``batch`` (any reader thread)."""
     pending = st.pending
     async_items: dict[asyncio.AbstractEventLoop, list[Any]] | None = None
+    cond = st.cond
+    plain: list[tuple[Any, bool, Any]] | None = [] if _PLAIN_FUTURE else None
     wake = False
     unmatched = wakes = 0
     for data in batch:
@@ -770,16 +773,21 @@ def _resolve(bus: TaskBus, st: _ProcState, batch: list[bytes]) -> None:
                 async_items = {}
             async_items.setdefault(entry[0], []).append((entry[1], ok, value))
             continue
-        try:
-            if ok:
-                entry.set_result(value)  # type: ignore[union-attr]
-            else:
-                entry.set_exception(value)  # type: ignore[union-attr]
-        except InvalidStateError:  # cancelled by its caller
-            pass
+        if plain is not None and entry._condition is cond:  # type: ignore[union-attr]
+            plain.append((entry, ok, value))
+        else:
+            try:
+                if ok:
+                    entry.set_result(value)  # type: ignore[union-attr]
+                else:
+                    entry.set_exception(value)  # type: ignore[union-attr]
+            except InvalidStateError:  # cancelled by its caller
+                pass
         waiter = getattr(entry, "_rb_waiter", 0)
         if waiter and waiter != threading.get_ident():
             wake = True  # its waiter blocks in the channel: wake it
+    if plain:
+        _finish_all(cond, plain)
     with st.heap_lock:  # two readers may overlap for a moment: += is not atomic
         st.results += len(batch) - wakes
         st.unmatched += unmatched
@@ -791,6 +799,32 @@ def _resolve(bus: TaskBus, st: _ProcState, batch: list[bytes]) -> None:
                 pass
     if wake:
         bus.transport.send_reply(st.reply, st.pid, env.WAKE_MESSAGE)
+
+
+def _finish_all(cond: threading.Condition, items: list[tuple[Any, bool, Any]]) -> None:
+    """``set_result``/``set_exception`` for a batch of futures that share
+    ``cond``: one lock round and one notify for the batch instead of one per
+    future (the same steps as ``concurrent.futures.Future``'s own methods)."""
+    called: list[Any] = []
+    with cond:
+        for f, ok, value in items:
+            if f._state not in _WAITING:  # cancelled by its caller
+                continue
+            if ok:
+                f._result = value
+            else:
+                f._exception = value
+            f._state = _FINISHED
+            for w in f._waiters:
+                if ok:
+                    w.add_result(f)
+                else:
+                    w.add_exception(f)
+            if f._done_callbacks:
+                called.append(f)
+        cond.notify_all()
+    for f in called:
+        f._invoke_callbacks()
 
 
 def _fail(entry: _Entry, exc: BaseException) -> None:
