@@ -35,10 +35,25 @@ def bus_name_fixture() -> Iterator[str]:
     _remove_bus_segments(name)
 
 
-@pytest.fixture(name="bus")
-def bus_fixture(bus_name: str) -> Iterator[TaskBus]:
-    """A bus with the handlers of _tasks_basic, destroyed after the test."""
-    b = make_bus(bus_name)
+@pytest.fixture(name="bus", params=["shm", "redis"])
+def bus_fixture(bus_name: str, request: pytest.FixtureRequest) -> Iterator[TaskBus]:
+    """A bus with the handlers of _tasks_basic, destroyed after the test: once
+    on shared memory, once on a real redis-server (the same test, unchanged).
+    Tests marked ``shm_only`` check shared-memory internals and skip Redis."""
+    if request.param == "redis":
+        mark = request.node.get_closest_marker("shm_only")
+        if mark is not None:
+            pytest.skip(mark.kwargs.get("reason", "checks shared-memory internals"))
+        pytest.importorskip(
+            "redis", reason="redis-py is not installed (pip install 'ringbus[redis]')"
+        )
+        from ringbus.redis_transport import RedisTransport
+
+        server = request.getfixturevalue("redis_server")
+        # A short visibility timeout: tests that kill workers wait for reclaim.
+        b = make_bus(bus_name, transport=RedisTransport(server.url, visibility_timeout=1.5))
+    else:
+        b = make_bus(bus_name)
     try:
         yield b
     finally:

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from _redis_support import redis_aof_server, redis_server  # noqa: F401 - fixtures
+
 SHM = Path("/dev/shm")
 TEST_PREFIX = "ringbus-test-"
 

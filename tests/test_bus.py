@@ -300,6 +300,10 @@ def _dispatcher(name: str, index: int, count: int, report: Queue) -> None:
         bus.close()
 
 
+@pytest.mark.shm_only(
+    reason="its dispatcher processes build shared-memory buses and it reads the ring's "
+    "stats; tests/test_redis.py runs the same load over Redis"
+)
 def test_four_dispatcher_processes_four_workers_100k_tasks(
     bus: TaskBus, servers: list[TaskServer], procs: list[mp.process.BaseProcess]
 ) -> None:

@@ -58,6 +58,10 @@ def test_start_twice_and_stop_twice(bus: TaskBus, servers: list[TaskServer]) -> 
     assert not Path(path).exists()  # the pool state segment is removed at stop
 
 
+@pytest.mark.shm_only(
+    reason="checks the supervisor's own redelivery (counters, message); on Redis the "
+    "transport redelivers (tests/test_redis.py kills workers there)"
+)
 def test_sigkill_mid_task_gives_worker_lost_and_the_pool_recovers(
     bus: TaskBus, servers: list[TaskServer]
 ) -> None:
@@ -227,12 +231,12 @@ def test_server_sigkilled_leaves_no_orphans(bus_name: str, tmp_path: Path) -> No
             p.unlink()
 
 
-def test_ringbus_worker_command_serves_and_drains_on_sigterm(
-    bus: TaskBus, tmp_path: Path
-) -> None:
+def test_ringbus_worker_command_serves_and_drains_on_sigterm(bus: TaskBus, tmp_path: Path) -> None:
     env = dict(os.environ, RINGBUS_TEST_BUS=bus.name, PYTHONPATH=str(TESTS))
+    url = getattr(bus.transport, "url", None)  # a Redis bus: serve it with --transport
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ringbus.cli", "worker", "_tasks_basic:bus", "--workers", "2"],
+        [sys.executable, "-m", "ringbus.cli", "worker", "_tasks_basic:bus", "--workers", "2"]
+        + (["--transport", url] if url else []),
         env=env,
         stderr=subprocess.PIPE,
         text=True,

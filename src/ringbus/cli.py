@@ -17,6 +17,10 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ringbus.bus import TaskBus
 
 __all__ = ["load_bus", "main"]
 
@@ -52,6 +56,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.transport:
+        try:
+            bus = _on_transport(bus, args.transport)
+        except (ValueError, ConnectionError) as exc:
+            print(f"ringbus worker: --transport {args.transport!r}: {exc}", file=sys.stderr)
+            return 2
     server = TaskServer(
         bus,
         args.workers,
@@ -97,11 +107,23 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _on_transport(bus: TaskBus, spec: str) -> TaskBus:
+    """The same bus (name, handlers, retry policies) on another transport, so
+    one module serves a shared-memory pool here and a Redis pool elsewhere."""
+    from ringbus.transport import make_transport
+
+    parts: tuple[Any, ...] = bus.__reduce__()
+    rebuild, (name, _, *rest) = parts[0], parts[1]
+    moved: TaskBus = rebuild(name, make_transport(spec), *rest)
+    return moved
+
+
 WORKER_EXAMPLES = """\
 examples:
   ringbus worker app.tasks:bus --workers 8
   ringbus worker app.tasks:bus -w 4 --max-tasks-per-child 1000 --task-timeout 30
   ringbus worker app.tasks:bus --drain-timeout 10     # stop waits 10 s, then kills
+  ringbus worker app.tasks:bus --transport redis://10.0.0.5:6379/0   # a pool on Redis
 
 exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could not be loaded
 """
@@ -149,6 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, kill workers still busy after this long (default: wait)",
     )
     w.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork")
+    w.add_argument(
+        "--transport",
+        default=None,
+        metavar="URL",
+        help="serve the bus over this transport instead of its own (redis://, rediss://, shm)",
+    )
     w.set_defaults(func=_cmd_worker)
     from ringbus.cli_admin import register
 
