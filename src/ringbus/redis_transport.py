@@ -147,6 +147,13 @@ class RedisTransport(Transport):
     ) -> None:
         if not url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"not a Redis URL: {url!r}")
+        # Options in the URL (``?visibility_timeout=30``) serve ``ringbus worker
+        # --transport URL``; redis-py never sees them.
+        url, options = _split_options(url)
+        stream_maxlen = int(options.get("stream_maxlen", stream_maxlen))
+        visibility_timeout = float(options.get("visibility_timeout", visibility_timeout))
+        reply_ttl = float(options.get("reply_ttl", reply_ttl))
+        socket_timeout = float(options.get("socket_timeout", socket_timeout))
         if not visibility_timeout > 0 or not reply_ttl >= 1 or stream_maxlen < 1:
             raise ValueError(
                 "visibility_timeout must be > 0, reply_ttl >= 1 and stream_maxlen >= 1"
@@ -859,6 +866,26 @@ class RedisTransport(Transport):
 
     def describe(self) -> str:
         return f"redis:{self.where()} {self.stream}" if self.bus_name else "redis:(unbound)"
+
+
+_OPTIONS = ("stream_maxlen", "visibility_timeout", "reply_ttl", "socket_timeout")
+
+
+def _split_options(url: str) -> tuple[str, dict[str, str]]:
+    """The URL without this transport's query options, and those options."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if not parts.query:
+        return url, {}
+    ours: dict[str, str] = {}
+    theirs: list[tuple[str, str]] = []
+    for k, v in parse_qsl(parts.query, keep_blank_values=True):
+        if k in _OPTIONS:
+            ours[k] = v
+        else:
+            theirs.append((k, v))
+    return urlunsplit(parts._replace(query=urlencode(theirs))), ours
 
 
 def _text(value: Any) -> str:
