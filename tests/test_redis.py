@@ -22,7 +22,7 @@ import pytest
 from _redis_support import RedisServer
 from _redis_tasks import Bad, Double, FirstRunHangs, Nap, Poison, redis_bus
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
-from ringbus import TaskBus, Unrecoverable, WorkerLost
+from ringbus import TaskBus, TaskServer, Unrecoverable, WorkerLost
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed")
 
@@ -266,3 +266,31 @@ def test_dead_letters_on_redis(rbus: TaskBus, pools: list[Pool], url: str, bus_n
         assert other.purge_dead_letters() == 1 and rbus.transport.dead_letters() == []
     finally:
         other.close()
+
+
+def test_trimming_never_drops_unacknowledged_entries(
+    redis_server: RedisServer, bus_name: str
+) -> None:
+    transport = RedisTransport(redis_server.url, stream_maxlen=20, visibility_timeout=30)
+    bus = redis_bus(bus_name, transport)
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        with TaskServer(bus, workers=2):
+            slow = bus.dispatch(Nap(2.0, -1))
+            held = wait_for(
+                lambda: r.xpending_range(transport.stream, "workers", "-", "+", 1),
+                what="the slow task to be taken",
+            )[0]["message_id"]
+            assert [
+                f.result(timeout=60) for f in [bus.dispatch(Nap(0, i)) for i in range(600)]
+            ] == list(range(600))
+            # Trimmed while the slow task ran, but never its entry (nor a later one).
+            assert r.xrange(transport.stream, held, held)
+            assert slow.result(timeout=30) == -1
+            more = bus.dispatch_many(Nap(0, i) for i in range(600))
+            assert [f.result(timeout=60) for f in more] == list(range(600))
+        assert r.xlen(transport.stream) < 300  # acknowledged history was trimmed
+        assert bus.pending_tasks() == 0
+    finally:
+        r.close()
+        bus.destroy()

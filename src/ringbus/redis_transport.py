@@ -431,7 +431,7 @@ class RedisTransport(Transport):
             if self._interrupted:
                 raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
             now = time.monotonic()
-            if now >= self._next_claim:
+            if now >= self._next_claim and timeout != 0:
                 self._next_claim = now + self._slice
                 got = self._retrying(
                     lambda r: self._reclaim(r, max_items), "reclaiming tasks", self._stop_reading
@@ -492,6 +492,11 @@ class RedisTransport(Transport):
                 for entry_id, data in entries:
                     self._taken.append(entry_id)
                     out.append(self._fix(data, 1))
+                if timeout == 0:
+                    # A look without waiting is how a dispatcher takes its own
+                    # queued tasks off the channel (cancel; the others are put
+                    # back as new entries): they leave the stream now.
+                    self.ack_tasks(len(out))
                 return out
             if timeout == 0:
                 raise queue.Empty
@@ -568,7 +573,7 @@ class RedisTransport(Transport):
 
     def _acked(self, n: int) -> None:
         self._acks += n
-        if self._acks >= _TRIM_EVERY:
+        if self._acks >= min(_TRIM_EVERY, max(1, self.stream_maxlen // 2)):
             self._acks = 0
             try:
                 self._trim(self._redis())
@@ -698,6 +703,7 @@ class RedisTransport(Transport):
                 wait = self._slice if end is None else min(self._slice, end - now)
                 if wait <= 0:
                     raise queue.Empty
+                wait = max(wait, 0.001)  # BLMPOP 0 would wait forever
 
             def pop(r: _R, wait: float = wait) -> Any:
                 if wait <= 0:
