@@ -53,17 +53,14 @@ enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
 #define PARTS_OFFSET 4096
 /* A waiter stuck on one ticket this long checks whether its claimant died. */
 #define RECOVER_AFTER_NS 100000000LL
-/* How long one round of spinning holds a side's spin lease (renewed each
- * round: a few microseconds covers 64 pauses with room to spare). */
-#define SPIN_LEASE_NS 5000LL
+/* How long one round of spinning holds a side's spin lease, in 1.024 us
+ * ticks (renewed while spinning: a few microseconds covers 64 pauses). */
+#define SPIN_LEASE_TICKS 6LL
 
 typedef struct {
     _Atomic uint32_t seq;     /* bumped by notifiers; the futex word */
     _Atomic uint32_t waiters; /* sleepers registered; 0 => no wake syscall */
     _Atomic uint64_t waits;   /* statistics: sleeps entered */
-    /* CLOCK_MONOTONIC ns until which one waiter holds the right to spin.
-     * A lease, not a count: a spinner killed mid-spin frees it by itself. */
-    _Atomic int64_t spin_lease;
 } eventcount_t;
 
 typedef struct {
@@ -95,6 +92,12 @@ typedef struct {
     alignas(128) _Atomic uint64_t abandoned; /* 768 */
     _Atomic uint64_t recovered;
     _Atomic uint32_t recovery_lock; /* 784: pid of the recovering process */
+    /* CLOCK_MONOTONIC ns until which one consumer (get) / one producer (put)
+     * holds the right to spin.  A lease, not a count: a spinner killed
+     * mid-spin frees it by itself.  Lines of their own: the spinner renews
+     * it while notifiers read the eventcount's waiter count. */
+    alignas(128) _Atomic int64_t spin_lease_get; /* 896 */
+    alignas(128) _Atomic int64_t spin_lease_put; /* 1024 */
 } header_t;
 
 /* One attached thread (page 1).  Intents are written BEFORE the CAS that
@@ -115,6 +118,8 @@ typedef struct {
 _Static_assert(sizeof(part_t) == 64, "one attach entry per cache line");
 
 _Static_assert(offsetof(header_t, layout_version) == RING_OFF_VERSION, "layout");
+_Static_assert(offsetof(header_t, spin_lease_put) == 1024, "layout");
+_Static_assert(sizeof(header_t) <= 4096, "the header fits its page");
 _Static_assert(offsetof(header_t, capacity) == RING_OFF_CAPACITY, "layout");
 _Static_assert(offsetof(header_t, slot_size) == RING_OFF_SLOT_SIZE, "layout");
 _Static_assert(offsetof(header_t, max_message_size) == RING_OFF_MAX_MESSAGE, "layout");
@@ -336,7 +341,6 @@ static void ec_wake_everyone(eventcount_t *ec)
  * Returns RING_OK to retry the operation, or a terminal status. */
 typedef struct {
     int64_t spin_until;
-    int64_t lease;  /* the spin lease this waiter last took (0: none) */
     int yields;
     int started;
     uint64_t stuck_ticket; /* the ticket this waiter has been stuck on */
@@ -356,7 +360,6 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
     if (!b->started) {
         b->started = 1;
         b->yields = 0;
-        b->lease = 0;
         b->spin_until = ring_now() + r->spin_ns;
     }
     now = ring_now();
@@ -373,19 +376,33 @@ static int backoff(ring_t *r, backoff_t *b, eventcount_t *ec, int64_t deadline,
          * The others go straight to yielding and sleeping (and a put wakes
          * one of them).  relaxed: the lease only decides whether to spin;
          * no data is published through it. */
-        int64_t held = atomic_load_explicit(&ec->spin_lease, memory_order_relaxed);
-        if (held != b->lease && held > now) {
-            b->spin_until = now; /* someone else spins: do not */
-            return RING_OK;
+        _Atomic int64_t *lease = ec == &r->hdr->not_empty  ? &r->hdr->spin_lease_get
+                                 : ec == &r->hdr->not_full ? &r->hdr->spin_lease_put
+                                                           : NULL;
+        if (lease) {
+            /* The lease: expiry in 1.024 us ticks << 7 | owner (the caller's
+             * attach entry + 1; 0 = anonymous), so a waiter recognises its
+             * own lease from its previous wait. */
+            part_t *me = self_part(r);
+            int64_t owner = me ? (int64_t)(me - parts(r)) + 1 : 0;
+            int64_t tick = now >> 10;
+            int64_t held = atomic_load_explicit(lease, memory_order_relaxed);
+            int own = owner && (held & 127) == owner;
+            if (!own && (held >> 7) > tick) {
+                b->spin_until = now; /* someone else spins: do not */
+                return RING_OK;
+            }
+            /* Renew only when half used: fewer writes to the lease line. */
+            if (!own || (held >> 7) - tick < SPIN_LEASE_TICKS / 2) {
+                int64_t mine = ((tick + SPIN_LEASE_TICKS) << 7) | owner;
+                if (!atomic_compare_exchange_strong_explicit(lease, &held, mine,
+                                                             memory_order_relaxed,
+                                                             memory_order_relaxed)) {
+                    b->spin_until = now;
+                    return RING_OK;
+                }
+            }
         }
-        int64_t mine = now + SPIN_LEASE_NS;
-        if (!atomic_compare_exchange_strong_explicit(&ec->spin_lease, &held, mine,
-                                                     memory_order_relaxed,
-                                                     memory_order_relaxed)) {
-            b->spin_until = now;
-            return RING_OK;
-        }
-        b->lease = mine;
         for (int i = 0; i < 64 && !ready(r, arg); i++)
             cpu_relax();
         return RING_OK;

@@ -25,14 +25,16 @@
  *   128..255     producer line: tail (u64 @128), puts (@136), bytes_in (@144)
  *   256..383     consumer line: head (u64 @256), gets (@264), bytes_out (@272)
  *   384..511     not-empty eventcount: seq (u32 @384), waiters (u32 @388),
- *                waits_empty (u64 @392), spin lease (i64 ns @400)
+ *                waits_empty (u64 @392)
  *   512..639     not-full eventcount: seq (u32 @512), waiters (u32 @516),
- *                waits_full (u64 @520), spin lease (i64 ns @528)
+ *                waits_full (u64 @520)
  *   640..767     join line: unfinished (i64 @640), join seq (u32 @648),
  *                join waiters (u32 @652)
  *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
  *                recovery_lock (u32 pid @784)
- *   896..4095    reserved (zero)
+ *   896..1023    consumers' spin lease (i64 CLOCK_MONOTONIC ns @896)
+ *  1024..1151    producers' spin lease (i64 CLOCK_MONOTONIC ns @1024)
+ *  1152..4095    reserved (zero)
  *  page 1 (4096..8191): attach table, 64 entries x 64 bytes, one per thread:
  *       +0 pid u32 (0 = free)   +4 tid u32       +8 process start time u64
  *      +16 put_lo u64  +24 put_hi u64  +32 put_n u32  +36 put_done u32
