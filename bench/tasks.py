@@ -18,6 +18,7 @@ import argparse
 import gc
 import multiprocessing as mp
 import os
+import platform
 import resource
 import time
 from collections.abc import Callable
@@ -78,8 +79,9 @@ def round_trip(call: Callable[[int], Any], n: int, warmup: int) -> tuple[float, 
     return _percentile(lat, 0.50), _percentile(lat, 0.99), _percentile(lat, 0.999)
 
 
-def throughput(submit_all: Callable[[int], list[Any]], wait_all: Callable[[list[Any]], Any],
-               n: int) -> float:
+def throughput(
+    submit_all: Callable[[int], list[Any]], wait_all: Callable[[list[Any]], Any], n: int
+) -> float:
     t0 = time.perf_counter()
     handles = submit_all(n)
     wait_all(handles)
@@ -108,11 +110,34 @@ def bench_ringbus(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]
             rate = throughput(
                 lambda n: bus.dispatch_many([(i, 1) for i in range(n)]), _results, n_tp
             )
-            rows.append(Row("ringbus `dispatch_many` (tuple task)", float("nan"),
-                            float("nan"), float("nan"), rate))
+            rows.append(
+                Row(
+                    "ringbus `dispatch_many` (tuple task)",
+                    float("nan"),
+                    float("nan"),
+                    float("nan"),
+                    rate,
+                )
+            )
     finally:
         bus.destroy()
     return rows
+
+
+def bench_ringbus_redis(workers: int, n_lat: int, n_tp: int, warmup: int, url: str) -> list[Row]:
+    """The same bus over Redis Streams (a broker in the path: for scale, not speed)."""
+    bus = TaskBus(f"bench-redis-{os.getpid()}", transport=url)
+    bus.register(tuple, handle_tuple)
+    try:
+        with TaskServer(bus, workers=workers):
+            d = bus.dispatch
+            p = round_trip(lambda i: d((i, 1)).result(), n_lat, warmup)
+            rate = throughput(
+                lambda n: bus.dispatch_many([(i, 1) for i in range(n)]), _results, n_tp
+            )
+            return [Row("ringbus `dispatch` over Redis Streams (tuple task)", *p, rate)]
+    finally:
+        bus.destroy()
 
 
 def bench_ring_executor(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]:
@@ -121,8 +146,9 @@ def bench_ring_executor(workers: int, n_lat: int, n_tp: int, warmup: int) -> lis
         p = round_trip(lambda i: s(add, i, 1).result(), n_lat, warmup)
         rate = throughput(lambda n: [s(add, i, 1) for i in range(n)], _results, n_tp)
         row = Row("`RingExecutor.submit`", *p, rate)
-        rate = throughput(lambda n: [ex.map(add, range(n), [1] * n)], lambda its: list(its[0]),
-                          n_tp)
+        rate = throughput(
+            lambda n: [ex.map(add, range(n), [1] * n)], lambda its: list(its[0]), n_tp
+        )
         row2 = Row("`RingExecutor.map`", float("nan"), float("nan"), float("nan"), rate)
     return [row, row2]
 
@@ -191,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     rows += bench_ppe(w, n_lat // 4, slow_tp, warmup // 4)
     rows += bench_pool(w, n_lat // 4, slow_tp, warmup // 4)
     base = rows[-1]
-    print(f"\nTask round trip and throughput, {w} workers, {os.cpu_count()} CPUs, "
-          f"Python {'.'.join(map(str, os.sys.version_info[:3]))}\n")  # type: ignore[attr-defined]
+    print(
+        f"\nTask round trip and throughput, {w} workers, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}\n"
+    )
     print("| contender | p50 µs | p99 µs | p99.9 µs | tasks/s | p50 vs Pool | tasks/s vs Pool |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -202,8 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{lat_ratio} | {r.rate / base.rate:.1f}x |"
         )
     workers_pct, own_pct = idle_cost(args.idle)
-    print(f"\nIdle pool of 4 workers over {args.idle:.0f} s: workers {workers_pct:.2f} % of a core "
-          f"in total; server + reader process {own_pct:.2f} %.")
+    print(
+        f"\nIdle pool of 4 workers over {args.idle:.0f} s: workers {workers_pct:.2f} % of a core "
+        f"in total; server + reader process {own_pct:.2f} %."
+    )
     return 0
 
 

@@ -185,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_dead(sub)
     sub.add_parser(
+        "bench",
+        help="quick benchmark against the peers (full run: python -m bench.compare)",
+        add_help=False,
+    )
+    sub.add_parser(
         "demo",
         help="run the web-server demo: requests offload mail to task workers (ringbus demo -h)",
         add_help=False,
@@ -194,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # the suite parses its own options
+        from ringbus.cli_bench import main as bench_main
+
+        return bench_main(argv[1:])
     if argv[:1] == ["demo"]:  # the demo parses its own options
         from ringbus.demo.run import main as demo_main
 

@@ -1,0 +1,46 @@
+"""``ringbus bench``: the quick mode of the benchmark suite (``bench/compare.py``).
+
+The suite lives in the source tree's ``bench/`` (it needs the peers of the
+``bench`` extra and builds the C reference from ``csrc/``): the command finds
+it next to an editable install or in the current directory.
+
+Exit codes: 0 done, 2 the suite was not found (run from a source checkout).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _find_suite() -> Any:
+    here = Path(__file__).resolve()
+    for root in (Path.cwd(), here.parents[2]):  # cwd, or the checkout of src/ringbus
+        if (root / "bench" / "compare.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("bench.compare")
+    return None
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        print(
+            "usage: ringbus bench [--reps N] [--out DIR]  (full run: python -m bench.compare)"
+        )
+        return 0
+    suite = _find_suite()
+    if suite is None:
+        print(
+            "ringbus bench: the benchmark suite (bench/compare.py) is not here; run it from a "
+            f"ringbus source checkout (looked in {os.getcwd()})",
+            file=sys.stderr,
+        )
+        return 2
+    return int(suite.main(["--quick", *argv]))
