@@ -248,7 +248,7 @@ def _consumer(q: Any, kind: str, idx: int, out: Any) -> None:
         get: Callable[[], list[Any]] = {
             "bytesmany": lambda: q.get_bytes_many(BATCH * 4),
             "objmany": lambda: q.get_many(BATCH * 4),
-            "ffmany": lambda: q.get_many(max_messages_to_get=BATCH * 4, timeout=600),
+            "ffmany": lambda: _ff_wait(lambda: q.get_many(max_messages_to_get=BATCH * 4)),
         }[kind]
         while True:
             got = get()
@@ -263,11 +263,22 @@ def _consumer(q: Any, kind: str, idx: int, out: Any) -> None:
         while get_bytes():
             count += 1
     else:
-        # faster-fifo's get gives up after 10 s by default: wait as the others do.
-        one = (lambda: q.get(timeout=600)) if hasattr(q, "get_many_nowait") else q.get
+        # faster-fifo's get gives up after a timeout: wait as the others do.
+        one = (lambda: _ff_wait(q.get)) if hasattr(q, "get_many_nowait") else q.get
         while one():
             count += 1
     out.put(count)
+
+
+def _ff_wait(get: Callable[[], Any]) -> Any:
+    """faster-fifo raises Empty when its (default 10 s) timeout passes: retry."""
+    import queue
+
+    while True:
+        try:
+            return get()
+        except queue.Empty:
+            continue
 
 
 def _stop(q: Any, kind: str, nproc: int) -> None:
@@ -469,7 +480,8 @@ def redis_server() -> Iterator[str | None]:
 
 
 def c_reference(quick: bool) -> dict[str, Any]:
-    """ringbus's C core with no Python (bench/cref/ring_ref.c), in processes."""
+    """ringbus's C core with no Python (bench/cref/ring_ref.c), in processes:
+    the best of three runs of each."""
     build = Path(tempfile.mkdtemp(prefix="rb-cref-"))
     try:
         subprocess.run(
@@ -490,10 +502,17 @@ def c_reference(quick: bool) -> dict[str, Any]:
             "pingpong": ["pingpong", "procs", "64", "20000" if quick else "100000"],
         }
         for key, args in runs.items():
-            res = subprocess.run(
-                [str(build / "ring_ref"), *args], capture_output=True, text=True, timeout=120
-            )
-            out[key] = json.loads(res.stdout)
+            # The machine's limit: the best of three (noise only ever slows it down).
+            tries = []
+            for _ in range(3):
+                res = subprocess.run(
+                    [str(build / "ring_ref"), *args], capture_output=True, text=True, timeout=120
+                )
+                tries.append(json.loads(res.stdout))
+            if key == "pingpong":
+                out[key] = min(tries, key=lambda d: d["p50_ns"])
+            else:
+                out[key] = max(tries, key=lambda d: d["msg_per_s"])
     finally:
         shutil.rmtree(build, ignore_errors=True)
     return out
