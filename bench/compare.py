@@ -814,7 +814,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--quick", action="store_true", help="fewer sizes, 1 rep (1-2 minutes)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
-    ap.add_argument("--out", default="bench/results", help="directory for md, json and png")
+    ap.add_argument(
+        "--out",
+        default=None,
+        help="directory for md, json and png (bench/results; quick: bench/results/quick)",
+    )
     ap.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # the smoke test
     args = ap.parse_args(argv)
     if args.tiny:
@@ -823,7 +827,7 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan([64, 65536], [1, 2], args.reps or 1, 0.2)
     else:
         plan = Plan([64, 1024, 65536, 1 << 20], [1, 2, 4], args.reps or 3, 1.0)
-    outdir = Path(args.out)
+    outdir = Path(args.out or ("bench/results/quick" if args.quick else "bench/results"))
     outdir.mkdir(parents=True, exist_ok=True)
     with redis_server() as url:
         if url:
