@@ -6,6 +6,7 @@ letters.  Every process group and key is removed afterwards, also on failure."""
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import signal
@@ -254,6 +255,25 @@ def test_dead_letters_on_redis(rbus: TaskBus, pools: list[Pool], url: str, bus_n
     letters = rbus.transport.dead_letters()
     assert [d.task_type.rsplit(".", 1)[-1] for d in letters] == ["Bad", "Poison"]
     assert "Unrecoverable: bad task" in letters[0].reason and letters[1].attempts == 3
+    # The commands, from another process, with --transport.
+    cli = [sys.executable, "-m", "ringbus.cli"]
+    listed = subprocess.run(
+        [*cli, "dead-letters", bus_name, "--transport", url, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert [r["id"] for r in json.loads(listed.stdout)["dead_letters"]] == [d.id for d in letters]
+    stats = subprocess.run(
+        [*cli, "stats", bus_name, "--transport", url, "--json", "--interval", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert stats.returncode == 0, stats.stderr
+    broker = json.loads(stats.stdout)["broker"]
+    assert broker["dead_letters"] == 2 and broker["pending_tasks"] == 0
     # A second transport object (e.g. the CLI elsewhere) sees the same store.
     other = RedisTransport(url)
     other.bind(bus_name)

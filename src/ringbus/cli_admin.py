@@ -469,6 +469,13 @@ def render_stats(doc: dict[str, Any]) -> Any:
     from rich.table import Table
 
     parts: list[Any] = []
+    broker = doc.get("broker")
+    if broker is not None:
+        t = Table(title=f"bus {doc['name']!r} on {broker['transport']}", title_justify="left")
+        t.add_column("queued tasks")
+        t.add_column("dead letters")
+        t.add_row(f"{broker['pending_tasks']:,}", f"{broker['dead_letters']:,}")
+        parts.append(t)
     ring = doc.get("ring")
     if ring is not None:
         head = Table(title=f"ring {ring['name']}", show_header=False, title_justify="left")
@@ -618,14 +625,41 @@ def _err(cmd: str, text: str) -> None:
     print(f"ringbus {cmd}: {text}", file=sys.stderr)
 
 
+def broker_snapshot(url: str, bus: str) -> dict[str, Any]:
+    """Queue depth and dead letters of a bus on a broker transport (Redis)."""
+    from ringbus.transport import make_transport
+
+    t = make_transport(url)
+    t.bind(bus)
+    try:
+        return {
+            "transport": t.describe(),
+            "pending_tasks": t.pending_tasks(),
+            "dead_letters": len(t.dead_letters()),
+        }
+    finally:
+        t.close()
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
-    ring, bus = _resolve_stats_target(args.name)
+    url = getattr(args, "transport", None)
+    if url:
+        # A bus on a broker: the queue lives there; worker states are the pool
+        # segments of the servers running on this machine.
+        ring, bus = None, args.name
+    else:
+        ring, bus = _resolve_stats_target(args.name)
     if ring is None and bus is None:
         _err("stats", f"no ring or bus named {args.name!r} (see `ringbus ls`)")
         return EXIT_ERROR
 
     def snap(prev: dict[str, Any] | None) -> dict[str, Any]:
-        return stats_snapshot(ring, bus, prev)
+        doc = stats_snapshot(ring, bus, prev)
+        if url and bus is not None:
+            doc["broker"] = broker = broker_snapshot(url, bus)
+            if doc.get("bus") is not None:
+                doc["bus"]["dead_letters"] = broker["dead_letters"]
+        return doc
 
     def public(doc: dict[str, Any]) -> dict[str, Any]:
         return {k: v for k, v in doc.items() if k != "mono"}
@@ -643,7 +677,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 _console().print(render_stats(doc))
             return EXIT_OK
         return _watch(args, snap, public)
-    except RingError as exc:
+    except (RingError, ConnectionError, ValueError) as exc:
         _err("stats", f"{args.name}: {exc}")
         return EXIT_ERROR
     except KeyboardInterrupt:
@@ -945,7 +979,8 @@ def register(subparsers: Any) -> None:
             "  ringbus stats shop                     # bus 'shop' (ring /ringbus-shop-tasks)\n"
             "  ringbus stats /ringbus-shop-tasks --watch --interval 0.5\n"
             "  ringbus stats /my-ring --json | jq .rates.puts_per_s\n"
-            "  ringbus stats shop --watch --json      # one JSON document per line"
+            "  ringbus stats shop --watch --json      # one JSON document per line\n"
+            "  ringbus stats shop --transport redis://10.0.0.5:6379/0"
         ),
         formatter_class=fmt,
     )
@@ -967,6 +1002,12 @@ def register(subparsers: Any) -> None:
         help="with --watch: stop after N refreshes",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--transport",
+        default=None,
+        metavar="URL",
+        help="a bus on a broker (redis://...): its queue and dead letters from there",
+    )
     p.set_defaults(func=_guard(cmd_stats))
 
     p = subparsers.add_parser(

@@ -442,20 +442,20 @@ class _WorkerLoop:
         type_name: str,
         keep: bool = True,
     ) -> None:
-        """The last attempt failed: answer the caller, keep a dead letter."""
+        """The last attempt failed: keep a dead letter, then answer the caller
+        (who may look for the letter as soon as its future fails)."""
+        self._count(failed=1)
+        if keep:
+            self._dead_letter(
+                _with_attempt(data, attempt),
+                f"{type(exc).__name__}: {exc} (attempt {attempt})",
+                type_name,
+                attempt,
+            )
         if flags & FLAG_REPLY:
             self._reply(reply, dpid, env.encode_error(tid, exc), tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
-        self._count(failed=1)
-        if not keep:
-            return
-        self._dead_letter(
-            _with_attempt(data, attempt),
-            f"{type(exc).__name__}: {exc} (attempt {attempt})",
-            type_name,
-            attempt,
-        )
 
     def _backoff(self, seconds: float) -> bool:
         """Sleep before a retry; False when a stop arrived meanwhile."""
@@ -582,10 +582,10 @@ class _WorkerLoop:
                     f"{policy.max_deliveries}: the workers running it died each time"
                 )
                 log.error("ringbus: %s; it goes to dead letters", text)
-                if flags & FLAG_REPLY:
-                    send(reply, dpid, encode_text(tid, env.LOST, text))
                 self._count(failed=1)
                 self._dead_letter(data, text, type_name, attempt)
+                if flags & FLAG_REPLY:
+                    send(reply, dpid, encode_text(tid, env.LOST, text))
                 rec[inflight_at:inflight_end] = zero4
                 if ack is not None:
                     ack(1)
