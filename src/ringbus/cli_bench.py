@@ -17,6 +17,22 @@ from typing import Any
 
 __all__ = ["main"]
 
+USAGE = """usage: ringbus bench [--reps N] [--out DIR]
+
+Quick run of the benchmark suite (1-2 minutes): ringbus against
+multiprocessing.Queue/SimpleQueue, faster-fifo, pyzmq, Redis lists and the
+stdlib pools, plus the C reference; peers that are not installed show n/a.
+Writes results.md, results.json and PNG plots (default bench/results/quick).
+
+examples:
+  ringbus bench                         # quick mode, from a source checkout
+  ringbus bench --reps 3 --out /tmp/rb  # 3 repetitions per cell, files in /tmp/rb
+  python -m bench.compare               # the full run (about 7-10 minutes)
+
+exit codes: 0 done, 2 the suite was not found (bench/ is not in a wheel: run
+from a ringbus source checkout) or bad arguments
+"""
+
 
 def _find_suite() -> Any:
     here = Path(__file__).resolve()
@@ -30,10 +46,7 @@ def _find_suite() -> Any:
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        print(
-            "usage: ringbus bench [--reps N] [--out DIR]  (full run: python -m bench.compare)"
-        )
+        print(USAGE)
         return 0
     suite = _find_suite()
     if suite is None:
