@@ -521,7 +521,8 @@ def c_reference(quick: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------- tasks, idle, memory
 
 
-def task_rows(quick: bool, redis_url: str | None) -> list[dict[str, Any]]:
+def _task_rows_once(quick: bool, redis_url: str | None) -> list[dict[str, Any]]:
+    """One repetition of every task contender (run in a fresh interpreter)."""
     from bench import tasks
 
     n_lat, n_tp, warm = (1000, 10_000, 200) if quick else (10_000, 100_000, 1000)
@@ -535,6 +536,76 @@ def task_rows(quick: bool, redis_url: str | None) -> list[dict[str, Any]]:
     return [r.__dict__ for r in rows]
 
 
+def task_rows(
+    quick: bool, redis_url: str | None, reps: int, hangs: list[str]
+) -> list[dict[str, Any]]:
+    """Task contenders, each repetition in a fresh interpreter (no state left over
+    from the queue cells); median of the repetitions with the min-max of p50 and
+    tasks/s, every repetition kept under "reps"."""
+    code = (
+        "import json, sys; from bench.compare import _task_rows_once as f; "
+        f"print(json.dumps(f({quick!r}, {redis_url!r})))"
+    )
+    runs: list[list[dict[str, Any]]] = []
+    for _ in range(reps):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            stdout, stderr = proc.communicate(timeout=60 if quick else 180)
+        except subprocess.TimeoutExpired:
+            # A hung contender (a lost wake-up) must not stall the run: kill the
+            # repetition and its workers, remove its segments, report the hang.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            for pat in (
+                f"ringbus-bench-{proc.pid}-*",
+                f"ringbus-bench-redis-{proc.pid}-*",
+                f"ringbus-x-{proc.pid}-*",
+            ):
+                for seg in Path("/dev/shm").glob(pat):
+                    seg.unlink(missing_ok=True)
+            hangs.append("a task repetition hung and was killed")
+            print("task round trips: a repetition hung, killed", file=sys.stderr)
+            continue
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        if proc.returncode == 0:
+            runs.append(json.loads(stdout.strip().splitlines()[-1]))
+        else:
+            print(f"task round trips failed: {stderr[-500:]}", file=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    for name in dict.fromkeys(r["name"] for run in runs for r in run):
+        got = [r for run in runs for r in run if r["name"] == name]
+        row: dict[str, Any] = {"name": name, "reps": got}
+        for key in ("p50", "p99", "p999", "rate"):
+            vals = [r[key] for r in got]
+            row[key] = statistics.median(vals)
+            row[key + "_min"], row[key + "_max"] = min(vals), max(vals)
+        rows.append(row)
+    return rows
+
+
+def _rss_of(path: str) -> int:
+    """Resident bytes of this process's mapping of ``path`` (from smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0] and ":" not in line.split(" ", 1)[0]:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def memory_per_slot() -> dict[str, Any]:
     import ringbus
 
@@ -543,10 +614,22 @@ def memory_per_slot() -> dict[str, Any]:
         q = ringbus.Queue(8192, slot_size=slot, max_message_size=64 * 1024)
         st = q.stats()
         seg = int(st.get("segment_size", 0))
+        path = "/dev/shm" + q.name
+        rss_new = _rss_of(path)
+        msg = b"x" * 64
+        with contextlib.suppress(Exception):  # queue.Full: one full pass of 64 B messages
+            while True:
+                q.put_bytes(msg, block=False)
+        while q.qsize():
+            q.get_bytes_many(4096)
+        rss_used = _rss_of(path)
         out[f"slot_size={slot}"] = {
             "capacity": q.capacity,
             "segment_bytes": seg,
             "bytes_per_slot": round(seg / q.capacity, 1),
+            "rss_after_create": rss_new,
+            "rss_after_full_pass": rss_used,
+            "rss_per_slot": round(rss_used / q.capacity, 1),
         }
         q.close()
     return out
@@ -694,8 +777,8 @@ def render(
         pool = next((r for r in rows if "Pool" in r["name"] and "apply" in r["name"]), None)
         out += [
             "",
-            "| task round trip, 2 workers | p50 µs | p99 µs | p99.9 µs | tasks/s | p50 vs Pool "
-            "| tasks/s vs Pool |",
+            "| task round trip, 2 workers | p50 µs (min-max) | p99 µs | p99.9 µs "
+            "| tasks/s (min-max) | p50 vs Pool | tasks/s vs Pool |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in rows:
@@ -703,14 +786,22 @@ def render(
             out.append(
                 f"| {r['name']} | "
                 + (
-                    f"{r['p50']:.1f} | {r['p99']:.1f} | {r['p999']:.1f} | "
+                    f"{r['p50']:.1f} ({r.get('p50_min', r['p50']):.1f}-"
+                    f"{r.get('p50_max', r['p50']):.1f}) | {r['p99']:.1f} | {r['p999']:.1f} | "
                     if lat
                     else "– | – | – | "
                 )
-                + f"{r['rate']:,.0f} | "
+                + f"{r['rate']:,.0f} ({r.get('rate_min', r['rate']):,.0f}-"
+                f"{r.get('rate_max', r['rate']):,.0f}) | "
                 + (f"{pool['p50'] / r['p50']:.1f}x | " if pool and lat else "– | ")
                 + (f"{r['rate'] / pool['rate']:.1f}x |" if pool else "– |")
             )
+    if extra.get("task_hangs"):
+        out += [
+            "",
+            f"Task round trips: {len(extra['task_hangs'])} repetition(s) hung and were "
+            "killed (not counted in the medians).",
+        ]
     if "idle" in extra:
         w, own = extra["idle"]
         out += [
@@ -721,12 +812,15 @@ def render(
     if "memory" in extra:
         out += [
             "",
-            "| ring memory | capacity | segment bytes | bytes per slot |",
-            "|---|---:|---:|---:|",
+            "| ring memory | capacity | segment bytes | bytes per slot | RSS after create "
+            "| RSS after a full pass of 64 B | RSS per slot |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for k, v in extra["memory"].items():
             out.append(
-                f"| {k} | {v['capacity']} | {v['segment_bytes']:,} | {v['bytes_per_slot']} |"
+                f"| {k} | {v['capacity']} | {v['segment_bytes']:,} | {v['bytes_per_slot']} | "
+                f"{v.get('rss_after_create', 0):,} | {v.get('rss_after_full_pass', 0):,} | "
+                f"{v.get('rss_per_slot', '–')} |"
             )
     for name in missing:
         out.append(f"\n{name}: n/a (not installed)")
@@ -855,7 +949,8 @@ def main(argv: list[str] | None = None) -> int:
                 step("C reference")
                 extra["c_reference"] = c_reference(args.quick)
                 step("task round trips")
-                extra["tasks"] = task_rows(args.quick, url)
+                extra["task_hangs"] = []
+                extra["tasks"] = task_rows(args.quick, url, plan.reps, extra["task_hangs"])
                 step("idle pool")
                 from bench import tasks
 
