@@ -469,3 +469,29 @@ def test_a_waiter_is_not_woken_early_by_other_futures_results(
     assert [f.result(timeout=30) for f in others] == [
         i + 1 for _ in others[::50] for i in range(50)
     ]
+
+
+def test_no_result_is_lost_between_reader_threads(bus: TaskBus, servers: list[TaskServer]) -> None:
+    """Caller threads read replies for their own futures while the bus's
+    reader thread reads too: every result reaches its caller.  (A stress
+    test: it did not reproduce the lost wake-up fixed in _resolve, whose
+    window is a few bytecodes wide; the fix rests on the ordering argument
+    in its comment.)"""
+    import threading
+
+    _serve(bus, servers, workers=2)
+    errors: list[BaseException] = []
+
+    def caller(k: int) -> None:
+        try:
+            for i in range(1500):
+                assert bus.dispatch(Add(i, k)).result(timeout=20) == i + k
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -775,19 +775,23 @@ def _resolve(bus: TaskBus, st: _ProcState, batch: list[bytes]) -> None:
             continue
         if plain is not None and entry._condition is cond:  # type: ignore[union-attr]
             plain.append((entry, ok, value))
-        else:
-            try:
-                if ok:
-                    entry.set_result(value)  # type: ignore[union-attr]
-                else:
-                    entry.set_exception(value)  # type: ignore[union-attr]
-            except InvalidStateError:  # cancelled by its caller
-                pass
-        waiter = getattr(entry, "_rb_waiter", 0)
-        if waiter and waiter != threading.get_ident():
+            continue  # its waiter is checked once it is finished (below)
+        try:
+            if ok:
+                entry.set_result(value)  # type: ignore[union-attr]
+            else:
+                entry.set_exception(value)  # type: ignore[union-attr]
+        except InvalidStateError:  # cancelled by its caller
+            pass
+        if _reads_channel(entry):
             wake = True  # its waiter blocks in the channel: wake it
     if plain:
+        # Finish first, then look for waiters: a caller sets _rb_waiter and
+        # then reads the state, so either it sees the future finished or we
+        # see its mark (checking the mark first lost that wake-up).
         _finish_all(cond, plain)
+        if not wake:
+            wake = any(_reads_channel(f) for f, _, _ in plain)
     with st.heap_lock:  # two readers may overlap for a moment: += is not atomic
         st.results += len(batch) - wakes
         st.unmatched += unmatched
@@ -799,6 +803,12 @@ def _resolve(bus: TaskBus, st: _ProcState, batch: list[bytes]) -> None:
                 pass
     if wake:
         bus.transport.send_reply(st.reply, st.pid, env.WAKE_MESSAGE)
+
+
+def _reads_channel(entry: Any) -> bool:
+    """Whether another thread waits for ``entry`` inside the reply channel."""
+    waiter = getattr(entry, "_rb_waiter", 0)
+    return bool(waiter) and waiter != threading.get_ident()
 
 
 def _finish_all(cond: threading.Condition, items: list[tuple[Any, bool, Any]]) -> None:
