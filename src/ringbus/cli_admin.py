@@ -346,9 +346,11 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
         for c in _WORKER_COUNTERS
         if any(c in w for s in servers for w in s["workers"])
     }
-    from ringbus.deadletter import DeadLetterFile
+    from ringbus.transport import ShmTransport
 
-    dead = len(DeadLetterFile(f"{SHM_DIR}/ringbus-{bus}-dead"))
+    shm = ShmTransport()
+    shm.bind(bus)
+    dead = len(shm.dead_letters())
     return {
         "name": bus,
         "servers": servers,

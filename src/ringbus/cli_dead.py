@@ -75,8 +75,9 @@ def _cmd(args: argparse.Namespace) -> int:
     if not letters:
         print(f"bus {args.name!r} has no dead letters")
         return 0
-    from rich.console import Console
     from rich.table import Table
+
+    from ringbus.cli_admin import _console
 
     table = Table(title=f"dead letters of bus {args.name!r}: {len(letters)}")
     table.add_column("id", no_wrap=True)
@@ -86,8 +87,7 @@ def _cmd(args: argparse.Namespace) -> int:
     for d in letters:
         when = datetime.datetime.fromtimestamp(d.time).isoformat(" ", "seconds")
         table.add_row(d.id, when, d.task_type or "?", str(d.attempts), str(len(d.data)), d.reason)
-    # Piped output keeps whole lines (ids are copied from it into --id).
-    Console(width=None if sys.stdout.isatty() else 200).print(table)
+    _console().print(table)  # piped: wide, so ids copy whole into --id
     return 0
 
 

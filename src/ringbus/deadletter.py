@@ -37,6 +37,8 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import NamedTuple
 
+from ringbus import envelope as env
+
 __all__ = ["DeadLetter", "DeadLetterFile", "describe_envelope", "requeue_envelope"]
 
 _MAGIC = b"RBD1"
@@ -63,8 +65,6 @@ class DeadLetter(NamedTuple):
 def describe_envelope(data: bytes) -> tuple[str, int]:
     """(task type, attempt) read from an envelope without importing the task's
     module (the pickle's first GLOBAL names the class)."""
-    from ringbus import envelope as env
-
     try:
         hdr, _, start = env.decode_task_header(data)
     except env.EnvelopeError:
@@ -94,8 +94,6 @@ def _pickled_class_name(data: bytes, start: int) -> str:
 def requeue_envelope(data: bytes) -> bytes:
     """The envelope to queue again for a retry from dead letters: attempt 1, no
     deadline, no reply (the original caller's future has already failed)."""
-    from ringbus import envelope as env
-
     hdr, reply, start = env.decode_task_header(data)
     return env.encode_task(
         bytes(memoryview(data)[start:]),

@@ -155,6 +155,21 @@ def encode_task(
     )
 
 
+ATTEMPT_OFFSET = 2
+"""Byte offset of the u16 attempt field in a task envelope."""
+_ATTEMPT = struct.Struct("<H")
+
+
+def with_attempt(data: bytes, attempt: int) -> bytes:
+    """The envelope with its attempt field set (redelivery, retries)."""
+    return data[:ATTEMPT_OFFSET] + _ATTEMPT.pack(min(attempt, 0xFFFF)) + data[ATTEMPT_OFFSET + 2 :]
+
+
+def set_attempt(buf: Any, offset: int, attempt: int) -> None:
+    """Set the attempt field of the envelope at ``buf[offset:]`` in place."""
+    _ATTEMPT.pack_into(buf, offset + ATTEMPT_OFFSET, min(attempt, 0xFFFF))
+
+
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     """Return (header, reply address, offset of the pickled task)."""
     if len(data) < TASK_HEADER_SIZE or data[0] != TASK_MAGIC:

@@ -43,6 +43,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from ringbus.deadletter import DeadLetter, describe_envelope
+from ringbus.envelope import ATTEMPT_OFFSET, set_attempt
 from ringbus.transport import Transport, TransportClosed, pid_alive
 
 try:
@@ -355,8 +356,8 @@ class RedisTransport(Transport):
             return data
         buf = bytearray(data)
         if deliveries > 1:
-            (attempt,) = _ATTEMPT.unpack_from(buf, 2)
-            _ATTEMPT.pack_into(buf, 2, min(0xFFFF, attempt + deliveries - 1))
+            (attempt,) = _ATTEMPT.unpack_from(buf, ATTEMPT_OFFSET)
+            set_attempt(buf, 0, attempt + deliveries - 1)
         if wall:
             _DEADLINES.pack_into(buf, 16, wall - time.time() + time.monotonic(), wall)
         return bytes(buf)

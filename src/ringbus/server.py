@@ -447,7 +447,7 @@ class _WorkerLoop:
         self._count(failed=1)
         if keep:
             self._dead_letter(
-                _with_attempt(data, attempt),
+                env.with_attempt(data, attempt),
                 f"{type(exc).__name__}: {exc} (attempt {attempt})",
                 type_name,
                 attempt,
@@ -613,9 +613,9 @@ class _WorkerLoop:
                         delay,
                     )
                     del exc
-                    data = _with_attempt(data, attempt)
+                    data = env.with_attempt(data, attempt)
                     # The record first: a crash from here on redelivers this attempt.
-                    rec[SLOT_HEAD + 2 : SLOT_HEAD + 4] = pack_u16(attempt)
+                    env.set_attempt(rec, SLOT_HEAD, attempt)
                     run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)
                     if not self._backoff(delay):
                         # Stopping: hand the retry to the next worker or server.
@@ -650,11 +650,6 @@ class _WorkerLoop:
             finish(IDLE, done)
             if max_tasks and done >= max_tasks:
                 break
-
-
-def _with_attempt(data: bytes, attempt: int) -> bytes:
-    """The envelope with its attempt field set."""
-    return data[:2] + _U16.pack(min(attempt, 0xFFFF)) + data[4:]
 
 
 # ---------------------------------------------------------------- the server
@@ -1077,7 +1072,7 @@ class TaskServer:
             allowed = info.max_deliveries if same else 0
             if not allowed or hdr.attempt < allowed:
                 try:
-                    transport.put_task(_with_attempt(record, hdr.attempt + 1), timeout=5.0)
+                    transport.put_task(env.with_attempt(record, hdr.attempt + 1), timeout=5.0)
                 except Exception as exc:
                     log.error("ringbus: %s; could not queue it again: %s", died, exc)
                 else:
