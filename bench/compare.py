@@ -827,6 +827,14 @@ def render(
     return "\n".join(out)
 
 
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plots(
     results: dict[tuple[str, str, int, int], list[Any]], peers: list[Peer], plan: Plan, outdir: Path
 ) -> list[Path]:
@@ -852,11 +860,7 @@ def plots(
         ylabel="MB/s (1→1)",
         title="Throughput by payload size",
     )
-    ax.legend(fontsize=7)
-    made.append(outdir / "throughput_by_size.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=80)
-    plt.close(fig)
+    made.append(_save(plt, fig, ax, outdir / "throughput_by_size.png"))
     fig, ax = plt.subplots(figsize=(8, 5))
     for p in peers:
         runs = [r for r in results.get(("pingpong", p.name, 64, 1), []) if isinstance(r, list)]
@@ -874,11 +878,7 @@ def plots(
         ylabel="fraction",
         title="Ping-pong latency CDF",
     )
-    ax.legend(fontsize=7)
-    made.append(outdir / "latency_cdf.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=80)
-    plt.close(fig)
+    made.append(_save(plt, fig, ax, outdir / "latency_cdf.png"))
     fig, ax = plt.subplots(figsize=(8, 5))
     for p in peers:
         ys = [_median(results.get(("throughput", p.name, 64, n), [])) for n in plan.procs]
@@ -892,11 +892,7 @@ def plots(
         title="Scaling by process count",
         xticks=plan.procs,
     )
-    ax.legend(fontsize=7)
-    made.append(outdir / "scaling.png")
-    fig.tight_layout()
-    fig.savefig(made[-1], dpi=80)
-    plt.close(fig)
+    made.append(_save(plt, fig, ax, outdir / "scaling.png"))
     return made
 
 
