@@ -92,6 +92,12 @@ typedef struct {
     alignas(128) _Atomic uint64_t abandoned; /* 768 */
     _Atomic uint64_t recovered;
     _Atomic uint32_t recovery_lock; /* 784: pid of the recovering process */
+    /* 788: claims in flight by threads that found the attach table full.
+     * Their tickets have no intent a recoverer could see, so recovery waits
+     * while this is non-zero.  Incremented before the claiming CAS (whose
+     * release publishes it), decremented with release after the publish or
+     * free: pairs with the acquire load in ring_recover. */
+    _Atomic uint32_t anon_claims;
     /* CLOCK_MONOTONIC ns until which one consumer (get) / one producer (put)
      * holds the right to spin.  A lease, not a count: a spinner killed
      * mid-spin frees it by itself.  Lines of their own: the spinner renews
@@ -113,7 +119,10 @@ typedef struct {
     _Atomic uint32_t put_done; /* records already published */
     _Atomic uint64_t get_lo;   /* consumer claim [get_lo, get_hi) */
     _Atomic uint64_t get_hi;
-    uint64_t reserved;
+    /* The owner's handle (ring_t.gen; process-local, so only meaningful with
+     * pid): a thread finds its own entry again after its cache forgot it,
+     * and a detaching handle frees only the entries taken through it. */
+    _Atomic uint64_t handle;
 } part_t;
 _Static_assert(sizeof(part_t) == 64, "one attach entry per cache line");
 
@@ -136,6 +145,7 @@ _Static_assert(offsetof(header_t, unfinished) == 640, "layout");
 _Static_assert(offsetof(header_t, abandoned) == 768, "layout");
 _Static_assert(sizeof(header_t) <= PAGE, "header fits page 0");
 _Static_assert(offsetof(header_t, recovery_lock) == 784, "layout");
+_Static_assert(offsetof(header_t, anon_claims) == 788, "layout");
 _Static_assert(PARTS_OFFSET + MAX_PARTS * sizeof(part_t) <= RING_HEADER_SIZE, "table fits");
 _Static_assert(sizeof(_Atomic uint32_t) == 4, "futex word is 32 bits");
 
@@ -185,8 +195,11 @@ typedef struct {
  * call on every put and get; 140 bytes fit the static TLS reserve that
  * glibc keeps for dlopen()ed modules. */
 #define RING_TLS __thread __attribute__((tls_model("initial-exec")))
-static RING_TLS part_cache_t part_cache[4];
+#define PART_CACHE 8 /* rings one thread uses in turn (a worker: tasks + replies) */
+static RING_TLS part_cache_t part_cache[PART_CACHE];
 static RING_TLS unsigned part_cache_next;
+static RING_TLS uint32_t my_tid;     /* gettid() is a syscall: cached... */
+static RING_TLS uint64_t my_tid_fgen; /* ...and re-read in a forked child */
 
 static part_t *self_part(ring_t *r);
 static void release_parts(ring_t *r);
@@ -613,10 +626,48 @@ static uint64_t self_start(void)
     return v;
 }
 
+static uint32_t self_tid(void)
+{
+    /* relaxed: fork_gen changes only in a fresh child, before its threads run. */
+    uint64_t fg = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    if (my_tid == 0 || my_tid_fgen != fg) {
+        my_tid = (uint32_t)syscall(SYS_gettid);
+        my_tid_fgen = fg;
+    }
+    return my_tid;
+}
+
+/* Has thread tid of live process pid exited?  Its idle entry can then be
+ * given to another thread: threads come and go (a thread per request, an
+ * executor's pool) and an entry per thread ever seen would fill the table.
+ * A tid is recycled only after the kernel's pid space wraps. */
+static int thread_gone(uint32_t pid, uint32_t tid)
+{
+    char path[64];
+    if (tid == 0 || tid == pid)
+        return 0; /* unknown yet, or the main thread (dies with the process) */
+    snprintf(path, sizeof path, "/proc/%u/task/%u", pid, tid);
+    return access(path, F_OK) != 0 && errno == ENOENT;
+}
+
 static part_t *register_part(ring_t *r)
 {
     part_t *t = parts(r);
-    uint32_t me = (uint32_t)getpid();
+    uint32_t me = (uint32_t)getpid(), tid = self_tid();
+    uint64_t mine = atomic_load_explicit(&r->mine, memory_order_relaxed);
+    /* Our own entry, if this thread took one through this handle before
+     * its cache forgot it (it uses more rings than the cache holds).
+     * Taking a second one would leak it until the handle detaches. */
+    for (int i = 0; i < MAX_PARTS; i++) {
+        if (!((mine >> i) & 1))
+            continue;
+        /* relaxed: fields this thread wrote itself (pid checked first: a
+         * fork child inherits the bitmask, not the entries). */
+        if (atomic_load_explicit(&t[i].pid, memory_order_relaxed) == me &&
+            atomic_load_explicit(&t[i].tid, memory_order_relaxed) == tid &&
+            atomic_load_explicit(&t[i].handle, memory_order_relaxed) == r->gen)
+            return &t[i];
+    }
     for (int pass = 0; pass < 2; pass++) {
         for (int i = 0; i < MAX_PARTS; i++) {
             /* acquire: see the previous owner's final stores. */
@@ -624,20 +675,23 @@ static part_t *register_part(ring_t *r)
             if (pass == 0 && cur != 0)
                 continue;
             if (pass == 1) {
-                /* table full: take over entries of dead processes that
-                 * hold no claim (a claim waits for ring_recover). */
-                if (cur == 0 || proc_alive(cur, atomic_load_explicit(&t[i].start,
-                                                                     memory_order_relaxed)) ||
-                    !part_idle(&t[i]))
+                /* table full: take over idle entries of dead processes or
+                 * of exited threads (a claim waits for ring_recover). */
+                if (cur == 0 || !part_idle(&t[i]))
+                    continue;
+                if (proc_alive(cur, atomic_load_explicit(&t[i].start, memory_order_relaxed)) &&
+                    !thread_gone(cur, atomic_load_explicit(&t[i].tid, memory_order_relaxed)))
                     continue;
             }
-            /* acq_rel: exclusive ownership of the entry. */
+            /* acq_rel: exclusive ownership of the entry (over an exited
+             * thread's entry of this very process too: cur == me). */
             if (!atomic_compare_exchange_strong_explicit(&t[i].pid, &cur, me,
                                                          memory_order_acq_rel,
                                                          memory_order_relaxed))
                 continue;
             /* relaxed: read by recoverers only together with pid. */
-            atomic_store_explicit(&t[i].tid, (uint32_t)syscall(SYS_gettid), memory_order_relaxed);
+            atomic_store_explicit(&t[i].tid, tid, memory_order_relaxed);
+            atomic_store_explicit(&t[i].handle, r->gen, memory_order_relaxed);
             atomic_store_explicit(&t[i].put_lo, 0, memory_order_relaxed);
             atomic_store_explicit(&t[i].put_hi, 0, memory_order_relaxed);
             atomic_store_explicit(&t[i].get_lo, 0, memory_order_relaxed);
@@ -650,20 +704,22 @@ static part_t *register_part(ring_t *r)
             return &t[i];
         }
     }
-    return NULL; /* 64 live threads attached: run unprotected */
+    /* More than 64 live threads attached: this thread claims without an
+     * intent, counted in anon_claims so that recovery keeps off. */
+    return NULL;
 }
 
 static part_t *self_part(ring_t *r)
 {
     /* relaxed: changes only in a fresh child, before its threads run. */
     uint64_t fg = atomic_load_explicit(&fork_gen, memory_order_relaxed);
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < PART_CACHE; i++) {
         part_cache_t *c = &part_cache[i];
         if (c->r == r && c->gen == r->gen && c->fgen == fg)
             return c->p;
     }
     part_t *p = register_part(r);
-    part_cache_t *c = &part_cache[part_cache_next++ & 3];
+    part_cache_t *c = &part_cache[part_cache_next++ % PART_CACHE];
     c->r = r;
     c->gen = r->gen;
     c->fgen = fg;
@@ -677,7 +733,10 @@ static void release_parts(ring_t *r)
     uint32_t me = (uint32_t)getpid();
     uint64_t mine = atomic_load_explicit(&r->mine, memory_order_relaxed);
     for (int i = 0; i < MAX_PARTS; i++)
-        if ((mine >> i) & 1 && part_idle(&t[i]))
+        /* relaxed handle: our own store; an entry another handle of this
+         * process took over (from an exited thread) is not ours to free. */
+        if ((mine >> i) & 1 && atomic_load_explicit(&t[i].handle, memory_order_relaxed) == r->gen &&
+            part_idle(&t[i]))
             free_part(&t[i], me); /* a CAS: entries a fork child inherited stay */
 }
 
@@ -1131,14 +1190,21 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
         if (iov[i].len > r->max_msg)
             return RING_ETOOBIG;
     part_t *p = self_part(r);
+    _Atomic uint32_t *anon = &r->hdr->anon_claims;
     while (off < n) {
         if (closed(r))
             return RING_CLOSED;
         uint64_t start, end;
+        if (!p)
+            /* relaxed: the claiming CAS (release) publishes it. */
+            atomic_fetch_add_explicit(anon, 1, memory_order_relaxed);
         size_t got = claim_put(r, p, iov + off, n - off, &start, &end);
         if (got) {
             FAULT(r, F_PUT_AFTER_CLAIM);
             write_records(r, p, iov + off, got, start);
+            if (!p)
+                /* release: a recoverer that reads the decrement sees the publish. */
+                atomic_fetch_sub_explicit(anon, 1, memory_order_release);
             off += got;
             *done = off;
             /* one consumer per new message: got is small, and a consumer
@@ -1147,6 +1213,8 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
             b.started = 0;
             continue;
         }
+        if (!p) /* release: as above (nothing was claimed) */
+            atomic_fetch_sub_explicit(anon, 1, memory_order_release);
         if (deadline == RING_NOWAIT)
             return RING_FULL;
         int rc = backoff(r, &b, &r->hdr->not_full, deadline, room_for, iov[off].len);
@@ -1257,16 +1325,23 @@ int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline)
     if (max == 0)
         return RING_EINVAL;
     part_t *p = self_part(r);
+    _Atomic uint32_t *anon = &r->hdr->anon_claims;
     for (;;) {
         if (closed(r))
             return RING_CLOSED;
+        if (!p) /* relaxed: as in ring_put */
+            atomic_fetch_add_explicit(anon, 1, memory_order_relaxed);
         int rc = claim_get(r, p, max, b);
         if (rc == RING_OK) {
+            b->part = p;
+            b->anon = !p; /* ring_release decrements */
             if (b->count)
                 return RING_OK;
             ring_release(r, b); /* only padding was ready: free it, go on */
             continue;
         }
+        if (!p) /* release: as in ring_put */
+            atomic_fetch_sub_explicit(anon, 1, memory_order_release);
         if (rc != RING_EMPTY)
             return rc;
         if (deadline == RING_NOWAIT)
@@ -1307,11 +1382,17 @@ void ring_release(ring_t *r, const ring_batch_t *b)
 {
     FAULT(r, F_GET_BEFORE_RELEASE);
     free_tickets(r, b->start, b->end);
-    part_t *p = self_part(r);
+    /* The entry that holds the intent, not self_part(): code run between
+     * claim and release (an unpickler) may have made this thread's cache
+     * forget it. */
+    part_t *p = b->part;
     if (p)
         /* release: whoever sees the claim cleared sees the slots freed. */
         atomic_store_explicit(&p->get_hi, atomic_load_explicit(&p->get_lo, memory_order_relaxed),
                               memory_order_release);
+    else if (b->anon)
+        /* release: a recoverer that reads the decrement sees the slots freed. */
+        atomic_fetch_sub_explicit(&r->hdr->anon_claims, 1, memory_order_release);
     ec_notify(&r->hdr->not_full);
 }
 
@@ -1552,6 +1633,16 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
     uint64_t tail = atomic_load_explicit(&h->tail, memory_order_acquire);
     snapshot(r, sn);
     int rc = RING_OK;
+    /* acquire pairs with the release decrements.  A claim without an
+     * intent that head/tail above reflect incremented before its CAS, so
+     * a zero here means every such claim is published / freed; claims
+     * made after our head/tail loads lie beyond the tickets we look at.
+     * Otherwise a stale dead intent could cover that live claim and we
+     * would abandon or free tickets someone is still writing or reading. */
+    if (atomic_load_explicit(&h->anon_claims, memory_order_acquire) != 0) {
+        out->deferred = 1;
+        flags &= ~(RING_RECOVER_PRODUCERS | RING_RECOVER_CONSUMERS);
+    }
 
     /* Producers that died between claim and publish: walk the claimed,
      * unconsumed tickets and turn each dead claim into a skip record. */

@@ -31,14 +31,15 @@
  *   640..767     join line: unfinished (i64 @640), join seq (u32 @648),
  *                join waiters (u32 @652)
  *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
- *                recovery_lock (u32 pid @784)
+ *                recovery_lock (u32 pid @784), anon_claims (u32 @788:
+ *                claims in flight by threads without an attach entry)
  *   896..1023    consumers' spin lease (i64 CLOCK_MONOTONIC ns @896)
  *  1024..1151    producers' spin lease (i64 CLOCK_MONOTONIC ns @1024)
  *  1152..4095    reserved (zero)
  *  page 1 (4096..8191): attach table, 64 entries x 64 bytes, one per thread:
  *       +0 pid u32 (0 = free)   +4 tid u32       +8 process start time u64
  *      +16 put_lo u64  +24 put_hi u64  +32 put_n u32  +36 put_done u32
- *      +40 get_lo u64  +48 get_hi u64  +56 reserved
+ *      +40 get_lo u64  +48 get_hi u64  +56 handle u64 (owner's, per process)
  *  cells_offset: capacity x 16-byte cells {u64 seq; u64 meta}
  *  data_offset:  capacity x slot_size bytes of message data
  *
@@ -150,6 +151,8 @@ typedef struct ring_batch {
     uint64_t cursor; /* next ticket ring_next() looks at */
     size_t count;    /* records (not padding) in the run */
     size_t bytes;    /* payload bytes in the run */
+    void *part;      /* the attach entry holding the claim's intent... */
+    int anon;        /* ...or 1: none (table full), counted in anon_claims */
 } ring_batch_t;
 
 typedef struct ring_stats {
@@ -207,7 +210,9 @@ void ring_release(ring_t *r, const ring_batch_t *b);
 typedef struct ring_recovery {
     uint64_t abandoned; /* messages lost with producers that died mid-put */
     uint64_t recovered; /* messages taken back from consumers that died */
-    uint64_t reclaimed; /* attach entries of dead processes freed */
+    uint64_t reclaimed; /* attach entries of dead processes (threads) freed */
+    int deferred;       /* 1: a thread without an attach entry was mid-claim,
+                         * so nothing was repaired; try again later */
     size_t n, cap;
     ring_iov_t *iov;
 } ring_recovery_t;

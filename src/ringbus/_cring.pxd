@@ -64,6 +64,7 @@ cdef extern from "ring.h" nogil:
         uint64_t abandoned
         uint64_t recovered
         uint64_t reclaimed
+        int deferred
         size_t n
         size_t cap
         ring_iov_t *iov

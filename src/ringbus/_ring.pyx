@@ -649,6 +649,8 @@ cdef class Ring:
         messages put back into the ring (``requeue=True``) or returned in
         ``"messages"`` for the caller to deliver again.  Waiters run the same
         repair by themselves when they stay stuck on one ticket.
+        ``"deferred"``: a thread of the 65th and later, which claims without
+        an attach entry, was mid-claim, so nothing was repaired this time.
         """
         cdef ring_recovery_t out
         cdef int rc
@@ -667,7 +669,8 @@ cdef class Ring:
             if rc != RING_OK:
                 self._fail(rc, False, 0)
             return {"abandoned": out.abandoned, "recovered": out.recovered,
-                    "reclaimed": out.reclaimed, "messages": messages}
+                    "reclaimed": out.reclaimed, "deferred": bool(out.deferred),
+                    "messages": messages}
         finally:
             ring_recovery_free(&out)
 
