@@ -32,6 +32,31 @@ def _live(name: str) -> bool:
     return False
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_killed_sessions() -> None:
+    """Unlink test segments of an earlier session that was SIGKILLed.
+
+    A killed pytest cannot clean up; its segments carry its pid
+    (``ringbus-test-<pid>-...``), so they are stale once that pid is gone and
+    nothing maps them.
+    """
+    for name in _ours():
+        if not name.startswith(TEST_PREFIX):
+            continue
+        pid = name[len(TEST_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and not _live(name):
+            (SHM / name).unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_segment_left_behind() -> Iterator[None]:
     """Fail the session if the suite left ringbus segments in /dev/shm.
@@ -39,6 +64,7 @@ def _no_segment_left_behind() -> Iterator[None]:
     Segments that a live process still maps belong to someone running at the
     same time on this machine: they are neither counted nor touched.
     """
+    _remove_killed_sessions()
     before = _ours()
     yield
     leaked = {n for n in _ours() - before if not _live(n)}
