@@ -393,6 +393,81 @@ def test_dead_dispatcher_does_not_block_workers(
     assert not list(Path("/dev/shm").glob(f"ringbus-{bus_name}-reply-*"))
 
 
+def _dispatch_adds(bus_name: str, base: int, n: int, out: Any) -> None:
+    bus = make_bus(bus_name)
+    try:
+        out.put([bus.dispatch(Add(base + i, 1)).result(timeout=60) for i in range(n)])
+    finally:
+        bus.close()
+
+
+def test_the_direct_reply_put_follows_the_reply_address(
+    bus_name: str,
+    servers: list[TaskServer],
+    procs: list[mp.process.BaseProcess],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker keeps a direct put for the reply ring it used last.  With a
+    cache of one reply handle and three dispatchers taking turns, every
+    change of address evicts (closes) a handle: each result still reaches
+    its own dispatcher."""
+    from ringbus import transport as transport_mod
+
+    monkeypatch.setattr(transport_mod, "_REPLY_CACHE_SIZE", 1)  # forked workers inherit it
+    bus = make_bus(bus_name)
+    try:
+        _serve(bus, servers, workers=1)
+        out = ctx.Queue()
+        for k in range(2):
+            p = ctx.Process(target=_dispatch_adds, args=(bus_name, 1000 * (k + 1), 300, out))
+            procs.append(p)
+            p.start()
+        mine = [bus.dispatch(Add(i, 1)).result(timeout=60) for i in range(300)]
+        theirs = sorted([out.get(timeout=120), out.get(timeout=120)])
+        assert mine == [i + 1 for i in range(300)]
+        assert theirs == [[b + i + 1 for i in range(300)] for b in (1000, 2000)]
+    finally:
+        bus.destroy()
+
+
+def _slow_reader(bus_name: str, n: int, ready: Any, out: Any) -> None:
+    bus = make_bus(bus_name, transport=ShmTransport(reply_maxsize=4))
+    try:
+        futs = [bus.dispatch(Sleep(0.005)) for _ in range(n)]
+        ready.set()  # the test stops this process now: its reply ring fills up
+        done, _ = wait(futs, timeout=60)  # a lost result stays pending
+        out.put(sum(1 for f in done if f.result() > 0))  # worker pids
+    finally:
+        bus.close()
+
+
+def test_a_full_reply_ring_makes_the_worker_wait_not_drop(
+    bus_name: str, servers: list[TaskServer], procs: list[mp.process.BaseProcess]
+) -> None:
+    """The direct reply put never blocks: when the dispatcher's ring is full
+    (here: the dispatcher is stopped) the worker falls back to waiting for
+    room while the dispatcher lives, and no result is lost."""
+    bus = make_bus(bus_name)
+    try:
+        _serve(bus, servers, workers=1)
+        ready, out = ctx.Event(), ctx.Queue()
+        p = ctx.Process(target=_slow_reader, args=(bus_name, 40, ready, out))
+        procs.append(p)
+        p.start()
+        assert ready.wait(30)
+        assert p.pid is not None
+        os.kill(p.pid, signal.SIGSTOP)
+        try:
+            time.sleep(1.0)  # 40 x 5 ms of work: results pile up against 4 slots
+        finally:
+            os.kill(p.pid, signal.SIGCONT)
+        assert out.get(timeout=120) == 40
+        p.join(30)
+        assert p.exitcode == 0
+    finally:
+        bus.destroy()
+
+
 def test_close_fails_pending_futures(bus: TaskBus) -> None:
     """No server: closing the dispatching side answers what is pending."""
     from ringbus import BusClosed

@@ -45,6 +45,7 @@ from ringbus import envelope as env
 from ringbus.bus import TaskBus
 from ringbus.deadletter import describe_envelope
 from ringbus.envelope import FLAG_REPLY, Unrecoverable
+from ringbus.errors import RingClosed
 from ringbus.transport import SHM_DIR, MessageTooLarge, Transport, TransportClosed, pid_alive
 
 __all__ = ["PoolState", "TaskServer", "WorkerInfo"]
@@ -472,7 +473,10 @@ class _WorkerLoop:
     def run(self) -> None:
         bus, pool, slot, rec, flag = self.bus, self.pool, self.slot, self.rec, self.flag
         transport = self.transport
-        take = transport.take_task
+        take = transport.task_taker()
+        reply_putter = transport.reply_putter
+        put_reply: Callable[[bytes, bool], object] | None = None
+        put_addr = None
         ack = self.ack
         send = self.send
         resolved = bus._resolved
@@ -505,7 +509,7 @@ class _WorkerLoop:
         while not flag.stop:
             try:
                 data = take(rec, inflight_at, SLOT_HEAD)
-            except TransportClosed:
+            except (TransportClosed, RingClosed):
                 break
             try:
                 magic, flags, attempt, dpid, tid, deadline, _, rlen = unpack(data)
@@ -641,7 +645,12 @@ class _WorkerLoop:
                     del value
                     break
             if out is not None:
-                self._reply(reply, dpid, out, tid)
+                if reply != put_addr:
+                    put_reply, put_addr = reply_putter(reply), reply
+                try:
+                    put_reply(out, False)  # type: ignore[misc]
+                except Exception:  # None, full, too large, closed: the careful way
+                    self._reply(reply, dpid, out, tid)
             # Only now is the task finished: a kill before this line redelivers it.
             rec[inflight_at:inflight_end] = zero4
             if ack is not None:

@@ -130,6 +130,16 @@ class Transport(abc.ABC):
         mv[len_at : len_at + 4] = n.to_bytes(4, "little")
         return data
 
+    def task_taker(self) -> Callable[..., bytes]:
+        """``take_task`` itself, or a faster callable with its signature that
+        may also raise ``RingClosed`` for a closed channel (a worker's loop)."""
+        return self.take_task
+
+    def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
+        """A direct ``put(data, block)`` into a reply channel, or None.  Any
+        exception it raises means: deliver through ``send_reply`` instead."""
+        return None
+
     def ack_tasks(self, n: int = 1) -> None:  # noqa: B027 - optional hook
         """The oldest ``n`` envelopes taken by ``get_tasks`` are finished."""
 
@@ -453,6 +463,21 @@ class ShmTransport(Transport):
             return q.get_bytes_recorded(record, len_at, data_at, True, timeout)
         except RingClosed as exc:
             raise TransportClosed(str(exc)) from None
+
+    def task_taker(self) -> Callable[..., bytes]:
+        q = self._in or self._consumer()
+        if self._interrupted:
+            return self.take_task  # raises TransportClosed
+        # interrupt() closes q, so the bound method raises RingClosed then.
+        return q.get_bytes_recorded
+
+    def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
+        if address in self._dead:
+            return None
+        with self._lock:
+            q = self._attach_reply(address)
+        # A handle evicted from the cache later is closed: its put raises.
+        return None if q is None else q.put_bytes
 
     def interrupt(self) -> None:
         # Runs in signal handlers: no locks (the handler may have interrupted
