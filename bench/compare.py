@@ -223,12 +223,18 @@ def _consumer(q: Any, kind: str, idx: int, out: Any) -> None:
         recv = s.recv
         while recv():
             count += 1
-        # Other producers' pipes may still hold messages: drain them.
-        while s.poll(200):
+        t_end = time.perf_counter()
+        # Other producers' pipes may still hold messages: drain them (a
+        # second of quiet: on a loaded 2-core machine 200 ms lost some).
+        # The quiet second is not the peer's time: t_end is the last message.
+        while s.poll(1000):
             if s.recv():
                 count += 1
+                t_end = time.perf_counter()
         s.close(linger=0)
         zc.term()
+        out.put((count, t_end))
+        return
     elif kind.startswith("redis"):
         import redis
 
@@ -252,7 +258,10 @@ def _consumer(q: Any, kind: str, idx: int, out: Any) -> None:
         }[kind]
         while True:
             got = get()
-            stops = sum(1 for m in got if not m)
+            # STOPs are put after every producer finished, so they end a batch:
+            # looking at the last item keeps a per-message Python loop (which
+            # cost more than ringbus's own get) out of the measurement.
+            stops = got.count(STOP) if got and not got[-1] else 0
             count += len(got) - stops
             if stops:  # one STOP stops one consumer: pass the extras on
                 for _ in range(stops - 1):
@@ -267,7 +276,8 @@ def _consumer(q: Any, kind: str, idx: int, out: Any) -> None:
         one = (lambda: _ff_wait(q.get)) if hasattr(q, "get_many_nowait") else q.get
         while one():
             count += 1
-    out.put(count)
+    # The STOP came last: the consumer's exit and join are not the peer's time.
+    out.put((count, time.perf_counter()))
 
 
 def _ff_wait(get: Callable[[], Any]) -> Any:
@@ -323,11 +333,13 @@ def throughput(peer: Peer, size: int, nproc: int, n: int) -> float:
         _stop(q, peer.kind, nproc)
         for p in cons:
             p.join()
-        dt = time.perf_counter() - t0
         failed = [p.exitcode for p in cons + prods if p.exitcode]
         if failed:
             raise RuntimeError(f"{peer.name}: a child failed (exit status {failed})")
-        got = sum(out.get() for _ in cons)
+        counts, ends = zip(*(out.get() for _ in cons), strict=True)
+        # perf_counter is CLOCK_MONOTONIC: comparable across processes.
+        dt = max(ends) - t0
+        got = sum(counts)
         if got != per * nproc:
             raise RuntimeError(f"{peer.name}: {got} of {per * nproc} messages arrived")
         return per * nproc / dt
@@ -672,10 +684,17 @@ class Plan:
 
 
 def _n(peer: Peer, size: int, scale: float) -> int:
-    fast = peer.ours or not peer.per_call or peer.kind == "zmq"
-    base = {64: 300_000, 1024: 150_000, 65536: 6_000, 1 << 20: 400}[size]
-    n = int(base * scale * (1.0 if fast else 0.25))
-    return max(n, 4 * BATCH if size <= 1024 else 64)
+    """Messages per cell: about half a second for each contender at full scale,
+    so that process exit and join (milliseconds) stay out of the rate."""
+    if peer.ours:
+        base = {64: 2_000_000, 1024: 1_000_000, 65536: 60_000, 1 << 20: 3_000}[size]
+        if not peer.per_call and size == 64:
+            base *= 4  # tens of millions per second
+    else:
+        fast = not peer.per_call or peer.kind == "zmq"
+        base = {64: 300_000, 1024: 150_000, 65536: 6_000, 1 << 20: 400}[size]
+        base = int(base * (1.0 if fast else 0.25))
+    return max(int(base * scale), 4 * BATCH if size <= 1024 else 64)
 
 
 def run(plan: Plan, peers: list[Peer], progress: Any) -> dict[tuple[str, str, int, int], list[Any]]:
