@@ -545,6 +545,7 @@ def _task_rows_once(quick: bool, redis_url: str | None) -> list[dict[str, Any]]:
     rows += tasks.bench_pool(2, n_lat // 4, n_tp // 5, warm // 4)
     if redis_url:
         rows += tasks.bench_ringbus_redis(2, n_lat // 4, n_tp // 10, warm // 4, redis_url)
+        rows += tasks.bench_redis_list(2, n_lat // 4, n_tp // 10, warm // 4, redis_url)
     return [r.__dict__ for r in rows]
 
 

@@ -18,6 +18,7 @@ import argparse
 import gc
 import multiprocessing as mp
 import os
+import pickle
 import platform
 import resource
 import time
@@ -138,6 +139,65 @@ def bench_ringbus_redis(workers: int, n_lat: int, n_tp: int, warmup: int, url: s
             return [Row("ringbus `dispatch` over Redis Streams (tuple task)", *p, rate)]
     finally:
         bus.destroy()
+
+
+def _redis_list_worker(url: str, tasks_key: str, replies_key: str) -> None:
+    import redis
+
+    r: Any = redis.Redis.from_url(url)  # replies are bytes: no str decoding
+    loads, dumps = pickle.loads, pickle.dumps
+    while True:
+        _, raw = r.brpop([tasks_key])
+        if not raw:
+            return
+        tid, task = loads(raw)
+        r.lpush(replies_key, dumps((tid, handle_tuple(task)), 5))
+
+
+def bench_redis_list(workers: int, n_lat: int, n_tp: int, warmup: int, url: str) -> list[Row]:
+    """The Celery way on Redis: LPUSH a pickled task on a list, workers BRPOP
+    it, the result comes back on a reply list the caller BRPOPs (one round
+    trip to the server per step, as Celery's Redis broker and backend do)."""
+    import redis
+
+    r: Any = redis.Redis.from_url(url)
+    key = f"rb-bench-tasks-{os.getpid()}"
+    tasks_key, replies_key = key, key + "-replies"
+    ctx = mp.get_context("fork")
+    procs = [
+        ctx.Process(target=_redis_list_worker, args=(url, tasks_key, replies_key))
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    dumps, loads = pickle.dumps, pickle.loads
+
+    def call(i: int) -> Any:
+        r.lpush(tasks_key, dumps((i, (i, 1)), 5))
+        _, raw = r.brpop([replies_key])
+        return loads(raw)
+
+    def submit_all(n: int) -> list[int]:
+        for i in range(n):
+            r.lpush(tasks_key, dumps((i, (i, 1)), 5))
+        return [n]
+
+    def wait_all(handles: list[int]) -> None:
+        got = {loads(r.brpop([replies_key])[1])[0] for _ in range(handles[0])}
+        assert len(got) == handles[0], "a result went missing"
+
+    try:
+        p50 = round_trip(call, n_lat, warmup)
+        rate = throughput(submit_all, wait_all, n_tp)
+    finally:
+        r.lpush(tasks_key, *([b""] * workers))
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        r.delete(tasks_key, replies_key)
+    return [Row("Celery-style Redis lists: LPUSH task, BRPOP result (tuple task)", *p50, rate)]
 
 
 def bench_ring_executor(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]:
