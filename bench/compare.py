@@ -922,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--quick", action="store_true", help="fewer sizes, 1 rep (1-2 minutes)")
+    ap.add_argument("--quick", action="store_true", help="fewer sizes, 1 rep (under a minute)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 3, quick 1)")
     ap.add_argument(
         "--out",

@@ -19,7 +19,7 @@ __all__ = ["main"]
 
 USAGE = """usage: ringbus bench [--reps N] [--out DIR]
 
-Quick run of the benchmark suite (1-2 minutes): ringbus against
+Quick run of the benchmark suite (under a minute): ringbus against
 multiprocessing.Queue/SimpleQueue, faster-fifo, pyzmq, Redis lists and the
 stdlib pools, plus the C reference; peers that are not installed show n/a.
 Writes results.md, results.json and PNG plots (default bench/results/quick).
