@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import multiprocessing as mp
 import os
@@ -659,12 +660,11 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for mod in ("ringbus", "faster_fifo", "zmq", "redis"):
-        try:
-            m = __import__(mod)
-            versions[mod] = str(getattr(m, "__version__", "?"))
-        except ImportError:
-            versions[mod] = "n/a"
+    for dist in ("ringbus", "faster-fifo", "pyzmq", "redis"):
+        try:  # the installed distribution: faster-fifo has no __version__
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = "n/a"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
