@@ -663,3 +663,32 @@ def test_attach_unsafe_permissions(q: Queue, mode: int) -> None:
         os.chmod(path, 0o600)
     a = Queue.attach(q.name)
     a.close()
+
+
+def test_unlink_after_close_is_a_no_op_on_the_creating_handle(shm_name: str) -> None:
+    """close() then unlink(), the shared_memory idiom, must not raise."""
+    q = Queue(name=shm_name)
+    q.close()
+    q.unlink()
+    q.unlink()
+    assert not shm_path(shm_name).exists()
+
+
+def test_a_creator_that_unlinked_never_removes_the_names_next_owner(shm_name: str) -> None:
+    old = Queue(name=shm_name)
+    old.unlink()
+    with Queue(name=shm_name) as new:  # the name is free again: someone takes it
+        old.close()  # must not remove the new ring's name
+        old.unlink()
+        assert shm_path(shm_name).exists()
+        new.put(1)
+        assert Queue.attach(shm_name).get(timeout=5) == 1
+
+
+def test_unlink_of_a_missing_name_from_an_attached_handle_says_so(shm_name: str) -> None:
+    with Queue(name=shm_name) as q:
+        other = Queue.attach(shm_name)
+        q.unlink()
+        with pytest.raises(RingError, match="no ring named"):
+            other.unlink()
+        other.close()

@@ -286,6 +286,16 @@ cdef class Ring:
             ring_unlink(_as_name(self._name), err)
         return 0
 
+    def unlink_name(self):
+        """Remove this ring's name.  Once this creating handle removed it
+        (here, or by closing), later calls do nothing: they must not remove a
+        new ring that someone created under the same name since."""
+        if self._name_dropped:
+            return
+        unlink(self._name)
+        if self._owner_pid == getpid():
+            self._name_dropped = True
+
     cdef inline int _ready(self) except -1:
         if self._r == NULL:
             raise ValueError("ring handle is not open")

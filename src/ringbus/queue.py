@@ -83,8 +83,10 @@ class Queue(Ring):
         return q
 
     def unlink(self) -> None:
-        """Remove the ring's name now; open handles keep working."""
-        _ring.unlink(self.name)
+        """Remove the ring's name now; open handles keep working.  On the
+        creating handle it is idempotent (also after ``close()``, which
+        already removed the name); elsewhere a missing name is a RingError."""
+        self.unlink_name()
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Attaching by name works under fork, spawn and forkserver alike.
