@@ -492,6 +492,28 @@ def test_queue_full_at_dispatch_deadline(bus_name: str) -> None:
         b.destroy()
 
 
+def test_dispatch_many_past_a_full_channel_fails_only_what_was_not_queued(
+    bus_name: str,
+) -> None:
+    """dispatch_many queues in chunks: when the channel fills in a later
+    chunk, exactly the tail that found no room fails with "not queued"; what
+    went in stays pending (here until its own timeout, with no workers)."""
+    b = make_bus(bus_name, transport=ShmTransport(maxsize=600))
+    try:
+        futs = b.dispatch_many([Add(i, 1) for i in range(1500)], timeout=0.3)
+        assert len(futs) == 1500
+        not_queued = [
+            i for i, f in enumerate(futs) if f.done() and "not queued" in str(f.exception())
+        ]
+        queued = 1500 - len(not_queued)
+        assert queued == 600 and not_queued == list(range(600, 1500))
+        for f in futs[:600]:
+            with pytest.raises(TaskTimeout, match="no result within"):
+                f.result(timeout=30)
+    finally:
+        b.destroy()
+
+
 def test_a_waiter_is_not_woken_early_by_other_futures_results(
     bus: TaskBus, servers: list[TaskServer]
 ) -> None:

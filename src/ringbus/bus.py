@@ -136,6 +136,9 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+_DISPATCH_CHUNK = 512  # tasks per transport call in dispatch_many
+
+
 class _ProcState:
     """What one process needs to dispatch with replies.
 
@@ -549,7 +552,7 @@ class TaskBus:
     def dispatch_many(
         self, tasks: Iterable[Any], timeout: float | None = None
     ) -> list[Future[Any]]:
-        """Dispatch several tasks in one transport call (``taskWaitMulti``).
+        """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
         Every task is resolved and pickled before any is queued.  If the
         channel stays full until the deadline, the futures of the tasks that
@@ -567,35 +570,58 @@ class TaskBus:
             wall = time.time() + timeout
         reply, rlen, pending = st.reply, len(st.reply), st.pending
         futs: list[Future[Any]] = []
-        datas: list[bytes] = []
-        tids: list[int] = []
-        for payload in payloads:
-            tid = next(st.ids)
-            fut: Future[Any] = _BusFuture(st)
-            datas.append(
-                _pack_task(_TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, deadline, wall, rlen)
-                + reply
-                + payload
-            )
-            futs.append(fut)
-            tids.append(tid)
-            pending[tid] = fut
-        try:
-            self.transport.put_tasks(datas, timeout)
-        except queue.Full as exc:
-            done = getattr(exc, "done", 0)
-            for tid, fut in zip(tids[done:], futs[done:], strict=True):
-                pending.pop(tid, None)
-                fut.set_exception(TaskTimeout("not queued: the task channel stayed full"))
-            tids, tasks = tids[:done], tasks[:done]
-        except BaseException:
-            for tid in tids:
-                pending.pop(tid, None)
-            raise
+        # Queued a chunk at a time: workers start on the first tasks while the
+        # envelopes and futures of the rest are built (one call for 100,000
+        # tasks kept the pool idle that long: 190k against 315k tasks/s).
+        for at in range(0, len(payloads), _DISPATCH_CHUNK):
+            part = payloads[at : at + _DISPATCH_CHUNK]
+            datas: list[bytes] = []
+            tids: list[int] = []
+            for payload in part:
+                tid = next(st.ids)
+                fut: Future[Any] = _BusFuture(st)
+                datas.append(
+                    _pack_task(_TASK_MAGIC, FLAG_REPLY, 1, _pid, tid, deadline, wall, rlen)
+                    + reply
+                    + payload
+                )
+                futs.append(fut)
+                tids.append(tid)
+                pending[tid] = fut
+            left = None if timeout is None else max(0.0, deadline - _monotonic())
+            try:
+                self.transport.put_tasks(datas, left)
+            except queue.Full as exc:
+                done = getattr(exc, "done", 0)
+                why = "not queued: the task channel stayed full"
+                for tid, fut in zip(tids[done:], futs[at + done :], strict=True):
+                    pending.pop(tid, None)
+                    fut.set_exception(TaskTimeout(why))
+                for _ in payloads[at + len(part) :]:
+                    fut = _BusFuture(st)
+                    fut.set_exception(TaskTimeout(why))
+                    futs.append(fut)
+                tids = tids[:done]
+                self._arm_all(st, deadline, timeout, tids, tasks[at : at + done])
+                return futs
+            except BaseException:
+                for tid in tids:  # earlier chunks are queued: their results still come
+                    pending.pop(tid, None)
+                raise
+            self._arm_all(st, deadline, timeout, tids, tasks[at : at + len(part)])
+        return futs
+
+    def _arm_all(
+        self,
+        st: _ProcState,
+        deadline: float,
+        timeout: float | None,
+        tids: list[int],
+        tasks: list[Any],
+    ) -> None:
         if timeout is not None:
             for tid, t in zip(tids, tasks, strict=True):
                 self._arm(st, deadline, tid, timeout, type(t))
-        return futs
 
     def send(self, task: Any, timeout: float | None = None) -> None:
         """Fire and forget: queue ``task`` with no result path.
