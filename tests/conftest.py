@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from _redis_support import redis_aof_server, redis_server  # noqa: F401 - fixtures
+from ringbus.transport import pid_alive
 
 SHM = Path("/dev/shm")
 TEST_PREFIX = "ringbus-test-"
@@ -32,16 +33,6 @@ def _live(name: str) -> bool:
     return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_killed_sessions() -> None:
     """Unlink test segments of an earlier session that was SIGKILLed.
 
@@ -53,7 +44,7 @@ def _remove_killed_sessions() -> None:
         if not name.startswith(TEST_PREFIX):
             continue
         pid = name[len(TEST_PREFIX) :].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)) and not _live(name):
+        if pid.isdigit() and not pid_alive(int(pid)) and not _live(name):
             (SHM / name).unlink(missing_ok=True)
 
 

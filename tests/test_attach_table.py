@@ -9,15 +9,14 @@ bytes from two messages)."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import queue
 import threading
 from typing import Any
 
+from _proc_support import run_to_exit
 from ringbus import Queue
 
-ctx = mp.get_context("fork")
 TABLE = 64
 
 
@@ -129,18 +128,12 @@ def _fill_table_then_die_mid_claim(name: str) -> None:
     os._exit(0)
 
 
-def test_a_dead_claim_without_an_entry_defers_recovery(
-    shm_name: str, procs: list[Any]
-) -> None:
+def test_a_dead_claim_without_an_entry_defers_recovery(shm_name: str, procs: list[Any]) -> None:
     """The price of the 65th thread: its claim has no intent, so if it dies
     mid-claim nobody can tell which tickets were its own; recovery repairs
     nothing rather than guess (a guess could free a live claim)."""
     with Queue(128, name=shm_name) as q:
-        p = ctx.Process(target=_fill_table_then_die_mid_claim, args=(shm_name,))
-        procs.append(p)
-        p.start()
-        p.join(60)
-        assert p.exitcode == 77
+        assert run_to_exit(procs, _fill_table_then_die_mid_claim, shm_name) == 77
         got = q.recover()
         assert got["deferred"] is True
         assert got["abandoned"] == 0 and got["recovered"] == 0

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from _cffi_ring import load
+from _proc_support import run_to_exit
 from ringbus import Queue
 
 ctx = mp.get_context("fork")
@@ -35,12 +36,7 @@ def _die_at(name: str, point: str, action: str, payload: bytes, after: int = 0) 
 
 
 def run_child(procs: list[Any], *args: Any) -> int:
-    p = ctx.Process(target=_die_at, args=args)
-    procs.append(p)
-    p.start()
-    p.join(30)
-    assert p.exitcode is not None, "child hung"
-    return p.exitcode
+    return run_to_exit(procs, _die_at, *args)
 
 
 @pytest.mark.parametrize(
@@ -70,11 +66,7 @@ def test_producer_death_before_publish_is_skipped(
 
 def test_batch_producer_death_counts_each_lost_message(shm_name: str, procs: list[Any]) -> None:
     with Queue(64, name=shm_name) as q:
-        p = ctx.Process(target=_batch_then_die, args=(shm_name,))
-        procs.append(p)
-        p.start()
-        p.join(30)
-        assert p.exitcode == 77
+        assert run_to_exit(procs, _batch_then_die, shm_name) == 77
         q.put_bytes(b"survivor")
         assert q.get_bytes(timeout=10) == b"survivor"
         assert q.stats()["abandoned"] == 5
