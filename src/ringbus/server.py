@@ -647,10 +647,14 @@ class _WorkerLoop:
             if out is not None:
                 if reply != put_addr:
                     put_reply, put_addr = reply_putter(reply), reply
-                try:
-                    put_reply(out, False)  # type: ignore[misc]
-                except Exception:  # None, full, too large, closed: the careful way
+                if put_reply is None:  # no direct put (a broker, a dead address)
                     self._reply(reply, dpid, out, tid)
+                else:
+                    try:
+                        put_reply(out, False)
+                    except Exception:  # full, too large, closed: the careful way
+                        put_addr = None  # and ask again next time: the handle may be gone
+                        self._reply(reply, dpid, out, tid)
             # Only now is the task finished: a kill before this line redelivers it.
             rec[inflight_at:inflight_end] = zero4
             if ack is not None:
