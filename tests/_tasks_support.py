@@ -47,7 +47,7 @@ def bus_fixture(bus_name: str, request: pytest.FixtureRequest) -> Iterator[TaskB
         pytest.importorskip(
             "redis", reason="redis-py is not installed (pip install 'ringbus[redis]')"
         )
-        from ringbus.redis_transport import RedisTransport
+        from ringbus.transport.redis import RedisTransport
 
         server = request.getfixturevalue("redis_server")
         # A short visibility timeout: tests that kill workers wait for reclaim.

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from _redis_support import redis_aof_server, redis_server  # noqa: F401 - fixtures
-from ringbus.transport import pid_alive
+from ringbus._proc import pid_alive
 
 SHM = Path("/dev/shm")
 TEST_PREFIX = "ringbus-test-"

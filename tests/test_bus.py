@@ -411,7 +411,7 @@ def test_the_direct_reply_put_follows_the_reply_address(
     cache of one reply handle and three dispatchers taking turns, every
     change of address evicts (closes) a handle: each result still reaches
     its own dispatcher."""
-    from ringbus import transport as transport_mod
+    from ringbus.transport import shm as transport_mod
 
     monkeypatch.setattr(transport_mod, "_REPLY_CACHE_SIZE", 1)  # forked workers inherit it
     bus = make_bus(bus_name)

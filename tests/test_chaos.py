@@ -209,7 +209,7 @@ def test_chaos_sigkill_under_load(
         side.put_bytes(b"after the storm", timeout=10)
         assert side.get_bytes(timeout=10) == b"after the storm"
         side_stats = side.stats()
-        dead = bus.transport.dead_letters()
+        dead = bus.dead_letters()
         summary = (
             f"\nchaos: {sent} tasks from {DISPATCHERS} dispatchers to {WORKERS} workers in "
             f"{elapsed:.1f} s ({sent / elapsed:,.0f} tasks/s); SIGKILLs: {dict(kills)}; "

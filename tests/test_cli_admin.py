@@ -24,9 +24,9 @@ SHM = Path("/dev/shm")
 
 
 def admin(*args: str, check: int | None = 0, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run ``python -m ringbus.cli_admin ARGS`` and return the finished process."""
+    """Run ``python -m ringbus.cli.admin ARGS`` and return the finished process."""
     proc = subprocess.run(
-        [sys.executable, "-m", "ringbus.cli_admin", *args],
+        [sys.executable, "-m", "ringbus.cli.admin", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -173,7 +173,7 @@ def test_stats_json_numbers_match_the_traffic(prefix: str, popen: list[subproces
             [
                 sys.executable,
                 "-m",
-                "ringbus.cli_admin",
+                "ringbus.cli.admin",
                 "stats",
                 q.name,
                 "--watch",

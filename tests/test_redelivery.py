@@ -17,8 +17,8 @@ import pytest
 from _tasks_retry import Broken, DieOnce, Flaky, Hang, Poison, Square, make_bus
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401
 from ringbus import Queue, RetryPolicy, TaskBus, TaskServer, TaskTimeout, Unrecoverable, WorkerLost
-from ringbus.bus import DEFAULT_REDELIVERIES
-from ringbus.deadletter import DeadLetterFile
+from ringbus.tasks.handlers import DEFAULT_REDELIVERIES
+from ringbus.transport.record_file import RecordFile
 
 TESTS = Path(__file__).parent
 
@@ -89,7 +89,7 @@ def test_a_flaky_handler_is_retried_until_it_succeeds(
     assert len(_runs(log)) == 3
     retried = wait_for(lambda: sum(w.tasks_retried for w in server.worker_info()), what="count")
     assert retried == 2
-    assert rbus.transport.dead_letters() == []
+    assert rbus.dead_letters() == []
 
 
 def test_the_last_exception_fails_the_future_and_is_dead_lettered(
@@ -100,7 +100,7 @@ def test_the_last_exception_fails_the_future_and_is_dead_lettered(
     with pytest.raises(ValueError, match=r"still broken \(run 3\)"):
         rbus.dispatch(Broken(str(log))).result(timeout=30)
     assert len(_runs(log)) == 3  # retries=2: three attempts
-    (dead,) = wait_for(rbus.transport.dead_letters, what="a dead letter")
+    (dead,) = wait_for(rbus.dead_letters, what="a dead letter")
     assert dead.attempts == 3 and dead.task_type == "_tasks_retry.Broken"
     assert "ValueError: still broken (run 3)" in dead.reason
 
@@ -138,7 +138,7 @@ def test_unrecoverable_is_not_retried(
     with pytest.raises(Unrecoverable, match="bad input"):
         rbus.dispatch(Broken(str(log), fatal=True)).result(timeout=30)
     assert len(_runs(log)) == 1
-    (dead,) = wait_for(rbus.transport.dead_letters, what="a dead letter")
+    (dead,) = wait_for(rbus.dead_letters, what="a dead letter")
     assert dead.attempts == 1 and "Unrecoverable" in dead.reason
 
 
@@ -147,7 +147,7 @@ def test_fire_and_forget_failures_are_dead_lettered_too(
 ) -> None:
     servers.append(TaskServer(rbus, workers=1).start())
     rbus.send(Broken(str(tmp_path / "ff")))
-    (dead,) = wait_for(rbus.transport.dead_letters, what="a dead letter")
+    (dead,) = wait_for(rbus.dead_letters, what="a dead letter")
     assert dead.attempts == 3
 
 
@@ -167,7 +167,7 @@ def test_sigkill_mid_task_redelivers_to_another_worker(
     survivor = fut.result(timeout=30)
     assert survivor != victim and _runs(log) == [victim, survivor]
     assert server.redelivered == 1
-    assert rbus.transport.dead_letters() == []
+    assert rbus.dead_letters() == []
     wait_for(lambda: len(server.pids) == 2, what="the replacement worker")
 
 
@@ -182,7 +182,7 @@ def test_a_poison_task_ends_in_dead_letters_and_the_pool_lives_on(
     killed = _runs(log)
     assert len(killed) == 3 and len(set(killed)) == 3  # three workers, each killed once
     assert server.redelivered == 2
-    (dead,) = rbus.transport.dead_letters()
+    (dead,) = rbus.dead_letters()
     assert dead.attempts == 3 and "SIGKILL" in dead.reason
     assert dead.task_type == "_tasks_retry.Poison"
     # Not a crash loop: the pool serves the next tasks at once.
@@ -197,7 +197,7 @@ def test_an_overrun_is_a_timeout_and_a_dead_letter(
     servers.append(TaskServer(rbus, workers=1, task_timeout=0.3).start())
     with pytest.raises(TaskTimeout, match="task_timeout"):
         rbus.dispatch(Hang(30)).result(timeout=30)
-    (dead,) = wait_for(rbus.transport.dead_letters, what="a dead letter")
+    (dead,) = wait_for(rbus.dead_letters, what="a dead letter")
     assert "task_timeout" in dead.reason and dead.task_type == "_tasks_retry.Hang"
 
 
@@ -216,7 +216,7 @@ def test_a_malformed_envelope_is_dead_lettered_and_the_worker_survives(
         q.put_bytes(b"this is not an envelope")
         q.put_bytes(b"\xb1" + bytes(31) + b"\xff\xff")  # a reply address past the end
     dead = wait_for(
-        lambda: len(rbus.transport.dead_letters()) == 2 and rbus.transport.dead_letters()
+        lambda: len(rbus.dead_letters()) == 2 and rbus.dead_letters()
     )
     assert dead[0].data == b"this is not an envelope"
     assert all(d.reason.startswith("malformed task envelope") for d in dead)
@@ -226,15 +226,15 @@ def test_a_malformed_envelope_is_dead_lettered_and_the_worker_survives(
 
 
 def test_a_torn_dead_letter_record_is_skipped(tmp_path: Path) -> None:
-    store = DeadLetterFile(str(tmp_path / "dead"))
-    first = store.add(b"one", "r1", "T", 1)
-    store.add(b"two", "r2", "T", 1)
+    store = RecordFile(str(tmp_path / "dead"))
+    first = store.add(b"one")
+    store.add(b"two")
     raw = Path(store.path).read_bytes()
     Path(store.path).write_bytes(raw[:-2])  # a crash in the middle of the last append
-    assert [d.id for d in store.records()] == [first]
-    third = store.add(b"three", "r3", "T", 2)
+    assert store.records() == [(first, b"one")]
+    third = store.add(b"three")
     # The torn tail hides what follows it: nothing after it is trusted.
-    assert [d.id for d in store.records()] == [first]
+    assert [rid for rid, _ in store.records()] == [first]
     assert third
 
 
@@ -266,15 +266,15 @@ def test_dead_letters_outlive_the_server_and_the_command_retries_them(
         # Retry: queued again with attempt 1, run by the next server.
         retried = _dead_cli(bus_name, "--retry", "--id", rows[0]["id"])
         assert retried.returncode == 0 and "queued 1" in retried.stdout
-        assert bus.transport.dead_letters() == []
+        assert bus.dead_letters() == []
         with TaskServer(bus, workers=1):
             # 4 runs before, 4 more now: it fails again (9 failures) and comes back.
             wait_for(lambda: len(_runs(log)) == 8, what="the retried task's runs")
-            back = wait_for(bus.transport.dead_letters, what="the dead letter again")
+            back = wait_for(bus.dead_letters, what="the dead letter again")
         assert back[0].attempts == 4
         purged = _dead_cli(bus_name, "--purge")
         assert purged.returncode == 0 and "dropped 1" in purged.stdout
-        assert bus.transport.dead_letters() == []
+        assert bus.dead_letters() == []
         assert _dead_cli(bus_name).stdout.strip().endswith("has no dead letters")
     finally:
         bus.destroy()

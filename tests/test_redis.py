@@ -24,10 +24,11 @@ from _redis_support import RedisServer
 from _redis_tasks import Bad, Double, FirstRunHangs, Nap, Poison, redis_bus
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskBus, TaskServer, Unrecoverable, WorkerLost
+from ringbus.tasks.dead_letters import DeadLetterStore
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed")
 
-from ringbus.redis_transport import BrokerUnavailable, RedisTransport  # noqa: E402
+from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E402
 
 TESTS = Path(__file__).resolve().parent
 ctx = mp.get_context("fork")
@@ -252,7 +253,7 @@ def test_dead_letters_on_redis(rbus: TaskBus, pools: list[Pool], url: str, bus_n
     # Kills every worker that takes it: counted from the delivery count, then buried.
     with pytest.raises(WorkerLost, match=r"reached attempt 3 of at most 2"):
         rbus.dispatch(Poison()).result(timeout=60)
-    letters = rbus.transport.dead_letters()
+    letters = rbus.dead_letters()
     assert [d.task_type.rsplit(".", 1)[-1] for d in letters] == ["Bad", "Poison"]
     assert "Unrecoverable: bad task" in letters[0].reason and letters[1].attempts == 3
     # The commands, from another process, with --transport.
@@ -275,17 +276,18 @@ def test_dead_letters_on_redis(rbus: TaskBus, pools: list[Pool], url: str, bus_n
     broker = json.loads(stats.stdout)["broker"]
     assert broker["dead_letters"] == 2 and broker["pending_tasks"] == 0
     # A second transport object (e.g. the CLI elsewhere) sees the same store.
-    other = RedisTransport(url)
-    other.bind(bus_name)
+    transport = RedisTransport(url)
+    transport.bind(bus_name)
+    other = DeadLetterStore(transport)
     try:
-        assert [d.id for d in other.dead_letters()] == [d.id for d in letters]
-        assert other.purge_dead_letters([letters[1].id]) == 1
-        assert other.retry_dead_letters() == 1  # Bad again: fails again, buried again
-        wait_for(lambda: len(rbus.transport.dead_letters()) == 1, 30, "the retried letter")
-        assert rbus.transport.dead_letters()[0].id != letters[0].id
-        assert other.purge_dead_letters() == 1 and rbus.transport.dead_letters() == []
+        assert [d.id for d in other.letters()] == [d.id for d in letters]
+        assert other.purge([letters[1].id]) == 1
+        assert other.retry() == 1  # Bad again: fails again, buried again
+        wait_for(lambda: len(rbus.dead_letters()) == 1, 30, "the retried letter")
+        assert rbus.dead_letters()[0].id != letters[0].id
+        assert other.purge() == 1 and rbus.dead_letters() == []
     finally:
-        other.close()
+        transport.close()
 
 
 def test_trimming_never_drops_unacknowledged_entries(

@@ -274,7 +274,7 @@ def test_ringbus_worker_command_serves_and_drains_on_sigterm(bus: TaskBus, tmp_p
 
 
 def test_ringbus_worker_rejects_bad_targets(capsys: pytest.CaptureFixture[str]) -> None:
-    from ringbus.cli import main
+    from ringbus.cli.main import main
 
     assert main(["worker", "no_such_module_xyz:bus", "--workers", "1"]) == 2
     assert main(["worker", "os:path", "--workers", "1"]) == 2

@@ -1,41 +1,76 @@
 """ringbus: tasks from server processes to task workers through a lock-free
-shared-memory ring (and over Redis Streams beyond one machine)."""
+shared-memory ring (and over Redis Streams beyond one machine).
+
+Names are loaded on first use: ``from ringbus import Queue`` imports the
+ring and the queue only, no task code, and installs no fork or exit hooks.
+"""
 
 from __future__ import annotations
 
-from ringbus.bus import RetryPolicy, TaskBus
-from ringbus.deadletter import DeadLetter
-from ringbus.envelope import (
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ringbus.errors import (
+    BrokerUnavailable,
     BusClosed,
+    MessageTooLarge,
     NoHandlerError,
     RemoteTraceback,
+    RingbusError,
+    RingClosed,
+    RingError,
     TaskError,
     TaskFailed,
     TaskTimeout,
+    TransportClosed,
     Unrecoverable,
     WorkerLost,
 )
-from ringbus.errors import MessageTooLarge, RingClosed, RingError
-from ringbus.executor import RingExecutor
-from ringbus.queue import DEFAULT_CAPACITY, JoinableQueue, Queue
-from ringbus.server import TaskServer
-from ringbus.transport import ShmTransport, Transport, TransportClosed
+
+if TYPE_CHECKING:
+    from ringbus.queue import DEFAULT_CAPACITY, JoinableQueue, Queue
+    from ringbus.server.executor import RingExecutor
+    from ringbus.server.supervisor import TaskServer
+    from ringbus.tasks.bus import TaskBus
+    from ringbus.tasks.dead_letters import DeadLetter
+    from ringbus.tasks.handlers import RetryPolicy
+    from ringbus.transport.base import Transport
+    from ringbus.transport.redis import RedisTransport
+    from ringbus.transport.shm import ShmTransport
 
 __version__ = "0.1.0"
 
+# Public name -> the module that defines it (imported when the name is used).
+_LAZY = {
+    "DEFAULT_CAPACITY": "ringbus.queue",
+    "JoinableQueue": "ringbus.queue",
+    "Queue": "ringbus.queue",
+    "RingExecutor": "ringbus.server.executor",
+    "TaskServer": "ringbus.server.supervisor",
+    "TaskBus": "ringbus.tasks.bus",
+    "DeadLetter": "ringbus.tasks.dead_letters",
+    "RetryPolicy": "ringbus.tasks.handlers",
+    "Transport": "ringbus.transport.base",
+    "RedisTransport": "ringbus.transport.redis",
+    "ShmTransport": "ringbus.transport.shm",
+}
+
 __all__ = [
     "DEFAULT_CAPACITY",
+    "BrokerUnavailable",
     "BusClosed",
     "DeadLetter",
     "JoinableQueue",
     "MessageTooLarge",
     "NoHandlerError",
     "Queue",
+    "RedisTransport",
     "RemoteTraceback",
     "RetryPolicy",
     "RingClosed",
     "RingError",
     "RingExecutor",
+    "RingbusError",
     "ShmTransport",
     "TaskBus",
     "TaskError",
@@ -48,3 +83,16 @@ __all__ = [
     "WorkerLost",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ringbus' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,11 +1,41 @@
-"""Exceptions shared by every layer (pure Python so the extension can import them)."""
+"""Every exception ringbus raises, under one root: ``RingbusError``.
+
+Pure Python (no imports of the package) so that the extension, the
+transports and the task layer all raise the same classes.  Where a stdlib
+base makes an error catchable the usual way (``OSError`` for a segment,
+``ValueError`` for a bad size or a closed handle, ``TimeoutError`` for a
+deadline), the class has that base too.
+"""
 
 from __future__ import annotations
 
-__all__ = ["MessageTooLarge", "RingClosed", "RingError"]
+__all__ = [
+    "BrokerUnavailable",
+    "BusClosed",
+    "EnvelopeError",
+    "MessageTooLarge",
+    "NoHandlerError",
+    "RemoteTraceback",
+    "RingClosed",
+    "RingError",
+    "RingbusError",
+    "TaskError",
+    "TaskFailed",
+    "TaskTimeout",
+    "TransportClosed",
+    "Unrecoverable",
+    "WorkerLost",
+]
 
 
-class RingError(OSError):
+class RingbusError(Exception):
+    """The root of every ringbus exception."""
+
+
+# ---------------------------------------------------------------- ring and transport
+
+
+class RingError(RingbusError, OSError):
     """A shared-memory ring could not be created, attached or used.
 
     The message says which: missing, truncated, foreign (wrong magic),
@@ -13,17 +43,72 @@ class RingError(OSError):
     """
 
 
-class MessageTooLarge(ValueError):
+class MessageTooLarge(RingbusError, ValueError):
     """A message exceeds the ring's ``max_message_size`` (both sizes are named)."""
 
     def __init__(self, size: int, limit: int, name: str = "") -> None:
         where = f" of ring {name}" if name else ""
-        super().__init__(
-            f"message of {size} bytes exceeds max_message_size={limit} bytes{where}"
-        )
+        super().__init__(f"message of {size} bytes exceeds max_message_size={limit} bytes{where}")
         self.size = size
         self.limit = limit
 
 
-class RingClosed(ValueError):
-    """The handle was closed (message contains "is closed", like multiprocessing)."""
+class TransportClosed(RingbusError):
+    """A channel was closed or interrupted in this process (wakes blocked readers)."""
+
+
+class RingClosed(TransportClosed, ValueError):
+    """The ring handle was closed (message contains "is closed", like multiprocessing)."""
+
+
+class BrokerUnavailable(RingbusError, ConnectionError):
+    """The broker did not answer (the message says what was being done and where)."""
+
+
+class EnvelopeError(RingbusError, ValueError):
+    """Bytes on a task or reply channel are not a ringbus envelope."""
+
+
+# ---------------------------------------------------------------- tasks
+
+
+class TaskError(RingbusError):
+    """Base class of the task layer's own errors."""
+
+
+class NoHandlerError(TaskError, LookupError):
+    """No handler is registered for the task's type or any type in its MRO."""
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task missed its deadline (queued too long, or ran past a time limit)."""
+
+
+class WorkerLost(TaskError):
+    """The worker process running the task died before it answered."""
+
+
+class TaskFailed(TaskError):
+    """The task failed and its exception (or result) could not travel back as
+    an object; the message carries the worker's formatted traceback."""
+
+
+class Unrecoverable(TaskError):
+    """Raise it in a handler to fail the task at once: no retry, whatever the
+    handler's ``retries`` (the task goes to dead letters)."""
+
+
+class BusClosed(TaskError):
+    """The dispatching side of the bus was closed before the result arrived."""
+
+
+class RemoteTraceback(RingbusError):
+    """Set as ``__cause__`` of a remote exception: prints the worker's traceback
+    (what ``concurrent.futures.process._RemoteTraceback`` does)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb

@@ -166,7 +166,7 @@ def _wait_for(what: str, check: Any, timeout: float, child: Child | None = None)
 
 
 def _workers_idle(bus_name: str, n: int) -> bool:
-    from ringbus.server import read_pool_states
+    from ringbus.server.pool_state import read_pool_states
 
     states = [w.state for slots in read_pool_states(bus_name).values() for w in slots]
     return len(states) == n and all(s == "idle" for s in states)

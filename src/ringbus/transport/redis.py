@@ -34,7 +34,6 @@ import queue
 import random
 import secrets
 import socket
-import struct
 import threading
 import time
 import weakref
@@ -42,9 +41,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from ringbus.deadletter import DeadLetter, describe_envelope
-from ringbus.envelope import ATTEMPT_OFFSET, set_attempt
-from ringbus.transport import Transport, TransportClosed, pid_alive
+from ringbus import _names
+from ringbus._proc import pid_alive
+from ringbus.errors import BrokerUnavailable, TransportClosed
+from ringbus.transport.base import Record, Transport
 
 try:
     import redis
@@ -62,11 +62,7 @@ T = TypeVar("T")
 _R = Any
 
 GROUP = "workers"
-_TASK_MAGIC = 0xB1
-_MIN_ENVELOPE = 34
-_ATTEMPT = struct.Struct("<H")
-_DEADLINES = struct.Struct("<dd")  # monotonic deadline at 16, wall deadline at 24
-_WAKE = b"\xb2\x05" + bytes(8)  # envelope.WAKE_MESSAGE: readers skip it
+_WAKE = b""  # pushed on a reply list to wake its reader; never handed out
 _TRIM_EVERY = 1000  # acknowledgements between two trims in a process
 _NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
@@ -108,10 +104,6 @@ return -1
 """
 
 
-class BrokerUnavailable(ConnectionError):
-    """The Redis server could not be reached (the message says where and why)."""
-
-
 _live: weakref.WeakSet[RedisTransport] = weakref.WeakSet()
 
 
@@ -136,6 +128,7 @@ class RedisTransport(Transport):
     """
 
     redelivers_lost_tasks = True
+    spans_hosts = True
 
     def __init__(
         self,
@@ -215,7 +208,7 @@ class RedisTransport(Transport):
     def _prefix(self) -> str:
         if not self.bus_name:
             raise RuntimeError("transport is not bound to a bus")
-        return f"ringbus:{{{self.bus_name}}}"
+        return _names.redis_prefix(self.bus_name)
 
     @property
     def stream(self) -> str:
@@ -347,20 +340,10 @@ class RedisTransport(Transport):
 
         self._once(add, "queueing tasks")
 
-    def _fix(self, data: bytes, deliveries: int) -> bytes:
-        """Count earlier deliveries in the attempt; deadlines into this host's clock."""
-        if len(data) < _MIN_ENVELOPE or data[0] != _TASK_MAGIC:
-            return data  # malformed: the worker dead-letters it as it is
-        _, wall = _DEADLINES.unpack_from(data, 16)
-        if deliveries <= 1 and not wall:
-            return data
-        buf = bytearray(data)
-        if deliveries > 1:
-            (attempt,) = _ATTEMPT.unpack_from(buf, ATTEMPT_OFFSET)
-            set_attempt(buf, 0, attempt + deliveries - 1)
-        if wall:
-            _DEADLINES.pack_into(buf, 16, wall - time.time() + time.monotonic(), wall)
-        return bytes(buf)
+    def _delivered(self, data: bytes, deliveries: int) -> bytes:
+        """Hand out an entry's envelope; ``deliveries`` is read by the taker."""
+        self.deliveries = deliveries
+        return data
 
     def _task_conn(self) -> Any:
         """This process's connection for blocking reads: one we can shut down
@@ -492,7 +475,7 @@ class RedisTransport(Transport):
                 out = []
                 for entry_id, data in entries:
                     self._taken.append(entry_id)
-                    out.append(self._fix(data, 1))
+                    out.append(self._delivered(data, 1))
                 if timeout == 0:
                     # A look without waiting is how a dispatcher takes its own
                     # queued tasks off the channel (cancel; the others are put
@@ -562,7 +545,7 @@ class RedisTransport(Transport):
                 deliveries,
             )
             self._taken.append(entry_id)
-            out.append(self._fix(fields[b"d"], deliveries))
+            out.append(self._delivered(fields[b"d"], deliveries))
         return out
 
     def ack_tasks(self, n: int = 1) -> None:
@@ -716,7 +699,9 @@ class RedisTransport(Transport):
             got = self._retrying(pop, "reading results", self._reply_stopped)
             if got:
                 items = next(iter(got.values())) if isinstance(got, dict) else got[1]
-                return list(items)
+                out = [d for d in items if d != _WAKE]
+                if out or self._reply_closed:
+                    return out
             if timeout == 0:
                 raise queue.Empty
 
@@ -761,68 +746,53 @@ class RedisTransport(Transport):
             return False
         return True
 
-    # ------------------------------------------------------------ dead letters
+    # ------------------------------------------------------------ records
 
-    def dead_letter(self, data: bytes, reason: str, task_type: str = "", attempts: int = 0) -> str:
-        if not task_type or not attempts:
-            t, a = describe_envelope(data)
-            task_type, attempts = task_type or t, attempts or a
-        fields: dict[Any, Any] = {
-            b"d": data,
-            b"reason": reason.encode("utf-8", "replace")[:4000],
-            b"type": task_type.encode("utf-8", "replace"),
-            b"attempts": str(attempts).encode(),
-            b"time": repr(time.time()).encode(),
-        }
+    def add_record(self, data: bytes) -> str:
         entry = self._retrying(
-            lambda r: r.xadd(self.dead_stream, fields),
-            "keeping a dead letter",
+            lambda r: r.xadd(self.dead_stream, {b"d": data}),
+            "keeping a record",
             patience=self.socket_timeout,
         )
-        if not self._taken:
-            # Not a worker holding the task: a supervisor burying the task of a
-            # worker it killed (task_timeout, stop).  Settle the dead worker's
-            # entry so no other worker runs it again.
-            with contextlib.suppress(*_NET_ERRORS, redis.ResponseError):
-                self._settle(self._redis(), data)
         return _text(entry)
 
-    def _settle(self, r: _R, data: bytes) -> None:
-        """Acknowledge the entry of ``data`` pending at a dead consumer of this host."""
-        if len(data) < _MIN_ENVELOPE or data[0] != _TASK_MAGIC:
-            return
-        ident = data[4:16]  # dispatcher pid and task id
-        for c in r.xinfo_consumers(self.stream, GROUP):
-            name = _text(c.get("name", b""))
-            host, _, pid_text = name.rpartition(":")
-            if host != self._host or not pid_text.isdigit() or not int(c.get("pending", 0)):
-                continue
-            if pid_alive(int(pid_text)):
-                continue
-            for p in r.xpending_range(self.stream, GROUP, "-", "+", 100, name):
-                found = r.xrange(self.stream, p["message_id"], p["message_id"])
-                if found and found[0][1].get(b"d", b"")[4:16] == ident:
-                    r.xack(self.stream, GROUP, p["message_id"])
-                    return
+    def settle(self, data: bytes) -> None:
+        """Acknowledge the entry holding ``data`` pending at a dead consumer of
+        this host (a supervisor buried the task of a worker it killed)."""
+        with contextlib.suppress(*_NET_ERRORS, redis.ResponseError):
+            r = self._redis()
+            for c in r.xinfo_consumers(self.stream, GROUP):
+                name = _text(c.get("name", b""))
+                host, _, pid_text = name.rpartition(":")
+                if host != self._host or not pid_text.isdigit() or not int(c.get("pending", 0)):
+                    continue
+                if pid_alive(int(pid_text)):
+                    continue
+                for p in r.xpending_range(self.stream, GROUP, "-", "+", 100, name):
+                    found = r.xrange(self.stream, p["message_id"], p["message_id"])
+                    fields = found[0][1] if found else None
+                    if fields and fields.get(b"d", b"") == data:
+                        r.xack(self.stream, GROUP, p["message_id"])
+                        return
 
-    def dead_letters(self) -> list[DeadLetter]:
-        entries = self._once(lambda r: r.xrange(self.dead_stream), "reading dead letters")
-        return [_letter(eid, f) for eid, f in entries]
+    def records(self) -> list[Record]:
+        entries = self._once(lambda r: r.xrange(self.dead_stream), "reading records")
+        return [(_text(eid), f.get(b"d", b"")) for eid, f in entries]
 
-    def take_dead_letters(
+    def take_records(
         self,
         ids: Iterable[str] | None = None,
-        handle: Callable[[DeadLetter], object] | None = None,
-    ) -> list[DeadLetter]:
+        handle: Callable[[Record], object] | None = None,
+    ) -> list[Record]:
         want = None if ids is None else set(ids)
-        taken: list[DeadLetter] = []
-        for d in self.dead_letters():
-            if want is not None and d.id not in want:
+        taken: list[Record] = []
+        for rec in self.records():
+            if want is not None and rec[0] not in want:
                 continue
             if handle is not None:
-                handle(d)  # first: a crash in between duplicates, never loses
-            self._once(lambda r, i=d.id: r.xdel(self.dead_stream, i), "removing a dead letter")  # type: ignore[misc]
-            taken.append(d)
+                handle(rec)  # first: a crash in between duplicates, never loses
+            self._once(lambda r, i=rec[0]: r.xdel(self.dead_stream, i), "removing a record")  # type: ignore[misc]
+            taken.append(rec)
         return taken
 
     # ------------------------------------------------------------ lifecycle
@@ -924,17 +894,6 @@ def _stream_entries(resp: Any) -> list[tuple[bytes, bytes]]:
                 data = dict(zip(fields[::2], fields[1::2], strict=False)).get(b"d", b"")
             out.append((_bytes(entry_id), data))
     return out
-
-
-def _letter(entry_id: Any, f: dict[bytes, bytes]) -> DeadLetter:
-    return DeadLetter(
-        _text(entry_id),
-        float(f.get(b"time", b"0")),
-        f.get(b"reason", b"").decode("utf-8", "replace"),
-        f.get(b"type", b"").decode("utf-8", "replace"),
-        int(f.get(b"attempts", b"0")),
-        f.get(b"d", b""),
-    )
 
 
 def _rebuild(url: str, config: dict[str, Any], bus_name: str) -> RedisTransport:

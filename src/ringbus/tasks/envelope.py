@@ -10,7 +10,7 @@ Task message::
     offset  size  field
     0       1     magic/version (0xB1)
     1       1     flags          (FLAG_REPLY: the dispatcher waits for a result)
-    2       2     attempt        (1 for the first delivery; issue 4 counts redeliveries)
+    2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
     8       8     task id        (per-dispatcher counter)
     16      8     deadline       (time.monotonic(), system-wide on Linux; 0.0 = none)
@@ -35,19 +35,13 @@ import struct
 import traceback
 from typing import Any, NamedTuple
 
+from ringbus.errors import EnvelopeError, RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
+
 __all__ = [
     "FLAG_REPLY",
     "LOST",
-    "BusClosed",
     "EnvelopeError",
-    "NoHandlerError",
-    "RemoteTraceback",
-    "TaskError",
-    "TaskFailed",
     "TaskHeader",
-    "TaskTimeout",
-    "Unrecoverable",
-    "WorkerLost",
 ]
 
 TASK_MAGIC = 0xB1
@@ -70,55 +64,6 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 # Below this size a bytes slice (one small copy) is cheaper than a memoryview.
 _VIEW_FROM = 4096
-
-
-# ---------------------------------------------------------------- exceptions
-
-
-class TaskError(Exception):
-    """Base class of the task layer's own errors."""
-
-
-class NoHandlerError(TaskError, LookupError):
-    """No handler is registered for the task's type or any type in its MRO."""
-
-
-class TaskTimeout(TaskError, TimeoutError):
-    """The task missed its deadline (queued too long, or ran past a time limit)."""
-
-
-class WorkerLost(TaskError):
-    """The worker process running the task died before it answered."""
-
-
-class TaskFailed(TaskError):
-    """The task failed and its exception (or result) could not travel back as
-    an object; the message carries the worker's formatted traceback."""
-
-
-class Unrecoverable(TaskError):
-    """Raise it in a handler to fail the task at once: no retry, whatever the
-    handler's ``retries`` (the task goes to dead letters)."""
-
-
-class BusClosed(TaskError):
-    """The dispatching side of the bus was closed before the result arrived."""
-
-
-class EnvelopeError(ValueError):
-    """Bytes on a task or reply channel are not a ringbus envelope."""
-
-
-class RemoteTraceback(Exception):
-    """Set as ``__cause__`` of a remote exception: prints the worker's traceback
-    (what ``concurrent.futures.process._RemoteTraceback`` does)."""
-
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
 
 
 # ---------------------------------------------------------------- tasks
@@ -147,9 +92,7 @@ def encode_task(
 ) -> bytes:
     """Header + reply address + already pickled task."""
     return (
-        _pack_task(
-            TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply)
-        )
+        _pack_task(TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply))
         + reply
         + payload
     )
@@ -179,6 +122,51 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     if end > len(data):
         raise EnvelopeError("task envelope truncated inside its reply address")
     return hdr, data[TASK_HEADER_SIZE:end], end
+
+
+def requeue_envelope(data: bytes) -> bytes:
+    """The envelope to queue again for a retry from dead letters: attempt 1, no
+    deadline, no reply (the original caller's future has already failed)."""
+    hdr, reply, start = decode_task_header(data)
+    return encode_task(
+        bytes(memoryview(data)[start:]),
+        hdr.task_id,
+        hdr.flags & ~FLAG_REPLY,
+        hdr.pid,
+        reply,
+        0.0,
+        0.0,
+        1,
+    )
+
+
+def describe_envelope(data: bytes) -> tuple[str, int]:
+    """(task type, attempt) read from an envelope without importing the task's
+    module (the pickle's first GLOBAL names the class)."""
+    try:
+        hdr, _, start = decode_task_header(data)
+    except EnvelopeError:
+        return "", 0
+    return _pickled_class_name(data, start), hdr.attempt
+
+
+def _pickled_class_name(data: bytes, start: int) -> str:
+    import pickletools
+
+    try:
+        names: list[str] = []
+        for op, arg, _ in pickletools.genops(bytes(data[start : start + 4096])):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE"):
+                names.append(str(arg))
+            elif op.name == "STACK_GLOBAL" and len(names) >= 2:
+                return f"{names[-2]}.{names[-1]}"
+            elif op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if len(names) > 8:
+                break
+    except Exception:
+        pass
+    return ""
 
 
 def load_payload(data: bytes, offset: int) -> Any:

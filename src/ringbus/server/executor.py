@@ -22,9 +22,9 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.context import BaseContext
 from typing import Any, TypeVar
 
-from ringbus.bus import TaskBus
-from ringbus.server import TaskServer
-from ringbus.transport import ShmTransport
+from ringbus.server.supervisor import TaskServer
+from ringbus.tasks.bus import TaskBus
+from ringbus.transport.shm import ShmTransport
 
 __all__ = ["RingExecutor"]
 
@@ -182,7 +182,7 @@ class RingExecutor(Executor):
             self._shutdown = True
             started = self._started
         if cancel_futures and started:
-            self._bus._cancel_queued()
+            self._bus.cancel_queued()
         if already:
             if wait:
                 self._finished.wait()
@@ -201,7 +201,7 @@ class RingExecutor(Executor):
     def _finish(self) -> None:
         try:
             while True:
-                outstanding = [f for f in self._bus._outstanding() if not f.done()]
+                outstanding = [f for f in self._bus.outstanding() if not f.done()]
                 if not outstanding:
                     break
                 _wait(outstanding)
@@ -220,7 +220,7 @@ class RingExecutor(Executor):
                 "while the future was running or pending (initializer failed)."
             )
             self._shutdown = True
-        for fut in self._bus._outstanding():
+        for fut in self._bus.outstanding():
             try:
                 fut.set_exception(BrokenProcessPool(self._broken))
             except InvalidStateError:

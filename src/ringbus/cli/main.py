@@ -20,7 +20,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ringbus.bus import TaskBus
+    from ringbus.tasks.bus import TaskBus
 
 __all__ = ["load_bus", "main"]
 
@@ -42,8 +42,8 @@ def load_bus(target: str) -> object:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from ringbus.bus import TaskBus
-    from ringbus.server import TaskServer
+    from ringbus.server.supervisor import TaskServer
+    from ringbus.tasks.bus import TaskBus
 
     try:
         bus = load_bus(args.target)
@@ -110,7 +110,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _on_transport(bus: TaskBus, spec: str) -> TaskBus:
     """The same bus (name, handlers, retry policies) on another transport, so
     one module serves a shared-memory pool here and a Redis pool elsewhere."""
-    from ringbus.transport import make_transport
+    from ringbus.transport.registry import make_transport
 
     parts: tuple[Any, ...] = bus.__reduce__()
     rebuild, (name, _, *rest) = parts[0], parts[1]
@@ -178,10 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the bus over this transport instead of its own (redis://, rediss://, shm)",
     )
     w.set_defaults(func=_cmd_worker)
-    from ringbus.cli_admin import register
+    from ringbus.cli.admin import register
 
     register(sub)  # stats, ls, rm, gc, recover
-    from ringbus.cli_dead import register as register_dead
+    from ringbus.cli.dead_letters import register as register_dead
 
     register_dead(sub)
     sub.add_parser(
@@ -200,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:  # the suite parses its own options
-        from ringbus.cli_bench import main as bench_main
+        from ringbus.cli.bench import main as bench_main
 
         return bench_main(argv[1:])
     if argv[:1] == ["demo"]:  # the demo parses its own options

@@ -7,7 +7,7 @@ processes map a segment (a process that attached but never put or got is
 not in the ring's participant table, yet it still holds the ring).
 
 ``register(subparsers)`` adds the commands to the ``ringbus`` parser;
-``python -m ringbus.cli_admin`` runs them on their own.
+``python -m ringbus.cli.admin`` runs them on their own.
 
 Exit codes: 0 ok, 1 error (no such ring, refused removal, failed unlink),
 2 usage (argparse).
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ringbus import _ring
+from ringbus._proc import pid_alive
 from ringbus.errors import RingError
 
 __all__ = [
@@ -63,8 +64,6 @@ _WORKER_COUNTERS = ("tasks_done", "tasks_failed", "tasks_retried", "dead_lettere
 
 def _pid_alive(pid: int, born_before: float | None = None) -> bool:
     """Alive and (with ``born_before``, Unix seconds) not a reused pid."""
-    from ringbus.transport import pid_alive
-
     return pid_alive(pid, born_before)
 
 
@@ -283,13 +282,12 @@ def _resolve_stats_target(name: str) -> tuple[str | None, str | None]:
 
 
 def _pool_reader() -> Callable[[str], dict[str, list[Any]]] | None:
-    """``ringbus.server.read_pool_states`` if the task layer provides it."""
+    """``ringbus.server.pool_state.read_pool_states`` if the server layer is there."""
     try:
-        from ringbus import server
+        from ringbus.server.pool_state import read_pool_states
     except ImportError:
         return None
-    fn = getattr(server, "read_pool_states", None)
-    return fn if callable(fn) else None
+    return read_pool_states
 
 
 def _read_pools(bus: str) -> dict[str, list[Any]]:
@@ -346,11 +344,12 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
         for c in _WORKER_COUNTERS
         if any(c in w for s in servers for w in s["workers"])
     }
-    from ringbus.transport import ShmTransport
+    from ringbus.tasks.dead_letters import DeadLetterStore
+    from ringbus.transport.shm import ShmTransport
 
     shm = ShmTransport()
     shm.bind(bus)
-    dead = len(shm.dead_letters())
+    dead = len(DeadLetterStore(shm))
     return {
         "name": bus,
         "servers": servers,
@@ -629,7 +628,8 @@ def _err(cmd: str, text: str) -> None:
 
 def broker_snapshot(url: str, bus: str) -> dict[str, Any]:
     """Queue depth and dead letters of a bus on a broker transport (Redis)."""
-    from ringbus.transport import make_transport
+    from ringbus.tasks.dead_letters import DeadLetterStore
+    from ringbus.transport.registry import make_transport
 
     t = make_transport(url)
     t.bind(bus)
@@ -637,7 +637,7 @@ def broker_snapshot(url: str, bus: str) -> dict[str, Any]:
         return {
             "transport": t.describe(),
             "pending_tasks": t.pending_tasks(),
-            "dead_letters": len(t.dead_letters()),
+            "dead_letters": len(DeadLetterStore(t)),
         }
     finally:
         t.close()

@@ -31,25 +31,27 @@ exit codes: 0 done, 1 the store could not be read or written, 2 bad usage
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from ringbus.transport import make_transport
+    from ringbus.tasks.dead_letters import DeadLetterStore
+    from ringbus.transport.registry import make_transport
 
     try:
         transport = make_transport(args.transport)
         transport.bind(args.name)
+        store = DeadLetterStore(transport)
     except (ValueError, TypeError) as exc:
         print(f"ringbus dead-letters: {exc}", file=sys.stderr)
         return 2
     ids = args.ids or None
     try:
         if args.retry:
-            n = transport.retry_dead_letters(ids)
+            n = store.retry(ids)
             print(f"queued {n} dead letter(s) of bus {args.name!r} again")
             return 0
         if args.purge:
-            n = transport.purge_dead_letters(ids)
+            n = store.purge(ids)
             print(f"dropped {n} dead letter(s) of bus {args.name!r}")
             return 0
-        letters = transport.dead_letters()
+        letters = store.letters()
     except Exception as exc:
         print(f"ringbus dead-letters: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
@@ -77,7 +79,7 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from ringbus.cli_admin import _console
+    from ringbus.cli.admin import _console
 
     table = Table(title=f"dead letters of bus {args.name!r}: {len(letters)}")
     table.add_column("id", no_wrap=True)

@@ -1,0 +1,7 @@
+"""``python -m ringbus``: the ``ringbus`` command."""
+
+import sys
+
+from ringbus.cli.main import main
+
+sys.exit(main())

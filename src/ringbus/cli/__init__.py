@@ -1,0 +1,1 @@
+"""The ``ringbus`` command line (``ringbus.cli.main:main``)."""

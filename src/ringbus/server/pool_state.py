@@ -1,0 +1,275 @@
+"""The pool-state segment: what each worker of a TaskServer is doing.
+
+``/dev/shm/ringbus-<bus>-pool-<server pid>``, one slot per worker: the
+supervisor reads it when a worker dies, ``ringbus stats`` reads it from
+outside, and each slot ends in the worker's *journal*: the transport writes
+the envelope of the task in hand there before it leaves the channel, so a
+worker killed at any instant leaves its task either in the channel or here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import os
+import struct
+import time
+from typing import NamedTuple
+
+from ringbus import _names
+from ringbus._proc import pid_alive
+from ringbus.transport.base import JOURNAL_DATA_AT
+
+__all__ = ["PoolState", "WorkerInfo", "read_pool_states"]
+
+
+POOL_MAGIC = b"RBPOOL01"
+POOL_VERSION = 1
+# magic, version, slots, stride, server pid, created (Unix), bus name length (name at 64)
+POOL_HEADER = struct.Struct("<8sIIIIdH")
+POOL_HEADER_SIZE = 4096
+SLOT_HEAD = 512
+REPLY_OFF, REPLY_MAX = 64, 256
+TYPE_OFF, TYPE_MAX = 320, 128
+DEFAULT_ENVELOPE_AREA = 1 << 20
+
+EMPTY, STARTING, IDLE, RUNNING, EXITED = range(5)
+STATE_NAMES = ("empty", "starting", "idle", "running", "exited")
+
+# The whole fixed head of a slot (readers):
+#   0 u32 worker pid        4 u32 dispatcher pid   8 u64 task id
+#  16 f64 started (monotonic)  24 f64 deadline (monotonic, 0 none)
+#  32 u16 attempt   34 u8 flags   35 u16 reply len   37 u8 state
+#  38 u64 tasks done  46 u16 type len  48 f64 worker started (monotonic)
+#  56 u64 reserved
+#  64 reply address [256]   320 task type [128]
+# 448 u32 tasks failed  452 u32 tasks retried  456 u32 dead-lettered
+# 460 u16 deliveries allowed for the task in hand (0: not known yet)
+# 504 the journal (see ringbus.transport.base): u32 length of the envelope
+#     in hand (0: none), then from 512 the envelope itself
+SLOT = struct.Struct("<IIQddHBHBQHdII")
+# What a worker writes when it takes a task (offset 4) and when it finishes (offset 37).
+SLOT_RUN = struct.Struct("<IQddHBHB")
+SLOT_RUN_OFF = 4
+SLOT_DONE = struct.Struct("<BQ")
+SLOT_DONE_OFF = 37
+SLOT_TYPE_LEN = struct.Struct("<H")
+SLOT_WORKER = struct.Struct("<I")
+SLOT_STARTED = struct.Struct("<d")
+JOURNAL_OFF = SLOT_HEAD - JOURNAL_DATA_AT
+"""Where a slot's journal starts: its length field (the envelope follows at SLOT_HEAD)."""
+SLOT_COUNTERS = struct.Struct("<IIIH")
+SLOT_COUNTERS_OFF = 448
+SLOT_MAXDEL_OFF = 460
+_U16 = struct.Struct("<H")
+_ZERO4 = bytes(4)
+
+
+class WorkerInfo(NamedTuple):
+    """One worker slot of a pool, as read from the pool state segment."""
+
+    slot: int
+    worker_pid: int
+    state: str
+    task_id: int
+    dispatcher_pid: int
+    started: float
+    deadline: float
+    attempt: int
+    flags: int
+    reply: bytes
+    task_type: str
+    tasks_done: int
+    worker_started: float
+    tasks_failed: int = 0
+    tasks_retried: int = 0
+    dead_lettered: int = 0
+    max_deliveries: int = 0
+    inflight: int = 0
+    """Length of the envelope in the worker's journal (0: none)."""
+
+
+class PoolState:
+    """The pool state segment: a header page, then one slot per worker."""
+
+    def __init__(self, path: str, mm: mmap.mmap, slots: int, stride: int, owner: bool) -> None:
+        self.path = path
+        self.mm = mm
+        self.slots = slots
+        self.stride = stride
+        self.owner = owner
+
+    @classmethod
+    def create(
+        cls, bus_name: str, slots: int, envelope_area: int = DEFAULT_ENVELOPE_AREA
+    ) -> PoolState:
+        stride = -(-(SLOT_HEAD + envelope_area) // 4096) * 4096
+        size = POOL_HEADER_SIZE + slots * stride
+        base = f"{_names.SHM_DIR}/{_names.pool_prefix(bus_name)}{os.getpid()}"
+        path, n = base, 1
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                break
+            except FileExistsError:
+                n += 1
+                path = f"{base}-{n}"
+        try:
+            os.ftruncate(fd, size)  # sparse: untouched envelope areas cost nothing
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        os.close(fd)
+        name = bus_name.encode()
+        POOL_HEADER.pack_into(
+            mm, 0, POOL_MAGIC, POOL_VERSION, slots, stride, os.getpid(), time.time(), len(name)
+        )
+        mm[64 : 64 + len(name)] = name
+        return cls(path, mm, slots, stride, owner=True)
+
+    @classmethod
+    def attach(cls, path: str, writable: bool = True) -> PoolState:
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            if size < POOL_HEADER_SIZE:
+                raise ValueError(f"{path} is not a ringbus pool state segment (too small)")
+            prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+        finally:
+            os.close(fd)
+        magic, version, slots, stride, _, _, _ = POOL_HEADER.unpack_from(mm, 0)
+        if magic != POOL_MAGIC or version != POOL_VERSION:
+            mm.close()
+            raise ValueError(f"{path} is not a ringbus pool state segment")
+        if POOL_HEADER_SIZE + slots * stride > size:
+            mm.close()
+            raise ValueError(f"{path} is truncated")
+        return cls(path, mm, slots, stride, owner=False)
+
+    @property
+    def server_pid(self) -> int:
+        return int(POOL_HEADER.unpack_from(self.mm, 0)[4])
+
+    @property
+    def bus_name(self) -> str:
+        n = POOL_HEADER.unpack_from(self.mm, 0)[6]
+        return bytes(self.mm[64 : 64 + n]).decode("utf-8", "replace")
+
+    def offset(self, slot: int) -> int:
+        if not 0 <= slot < self.slots:
+            raise IndexError(f"slot {slot} out of range 0..{self.slots - 1}")
+        return POOL_HEADER_SIZE + slot * self.stride
+
+    def reset(self, slot: int, worker_pid: int = 0) -> None:
+        """Supervisor: a fresh slot for a new worker."""
+        off = self.offset(slot)
+        self.mm[off : off + SLOT_HEAD] = bytes(SLOT_HEAD)
+        SLOT_WORKER.pack_into(self.mm, off, worker_pid)
+        self.mm[off + SLOT_DONE_OFF] = STARTING
+
+    def set_state(self, slot: int, state: int) -> None:
+        self.mm[self.offset(slot) + SLOT_DONE_OFF] = state
+
+    def worker_up(self, slot: int, pid: int) -> None:
+        """Worker: record its pid and start time, and go idle."""
+        off = self.offset(slot)
+        SLOT_WORKER.pack_into(self.mm, off, pid)
+        SLOT_STARTED.pack_into(self.mm, off + 48, time.monotonic())
+        self.mm[off + SLOT_DONE_OFF] = IDLE
+
+    def set_type(self, slot: int, name: str) -> None:
+        off = self.offset(slot)
+        b = name.encode("utf-8", "replace")[:TYPE_MAX]
+        self.mm[off + TYPE_OFF : off + TYPE_OFF + len(b)] = b
+        SLOT_TYPE_LEN.pack_into(self.mm, off + 46, len(b))
+
+    def read(self, slot: int) -> WorkerInfo:
+        """A consistent snapshot of a slot (re-read while a live worker changes it)."""
+        off = self.offset(slot)
+        raw = bytes(self.mm[off : off + SLOT_HEAD])
+        for _ in range(4):
+            again = bytes(self.mm[off : off + SLOT_HEAD])
+            if again == raw:
+                break
+            raw = again
+        fields = SLOT.unpack_from(raw)
+        (wpid, dpid, tid, started, deadline, attempt, flags, rlen, state, done, tlen, wstart) = (
+            fields[:12]
+        )
+        (inflight,) = SLOT_WORKER.unpack_from(raw, JOURNAL_OFF)
+        failed, retried, dead, maxdel = SLOT_COUNTERS.unpack_from(raw, SLOT_COUNTERS_OFF)
+        rlen = min(rlen, REPLY_MAX)
+        tlen = min(tlen, TYPE_MAX)
+        return WorkerInfo(
+            slot=slot,
+            worker_pid=wpid,
+            state=STATE_NAMES[state] if state < len(STATE_NAMES) else f"unknown({state})",
+            task_id=tid,
+            dispatcher_pid=dpid,
+            started=started,
+            deadline=deadline,
+            attempt=attempt,
+            flags=flags,
+            reply=raw[REPLY_OFF : REPLY_OFF + rlen],
+            task_type=raw[TYPE_OFF : TYPE_OFF + tlen].decode("utf-8", "replace"),
+            tasks_done=done,
+            worker_started=wstart,
+            tasks_failed=failed,
+            tasks_retried=retried,
+            dead_lettered=dead,
+            max_deliveries=maxdel,
+            inflight=inflight,
+        )
+
+    def journal(self, slot: int) -> memoryview:
+        """A worker's journal (a view into the segment: release it when done)."""
+        off = self.offset(slot)
+        return memoryview(self.mm)[off + JOURNAL_OFF : off + self.stride]
+
+    def inflight(self, slot: int) -> bytes | None:
+        """The envelope in a worker's journal, if it holds one."""
+        off = self.offset(slot)
+        (n,) = SLOT_WORKER.unpack_from(self.mm, off + JOURNAL_OFF)
+        if not n or n > self.stride - SLOT_HEAD:
+            return None
+        return bytes(self.mm[off + SLOT_HEAD : off + SLOT_HEAD + n])
+
+    def snapshot(self) -> list[WorkerInfo]:
+        return [self.read(i) for i in range(self.slots)]
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError, ValueError):
+            self.mm.close()
+
+    def unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+
+def read_pool_states(bus_name: str) -> dict[str, list[WorkerInfo]]:
+    """Worker slots of every live server of ``bus_name`` on this machine
+    (path -> slots), for ``ringbus stats``."""
+    prefix = _names.pool_prefix(bus_name)
+    out: dict[str, list[WorkerInfo]] = {}
+    try:
+        names = sorted(os.listdir(_names.SHM_DIR))
+    except OSError:
+        return out
+    for name in names:
+        if not name.startswith(prefix):
+            continue
+        rest = name[len(prefix) :].split("-")
+        if not rest[0].isdigit() or len(rest) > 2 or not pid_alive(int(rest[0])):
+            continue
+        try:
+            ps = PoolState.attach(f"{_names.SHM_DIR}/{name}", writable=False)
+        except (OSError, ValueError):
+            continue
+        try:
+            out[ps.path] = ps.snapshot()
+        finally:
+            ps.close()
+    return out

@@ -1,0 +1,508 @@
+"""TaskServer: the worker pool (Swoole's ``task_worker_num``).
+
+A supervisor thread in the server process starts the workers
+(``worker.py``), reaps them, replaces any that die (their task is delivered
+again, or its caller gets ``WorkerLost``), kills those whose task overran
+``task_timeout`` (their caller gets ``TaskTimeout``) and drains the pool on
+``stop()``.  What each worker does is in the pool-state segment
+(``pool_state.py``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing as mp
+import multiprocessing.connection
+import multiprocessing.util  # before our atexit hook is registered (see below)
+import os
+import signal
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ringbus.server.pool_state import (
+    DEFAULT_ENVELOPE_AREA,
+    SLOT_WORKER,
+    PoolState,
+    WorkerInfo,
+)
+from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, worker_main
+from ringbus.tasks import envelope as env
+from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.dead_letters import DeadLetterStore
+from ringbus.tasks.envelope import FLAG_REPLY
+
+__all__ = ["TaskServer"]
+
+log = logging.getLogger("ringbus.server")
+
+
+class _Worker:
+    __slots__ = ("kill_reason", "killed_tid", "pid", "process", "slot", "started")
+
+    def __init__(self, slot: int, process: mp.process.BaseProcess) -> None:
+        self.slot = slot
+        self.process = process
+        self.pid: int = process.pid or 0
+        self.started = time.monotonic()
+        self.kill_reason: str | None = None
+        self.killed_tid = -1
+
+
+_servers: weakref.WeakSet[TaskServer] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_servers_at_exit() -> None:
+    """Workers are not daemons (handlers may start processes): stop them here,
+    before multiprocessing's own exit hook would wait for them forever."""
+    for server in list(_servers):
+        if server._owner_pid == os.getpid():
+            server.stop(timeout=10)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit status {code}"
+
+
+class TaskServer:
+    """A pool of ``workers`` processes serving ``bus``'s task channel.
+
+    ``max_tasks_per_child`` recycles a worker after that many tasks;
+    ``task_timeout`` (seconds) kills a worker whose task runs longer and
+    fails that task with ``TaskTimeout``; ``initializer(*initargs)`` runs in
+    each worker before it takes tasks.  ``stop()`` is graceful: workers
+    finish the task in hand and take no new one; queued tasks stay queued
+    for the next server on the same bus.
+    """
+
+    def __init__(
+        self,
+        bus: TaskBus,
+        workers: int | None = None,
+        *,
+        max_tasks_per_child: int | None = None,
+        task_timeout: float | None = None,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        start_method: str = "fork",
+    ) -> None:
+        if not isinstance(bus, TaskBus):
+            raise TypeError(f"bus must be a TaskBus, not {type(bus).__name__}")
+        if workers is None:
+            workers = os.cpu_count() or 1
+        if not isinstance(workers, int) or workers < 1:
+            raise ValueError(f"workers must be a positive int, not {workers!r}")
+        if max_tasks_per_child is not None and (
+            not isinstance(max_tasks_per_child, int) or max_tasks_per_child < 1
+        ):
+            raise ValueError(f"max_tasks_per_child must be >= 1, not {max_tasks_per_child!r}")
+        if task_timeout is not None and not task_timeout > 0:
+            raise ValueError(f"task_timeout must be > 0 seconds, not {task_timeout!r}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be callable")
+        self.bus = bus
+        self.workers = workers
+        self.max_tasks_per_child = max_tasks_per_child
+        self.task_timeout = task_timeout
+        self.initializer = initializer
+        self.initargs = tuple(initargs)
+        self.start_method = start_method
+        self._ctx = mp.get_context(start_method)
+        self._lock = threading.RLock()  # stop() may re-enter from a signal handler
+        self._state: PoolState | None = None
+        self._workers: list[_Worker | None] = [None] * workers
+        self._respawn_at: dict[int, float] = {}
+        self._quick_fails = [0] * workers
+        self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = -1
+        self._started = False
+        self._stopping = False
+        self._stopped = False
+        self._stop_deadline: float | None = None
+        self._term_sent = False
+        self._owner_pid = os.getpid()
+        self.restarts = 0
+        self.lost = 0
+        self.timeouts = 0
+        self.redelivered = 0
+        """Tasks of dead workers queued again (attempt + 1)."""
+        self.dead_lettered = 0
+        """Tasks this supervisor put in dead letters (workers count their own)."""
+        self.on_initializer_failure: Callable[[TaskServer], None] | None = None
+        """Called (from the supervisor thread) when a worker's initializer raised."""
+
+    # ------------------------------------------------------------ public
+
+    def start(self) -> TaskServer:
+        """Open the task channel, start the workers and the supervisor."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("TaskServer already started")
+            self._started = True
+        self.bus.transport.open()
+        limit = self.bus.transport.max_task_size()
+        self._state = PoolState.create(
+            self.bus.name, self.workers, max(4096, limit or DEFAULT_ENVELOPE_AREA)
+        )
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        _servers.add(self)
+        # The supervisor thread forks every worker, the first ones too: a
+        # worker's parent-death signal fires when its forking thread ends,
+        # and that thread must live as long as the pool.
+        started = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(
+            target=self._supervise,
+            args=(started, failure),
+            name=f"ringbus-supervisor-{self.bus.name}",
+            daemon=True,
+        )
+        self._thread.start()
+        started.wait()
+        if failure:
+            self._thread.join()
+            self._stopped = True
+            self._cleanup()
+            raise failure[0]
+        log.info("ringbus: serving bus %r with %d workers", self.bus.name, self.workers)
+        return self
+
+    def stop(self, timeout: float | None = None, *, wait: bool = True) -> None:
+        """Drain the pool: each worker finishes its task in hand and exits.
+
+        After ``timeout`` seconds the workers still busy are killed and their
+        callers get ``WorkerLost``.  Tasks still queued stay in the channel.
+        ``wait=False`` only asks (safe from a signal handler); a later
+        ``stop()`` waits.
+        """
+        with self._lock:
+            if not self._started or self._stopped:
+                return
+            deadline = None if timeout is None else time.monotonic() + timeout
+            if not self._stopping:
+                self._stopping = True
+                self._stop_deadline = deadline
+            elif deadline is not None and (
+                self._stop_deadline is None or deadline < self._stop_deadline
+            ):
+                self._stop_deadline = deadline
+        self._wake()
+        if not wait:
+            return
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._lock:
+            if self._stopped:
+                return
+            self._stopped = True
+        self._cleanup()
+        log.info("ringbus: pool of bus %r stopped", self.bus.name)
+
+    def kill(self, *, wait: bool = True) -> None:
+        """Stop now: kill every worker (their callers get ``WorkerLost``)."""
+        self.stop(timeout=0, wait=wait)
+
+    @property
+    def running(self) -> bool:
+        return self._started and not self._stopped
+
+    @property
+    def pids(self) -> list[int]:
+        """Pids of the live workers."""
+        return [w.pid for w in list(self._workers) if w is not None]
+
+    @property
+    def state_path(self) -> str | None:
+        """Path of the pool state segment (for ``ringbus stats``)."""
+        return self._state.path if self._state is not None else None
+
+    def worker_info(self) -> list[WorkerInfo]:
+        """What each worker is doing now (from the pool state segment)."""
+        return self._state.snapshot() if self._state is not None and not self._stopped else []
+
+    def __enter__(self) -> TaskServer:
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else ("stopped" if self._stopped else "new")
+        return f"<TaskServer bus={self.bus.name!r} workers={self.workers} {state}>"
+
+    # ------------------------------------------------------------ supervisor
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def _spawn(self, slot: int) -> None:
+        assert self._state is not None
+        self._state.reset(slot)
+        process = self._ctx.Process(  # type: ignore[attr-defined]
+            target=worker_main,
+            args=(
+                self.bus,
+                slot,
+                self._state.path,
+                self.max_tasks_per_child,
+                self.initializer,
+                self.initargs,
+                os.getpid(),
+            ),
+            name=f"ringbus-worker-{self.bus.name}-{slot}",
+            daemon=False,
+        )
+        # The child starts with stop signals blocked, so none can hit it
+        # before its own handlers are installed (it unblocks them).
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCK_AT_FORK)
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        # Readers outside see the pid as soon as the child exists, not only
+        # once it has booted (the worker writes the same value in worker_up).
+        SLOT_WORKER.pack_into(self._state.mm, self._state.offset(slot), process.pid)
+        self._workers[slot] = _Worker(slot, process)
+
+    def _next_timeout(self) -> float | None:
+        waits: list[float] = []
+        now = time.monotonic()
+        if self.task_timeout is not None:
+            waits.append(max(0.005, min(0.25, self.task_timeout / 10)))
+        if self._respawn_at and not self._stopping:
+            waits.append(max(0.0, min(self._respawn_at.values()) - now))
+        if self._stopping and self._stop_deadline is not None:
+            waits.append(max(0.0, self._stop_deadline - now))
+        return min(waits) if waits else None
+
+    def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            for slot in range(self.workers):
+                self._spawn(slot)
+        except BaseException as exc:
+            failure.append(exc)
+            for w in self._workers:
+                if w is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(w.pid, signal.SIGKILL)
+                    w.process.join()
+            return
+        finally:
+            started.set()
+        try:
+            self._supervise_loop()
+        except BaseException:
+            log.exception("ringbus: the supervisor of bus %r failed", self.bus.name)
+            raise
+
+    def _supervise_loop(self) -> None:
+        while True:
+            if self._stopping and not self._term_sent:
+                self._term_sent = True
+                self._respawn_at.clear()
+                for w in self._workers:
+                    if w is not None:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(w.pid, signal.SIGTERM)
+            live = [w for w in self._workers if w is not None]
+            if self._stopping:
+                if not live:
+                    return
+                if self._stop_deadline is not None and time.monotonic() >= self._stop_deadline:
+                    for w in live:
+                        if w.kill_reason is None:
+                            w.kill_reason = "stop"
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(w.pid, signal.SIGKILL)
+            sentinels = {w.process.sentinel: w for w in live}
+            ready = mp.connection.wait([*sentinels, self._wake_r], self._next_timeout())
+            for obj in ready:
+                if obj == self._wake_r:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        os.read(self._wake_r, 4096)
+                    continue
+                w = sentinels.get(obj) if isinstance(obj, int) else None
+                if w is not None:
+                    self._on_exit(w)
+            if not self._stopping and self._respawn_at:
+                now = time.monotonic()
+                for slot, due in list(self._respawn_at.items()):
+                    if due <= now:
+                        del self._respawn_at[slot]
+                        self._respawn(slot)
+            if self.task_timeout is not None:
+                self._check_overruns(self.task_timeout)
+
+    def _respawn(self, slot: int) -> None:
+        try:
+            self._spawn(slot)
+            self.restarts += 1
+        except Exception:
+            log.exception("ringbus: could not start a worker for bus %r", self.bus.name)
+            self._respawn_at[slot] = time.monotonic() + 1.0
+
+    def _check_overruns(self, limit: float) -> None:
+        assert self._state is not None
+        now = time.monotonic()
+        for w in self._workers:
+            if w is None or w.kill_reason is not None:
+                continue
+            info = self._state.read(w.slot)
+            if info.state == "running" and now - info.started > limit:
+                w.kill_reason = "timeout"
+                w.killed_tid = info.task_id
+                log.warning(
+                    "ringbus: task #%d (%s) ran past task_timeout=%s s: killing worker %d",
+                    info.task_id,
+                    info.task_type,
+                    limit,
+                    w.pid,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(w.pid, signal.SIGKILL)
+
+    def _on_exit(self, w: _Worker) -> None:
+        assert self._state is not None
+        w.process.join(timeout=5)
+        code = w.process.exitcode
+        self._workers[w.slot] = None
+        info = self._state.read(w.slot)
+        record = self._state.inflight(w.slot) if info.worker_pid in (0, w.pid) else None
+        if code is not None and code < 0:
+            # A worker killed inside a get may hold claimed slots: hand them back.
+            with contextlib.suppress(Exception):
+                self.bus.transport.recover()
+        if record is not None:
+            self._task_in_hand(w, info, record, code)
+        elif code not in (0, None) and not (self._stopping and code == -signal.SIGTERM):
+            if code == EXIT_INIT_FAILED:
+                log.error("ringbus: worker %d of bus %r: initializer failed", w.pid, self.bus.name)
+            else:
+                log.warning(
+                    "ringbus: worker %d of bus %r exited (%s)",
+                    w.pid,
+                    self.bus.name,
+                    _describe_exit(code),
+                )
+        self._state.reset(w.slot)
+        if code == EXIT_INIT_FAILED and self.on_initializer_failure is not None:
+            try:
+                self.on_initializer_failure(self)
+            except Exception:
+                log.exception("ringbus: on_initializer_failure hook failed")
+        if self._stopping:
+            return
+        # Back off only for workers that die on their own without a task in
+        # hand (a failing start); a poison task ends in dead letters instead.
+        quick = (
+            code != 0
+            and record is None
+            and w.kill_reason is None
+            and time.monotonic() - w.started < 1.0
+        )
+        if quick:
+            self._quick_fails[w.slot] += 1
+            delay = min(5.0, 0.1 * 2 ** (self._quick_fails[w.slot] - 1))
+            self._respawn_at[w.slot] = time.monotonic() + delay
+        else:
+            self._quick_fails[w.slot] = 0
+            self._respawn(w.slot)
+
+    def _task_in_hand(self, w: _Worker, info: WorkerInfo, record: bytes, code: int | None) -> None:
+        """The worker died holding a task: deliver it again, or fail it for good."""
+        transport = self.bus.transport
+        try:
+            hdr, reply, _ = env.decode_task_header(record)
+        except env.EnvelopeError as exc:
+            self._bury(
+                record, f"malformed envelope in the in-flight record of worker {w.pid}: {exc}"
+            )
+            return
+        same = info.task_id == hdr.task_id and info.state == "running"
+        type_name = (info.task_type if same else "") or env.describe_envelope(record)[0]
+        # The slot has the attempt in hand (retries raise it); the journal the
+        # envelope as taken.
+        attempt = max(hdr.attempt, info.attempt) if same else hdr.attempt
+        what = f"task #{hdr.task_id} ({type_name or 'unknown type'})"
+        status = env.LOST
+        if w.kill_reason == "timeout" and w.killed_tid == hdr.task_id:
+            self.timeouts += 1
+            status = env.TIMEOUT
+            text = (
+                f"{what} ran longer than task_timeout={self.task_timeout} s; "
+                f"worker pid {w.pid} was killed"
+            )
+        elif w.kill_reason == "stop":
+            self.lost += 1
+            text = f"worker pid {w.pid} was killed at stop while running {what}"
+        else:
+            died = f"worker pid {w.pid} died ({_describe_exit(code)}) while running {what}"
+            if transport.redelivers_lost_tasks:
+                log.warning("ringbus: %s; the transport delivers it again", died)
+                return
+            allowed = info.max_deliveries if same else 0
+            if not allowed or attempt < allowed:
+                try:
+                    transport.put_task(env.with_attempt(record, attempt + 1), timeout=5.0)
+                except Exception as exc:
+                    log.error("ringbus: %s; could not queue it again: %s", died, exc)
+                else:
+                    self.redelivered += 1
+                    log.warning("ringbus: %s; delivering it again (attempt %d)", died, attempt + 1)
+                    return
+            self.lost += 1
+            text = f"{died}, attempt {attempt} of at most {allowed or attempt}"
+            log.error("ringbus: %s; it goes to dead letters", text)
+        self._bury(record, text, type_name, attempt)
+        if hdr.flags & FLAG_REPLY and reply:
+            try:
+                transport.send_reply(
+                    reply, hdr.pid, env.encode_text(hdr.task_id, status, text), patience=5.0
+                )
+            except Exception:
+                log.exception("ringbus: could not answer %s", what)
+
+    def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
+        """Keep a dead worker's task in dead letters; the transport must not
+        deliver it again (a broker would, after its visibility timeout)."""
+        transport = self.bus.transport
+        try:
+            DeadLetterStore(transport).add(
+                env.with_attempt(record, attempt) if attempt else record, reason, type_name, attempt
+            )
+            self.dead_lettered += 1
+        except Exception:
+            log.exception("ringbus: could not keep a dead letter (%s)", reason)
+        try:
+            transport.settle(record)
+        except Exception:
+            log.exception("ringbus: could not settle a buried task (%s)", reason)
+
+    def _cleanup(self) -> None:
+        _servers.discard(self)
+        if self._state is not None:
+            self._state.close()
+            self._state.unlink()
+        for fd in (self._wake_r, self._wake_w):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._wake_r = self._wake_w = -1

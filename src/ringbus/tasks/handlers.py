@@ -1,0 +1,174 @@
+"""Handlers per task type, resolved along the MRO, and their retry policies."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
+
+from ringbus.errors import NoHandlerError
+
+__all__ = ["DEFAULT_REDELIVERIES", "HandlerRegistry", "RetryPolicy"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_REDELIVERIES = 3
+"""Deliveries after a worker death, for handlers registered without ``retries``."""
+
+
+class RetryPolicy(NamedTuple):
+    """How often a handler's task may be attempted.
+
+    ``retries`` counts extra attempts after the first, shared by handler
+    exceptions and worker deaths (one attempt counter travels in the
+    envelope).  ``None`` means: exceptions are not retried, but a task whose
+    worker died is delivered again up to ``DEFAULT_REDELIVERIES`` times
+    (at-least-once).  The delay before retry *n* is
+    ``min(max_backoff, backoff * 2**(n-1))`` scaled by a random factor in
+    [0.5, 1.5) so failing tasks do not retry in lockstep.
+    """
+
+    retries: int | None = None
+    backoff: float = 0.1
+    max_backoff: float = 30.0
+    dead_letter: bool = True
+    """Keep tasks whose last attempt raised in dead letters (worker deaths,
+    timeouts and malformed envelopes always are)."""
+
+    @property
+    def max_attempts(self) -> int:
+        """Attempts allowed when handlers raise."""
+        return 1 + (self.retries or 0)
+
+    @property
+    def max_deliveries(self) -> int:
+        """Attempts allowed when workers die (a poison task stops here)."""
+        return 1 + (DEFAULT_REDELIVERIES if self.retries is None else self.retries)
+
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** max(0, attempt - 1))
+        return base * (0.5 + random.random())
+
+
+DEFAULT_POLICY = RetryPolicy()
+
+
+def check_policy(
+    retries: int | None, backoff: float, max_backoff: float, dead_letter: bool = True
+) -> RetryPolicy:
+    if retries is not None and (
+        isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000
+    ):
+        raise ValueError(f"retries must be None or an int in 0..1000, not {retries!r}")
+    for label, v in (("backoff", backoff), ("max_backoff", max_backoff)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 86400:
+            raise ValueError(f"{label} must be a number of seconds in [0, 86400), not {v!r}")
+    return RetryPolicy(retries, float(backoff), float(max_backoff), bool(dead_letter))
+
+
+class HandlerRegistry:
+    """The handler table of a bus (``TaskBus`` is one)."""
+
+    name: str
+
+    def __init__(self) -> None:
+        self._handlers: dict[type, Callable[[Any], Any]] = {}
+        self._policies: dict[type, RetryPolicy] = {}
+        self._resolved: dict[type, Callable[[Any], Any]] = {}
+        self._resolved_policy: dict[type, RetryPolicy] = {}
+
+    # ------------------------------------------------------------ handlers
+
+    def handler(
+        self,
+        task_type: type,
+        *,
+        retries: int | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        dead_letter: bool = True,
+    ) -> Callable[[F], F]:
+        """Decorator: ``@bus.handler(SendEmail)`` registers the function for
+        ``SendEmail`` and its subclasses (returns the function unchanged).
+
+        ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        """
+        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+
+        def deco(fn: F) -> F:
+            self._register(task_type, fn, policy)
+            return fn
+
+        return deco
+
+    def register(
+        self,
+        task_type: type,
+        fn: Callable[[Any], Any],
+        *,
+        retries: int | None = None,
+        backoff: float = 0.1,
+        max_backoff: float = 30.0,
+        dead_letter: bool = True,
+    ) -> None:
+        """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
+        self._register(task_type, fn, check_policy(retries, backoff, max_backoff, dead_letter))
+
+    def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
+        if not isinstance(task_type, type):
+            raise TypeError(f"task_type must be a class, not {task_type!r}")
+        if not callable(fn):
+            raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
+        self._handlers[task_type] = fn
+        self._policies[task_type] = policy
+        self._resolved.clear()
+        self._resolved_policy.clear()
+
+    def policy(self, task_type: type) -> RetryPolicy:
+        """The retry policy of the handler that serves ``task_type``."""
+        p = self._resolved_policy.get(task_type)
+        if p is None:
+            p = self._policies.get(self._lookup(task_type), DEFAULT_POLICY)
+            self._resolved_policy[task_type] = p
+        return p
+
+    def resolve(self, task_type: type) -> Callable[[Any], Any]:
+        """The handler for ``task_type``: the first class of its MRO that has
+        one (most specific wins), else a registered ABC it is a virtual
+        subclass of, else a handler for ``object``.  Cached per type."""
+        fn = self._resolved.get(task_type)
+        if fn is not None:
+            return fn
+        fn = self._handlers[self._lookup(task_type)]
+        self._resolved[task_type] = fn
+        return fn
+
+    def _lookup(self, task_type: type) -> type:
+        """The registered type whose handler serves ``task_type``."""
+        handlers = self._handlers
+        found: type | None = None
+        for base in task_type.__mro__:
+            if base is not object and base in handlers:
+                found = base
+                break
+        if found is None:
+            virtual = [k for k in handlers if k is not object and issubclass(task_type, k)]
+            # Most specific: an ABC no other match is a subclass of.
+            for k in virtual:
+                if not any(o is not k and issubclass(o, k) for o in virtual):
+                    found = k
+                    break
+        if found is None and object in handlers:
+            found = object
+        if found is None:
+            raise NoHandlerError(
+                f"no handler registered on bus {self.name!r} for "
+                f"{task_type.__module__}.{task_type.__qualname__} or any of its bases"
+            )
+        return found
+
+    @property
+    def handlers(self) -> dict[type, Callable[[Any], Any]]:
+        """A copy of the registry (type -> handler)."""
+        return dict(self._handlers)

@@ -1,0 +1,205 @@
+"""The transport boundary: opaque bytes between processes.
+
+A transport never parses what it carries.  The task layer above it
+(``ringbus.tasks``) owns every byte of a task, a result and a dead-letter
+record; the transport only moves and keeps them:
+
+- a **task channel** per bus: many producers, many consumers; a consumer
+  takes one envelope at a time into its *journal* (below) and tells how
+  often that envelope was delivered;
+- a **reply channel** per dispatching process, written by any worker and
+  read by the dispatcher's reader thread; its *address* (opaque bytes)
+  travels inside each task envelope;
+- a **record store** per bus (dead letters live there), which outlives
+  servers and dispatchers.
+
+Every transport keeps per-process state (handles, connections) and makes it
+anew after ``fork()``.  All methods are thread-safe unless they say so.
+
+The journal: a consumer passes a writable buffer; the transport writes the
+taken envelope's length (u32, little-endian) at offset 0 and its bytes from
+``JOURNAL_DATA_AT`` (length 0 when it does not fit) before the envelope
+leaves the channel, where the channel allows it (shared memory does it
+before the ring frees the slots, so a kill at any instant leaves the task
+either in the ring or in the journal).  A broker that redelivers
+unacknowledged envelopes may write it afterwards.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from ringbus._names import validate_bus_name
+from ringbus.errors import TransportClosed
+
+__all__ = ["JOURNAL_DATA_AT", "Record", "Transport", "TransportClosed"]
+
+JOURNAL_DATA_AT = 8
+"""Offset of the envelope's bytes in a journal (its u32 length sits at 0)."""
+
+Record = tuple[str, bytes]
+"""(id, bytes) of an entry of a transport's record store."""
+
+
+def write_journal(journal: Any, data: bytes) -> None:
+    """Record ``data`` in ``journal`` (length 0 when it does not fit)."""
+    mv = memoryview(journal)
+    n = len(data) if len(data) <= len(mv) - JOURNAL_DATA_AT else 0
+    if n:
+        mv[JOURNAL_DATA_AT : JOURNAL_DATA_AT + n] = data
+    mv[0:4] = n.to_bytes(4, "little")
+
+
+class Transport(abc.ABC):
+    """Moves opaque envelopes; see the module docstring for the channels."""
+
+    bus_name: str = ""
+
+    redelivers_lost_tasks: bool = False
+    """True when the transport itself delivers again the envelopes a dead
+    consumer had taken (a broker's visibility timeout).  The server then
+    leaves a dead worker's task to the transport instead of queueing it
+    again itself."""
+
+    spans_hosts: bool = False
+    """True when producers and consumers may run on different machines (the
+    task layer then trusts wall-clock deadlines, not this host's monotonic
+    clock)."""
+
+    deliveries: int = 1
+    """How many times the envelope this process took last was delivered
+    (1 = first delivery; a broker counts redeliveries after consumer deaths)."""
+
+    def bind(self, bus_name: str) -> None:
+        """Called once by the TaskBus that owns this transport."""
+        if self.bus_name and self.bus_name != bus_name:
+            raise ValueError(f"transport already bound to bus {self.bus_name!r}")
+        self.bus_name = validate_bus_name(bus_name)
+
+    # ------------------------------------------------------------ tasks
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Make sure the task channel exists (a server calls it at start)."""
+
+    @abc.abstractmethod
+    def put_task(self, data: bytes, timeout: float | None = None) -> None:
+        """Queue one envelope; ``queue.Full`` if ``timeout`` passes first."""
+
+    @abc.abstractmethod
+    def put_tasks(self, items: list[bytes], timeout: float | None = None) -> None:
+        """Queue envelopes in order; ``queue.Full`` carries ``.done`` (how many went)."""
+
+    @abc.abstractmethod
+    def get_tasks(self, max_items: int = 1, timeout: float | None = None) -> list[bytes]:
+        """Wait for at least one envelope (no journal: for draining a channel).
+
+        ``queue.Empty`` when ``timeout`` passes, ``TransportClosed`` once
+        ``interrupt()`` or ``close()`` was called in this process.
+        """
+
+    def take_task(self, journal: Any, timeout: float | None = None) -> bytes:
+        """Wait for one envelope and record it in ``journal`` (see the module
+        docstring); ``deliveries`` then tells how often it was delivered."""
+        data = self.get_tasks(1, timeout)[0]
+        write_journal(journal, data)
+        return data
+
+    def task_taker(self, journal: Any) -> Callable[[], bytes]:
+        """A zero-argument ``take_task(journal)`` for a consumer's loop (a
+        transport may return a faster callable with the same behaviour; it
+        raises ``TransportClosed`` once interrupted)."""
+        return lambda: self.take_task(journal)
+
+    def ack_tasks(self, n: int = 1) -> None:  # noqa: B027 - optional hook
+        """The oldest ``n`` envelopes this process took are finished."""
+
+    def settle(self, data: bytes) -> None:  # noqa: B027 - optional hook
+        """The envelope ``data``, taken by a consumer that died, is finished
+        for good (buried by a supervisor): never deliver it again."""
+
+    @abc.abstractmethod
+    def interrupt(self) -> None:
+        """Wake a blocked take in this process; later calls raise
+        ``TransportClosed``.  Must be safe to call from a signal handler."""
+
+    @abc.abstractmethod
+    def pending_tasks(self) -> int:
+        """Envelopes waiting in the task channel (an estimate)."""
+
+    def max_task_size(self) -> int | None:
+        """Largest envelope the task channel takes, if it has a limit (sizes
+        the consumers' journals)."""
+        return None
+
+    def recover(self) -> int:
+        """Repair the task channel after a consumer or producer died mid-operation.
+        Returns how many envelopes were handed back for delivery."""
+        return 0
+
+    # ------------------------------------------------------------ replies
+
+    @abc.abstractmethod
+    def reply_address(self) -> bytes:
+        """This process's reply channel, created on first use (and after fork)."""
+
+    @abc.abstractmethod
+    def recv_replies(self, max_items: int, timeout: float | None = None) -> list[bytes]:
+        """Wait for messages on this process's reply channel (``queue.Empty``
+        on timeout, ``TransportClosed`` after ``close_replies``)."""
+
+    @abc.abstractmethod
+    def close_replies(self) -> None:
+        """Close and remove this process's reply channel (wakes its reader)."""
+
+    @abc.abstractmethod
+    def send_reply(
+        self, address: bytes, pid: int, data: bytes, patience: float | None = None
+    ) -> bool:
+        """Deliver a message to a dispatcher's reply channel.
+
+        Waits while the channel is full and its dispatcher (``pid``) lives;
+        gives up (False, with a log line) when the dispatcher is gone or
+        ``patience`` seconds passed.  ``MessageTooLarge`` propagates so the
+        caller can send a smaller message instead.
+        """
+
+    def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
+        """A direct ``put(data, block)`` into a reply channel, or None.  Any
+        exception it raises means: deliver through ``send_reply`` instead."""
+        return None
+
+    # ------------------------------------------------------------ records
+
+    @abc.abstractmethod
+    def add_record(self, data: bytes) -> str:
+        """Keep ``data`` in the bus's record store; returns its id."""
+
+    @abc.abstractmethod
+    def records(self) -> list[Record]:
+        """Every record of the bus, oldest first."""
+
+    @abc.abstractmethod
+    def take_records(
+        self,
+        ids: Iterable[str] | None = None,
+        handle: Callable[[Record], object] | None = None,
+    ) -> list[Record]:
+        """Remove the selected records (all when ``ids`` is None) and return
+        them; ``handle(record)`` runs before each one is removed (a crash in
+        between duplicates, never loses)."""
+
+    # ------------------------------------------------------------ lifecycle
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release this process's handles (the channels stay)."""
+
+    @abc.abstractmethod
+    def destroy(self) -> None:
+        """Remove the bus's channels and records (queued envelopes are dropped)."""
+
+    def describe(self) -> str:
+        return f"{type(self).__name__}({self.bus_name!r})"

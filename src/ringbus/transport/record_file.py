@@ -1,0 +1,130 @@
+"""The shared-memory transport's record store: an append-only file.
+
+``/dev/shm/ringbus-<bus>-dead`` outlives every server (removed by
+``TaskBus.destroy()``).  Appends and tombstones take ``flock``, which the
+kernel drops when its holder dies, so a killed process can never wedge it;
+each record carries a CRC, so a record torn by a crash is skipped on read.
+Removing a record only sets its tombstone byte: a caller that must not
+lose a record acts on it first, then removes it (a crash in between
+duplicates, never loses).
+
+Record layout (little-endian)::
+
+    0   4  magic b"RBR1"
+    4   1  live (1) / removed (0)       -- not covered by the CRC
+    5   3  reserved
+    8   4  body length n
+    12  4  CRC-32 of the body
+    16  n  body: u64 id, then the record's bytes (opaque here)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import secrets
+import struct
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+
+__all__ = ["RecordFile"]
+
+_MAGIC = b"RBR1"
+_REC = struct.Struct("<4sB3xII")
+_ID = struct.Struct("<Q")
+
+Record = tuple[str, bytes]
+
+
+class RecordFile:
+    """Opaque records appended to one file (see the module docstring)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _open(self, write: bool) -> int | None:
+        flags = os.O_RDWR | os.O_CREAT if write else os.O_RDONLY
+        try:
+            return os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            return None
+
+    def add(self, data: bytes) -> str:
+        """Append a record; returns its id."""
+        rid = secrets.randbits(63) | 1
+        body = _ID.pack(rid) + data
+        rec = _REC.pack(_MAGIC, 1, len(body), zlib.crc32(body)) + body
+        fd = self._open(True)
+        assert fd is not None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            end = os.lseek(fd, 0, os.SEEK_END)
+            # pwrite at the end under the lock: a torn write is cut off by the
+            # next append's position check below (records never overlap).
+            written = os.pwrite(fd, rec, end)
+            if written != len(rec):
+                os.ftruncate(fd, end)
+                raise OSError(f"short write to {self.path}")
+        finally:
+            os.close(fd)
+        return f"{rid:016x}"
+
+    def _scan(self, fd: int) -> Iterator[tuple[int, Record]]:
+        size = os.fstat(fd).st_size
+        raw = os.pread(fd, size, 0) if size else b""
+        off = 0
+        while off + _REC.size <= len(raw):
+            magic, live, n, crc = _REC.unpack_from(raw, off)
+            body_at = off + _REC.size
+            if magic != _MAGIC or body_at + n > len(raw):
+                break  # a torn tail: nothing valid can follow it
+            body = raw[body_at : body_at + n]
+            if live and n >= _ID.size and zlib.crc32(body) == crc:
+                (rid,) = _ID.unpack_from(body)
+                yield off, (f"{rid:016x}", bytes(body[_ID.size :]))
+            off = body_at + n
+
+    def records(self) -> list[Record]:
+        fd = self._open(False)
+        if fd is None:
+            return []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            return [r for _, r in self._scan(fd)]
+        finally:
+            os.close(fd)
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    def take(
+        self,
+        ids: Iterable[str] | None = None,
+        handle: Callable[[Record], object] | None = None,
+    ) -> list[Record]:
+        """Remove the selected records (all when ``ids`` is None) and return
+        them; ``handle`` runs on each before its tombstone is written."""
+        want = None if ids is None else {i.lower().removeprefix("0x").zfill(16) for i in ids}
+        fd = self._open(True)
+        if fd is None:
+            return []
+        taken: list[Record] = []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            for off, r in list(self._scan(fd)):
+                if want is not None and r[0] not in want:
+                    continue
+                if handle is not None:
+                    handle(r)
+                os.pwrite(fd, b"\0", off + 4)
+                taken.append(r)
+            if not any(True for _ in self._scan(fd)):
+                os.ftruncate(fd, 0)  # nothing live is left: reclaim the space
+        finally:
+            os.close(fd)
+        return taken
+
+    def destroy(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
