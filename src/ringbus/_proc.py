@@ -105,8 +105,14 @@ def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
         return False
 
 
-def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
-    """Get ``sig`` when the parent dies, and at once if it already has (it
-    may have died before the call)."""
-    if set_parent_death_signal(sig) and parent_pid and os.getppid() != parent_pid:
-        os.kill(os.getpid(), sig)
+def die_with_parent(owner_pid: int, sig: int = signal.SIGTERM) -> None:
+    """Get ``sig`` when the parent dies, and at once if ``owner_pid`` (the
+    process that asked for this one) is already gone.
+
+    The parent is not always the owner: a fork server (``forkserver``, the
+    default start method from Python 3.14) forks on the owner's behalf.
+    That server exits when its owner does, so its death signal still comes.
+    """
+    if set_parent_death_signal(sig) and owner_pid and os.getppid() != owner_pid:
+        if not pid_alive(owner_pid):  # it died before prctl took effect
+            os.kill(os.getpid(), sig)

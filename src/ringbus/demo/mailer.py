@@ -10,8 +10,6 @@ slow work a request handler should not do itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import multiprocessing as mp
 import os
 import signal
@@ -19,6 +17,8 @@ import smtplib
 from email.message import EmailMessage
 from multiprocessing.sharedctypes import SynchronizedArray
 from typing import Any
+
+from ringbus._proc import set_parent_death_signal
 
 __all__ = ["CATEGORIES", "MailSink", "send_welcome"]
 
@@ -63,17 +63,11 @@ class _CountingHandler:
         return "250 Message accepted for delivery"
 
 
-def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the parent dies, so a killed demo leaves no sink."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def _sink_main(
     counts: SynchronizedArray[int], port: Any, ready: Any, delay: float
 ) -> None:  # pragma: no cover - runs in the child
     os.setsid()  # Ctrl-C at the terminal reaches the demo only; it tears us down
-    _die_with_parent()
+    set_parent_death_signal(signal.SIGTERM)  # a killed demo leaves no sink
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from aiosmtpd.smtp import SMTP
 

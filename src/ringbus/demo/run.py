@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import json
 import os
 import secrets
@@ -33,6 +32,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any
+
+from ringbus._proc import proc_stat_fields, set_parent_death_signal
 
 __all__ = ["main"]
 
@@ -49,8 +50,7 @@ class DemoError(Exception):
 
 def _die_with_parent() -> None:  # pragma: no cover - runs between fork and exec
     """preexec_fn: the child gets SIGTERM if the demo itself is killed."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def session_pids(sid: int) -> list[int]:
@@ -59,13 +59,8 @@ def session_pids(sid: int) -> list[int]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
+        fields = proc_stat_fields(int(entry))
+        if fields and len(fields) > 3 and int(fields[3]) == sid and fields[0] not in (b"Z", b"X"):
             out.append(int(entry))
     return out
 

@@ -390,8 +390,23 @@ class TaskServer:
             # A worker killed inside a get may hold claimed slots: hand them back.
             with contextlib.suppress(Exception):
                 self.bus.transport.recover()
+        # Exit 0 is a worker's answer to a stop or to max_tasks_per_child; at
+        # any other time it stopped by itself (e.g. it judged its parent dead).
+        recycled = bool(self.max_tasks_per_child) and info.tasks_done >= (
+            self.max_tasks_per_child or 0
+        )
+        on_its_own = code == 0 and not self._stopping and not recycled
         if record is not None:
             self._task_in_hand(w, info, record, code)
+        elif on_its_own:
+            log.warning(
+                "ringbus: worker %d of bus %r stopped by itself after %d task(s), %.1f s "
+                "after it started",
+                w.pid,
+                self.bus.name,
+                info.tasks_done,
+                time.monotonic() - w.started,
+            )
         elif code not in (0, None) and not (self._stopping and code == -signal.SIGTERM):
             if code == EXIT_INIT_FAILED:
                 log.error("ringbus: worker %d of bus %r: initializer failed", w.pid, self.bus.name)
@@ -413,7 +428,7 @@ class TaskServer:
         # Back off only for workers that die on their own without a task in
         # hand (a failing start); a poison task ends in dead letters instead.
         quick = (
-            code != 0
+            (code != 0 or on_its_own)
             and record is None
             and w.kill_reason is None
             and time.monotonic() - w.started < 1.0
