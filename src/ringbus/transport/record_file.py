@@ -8,6 +8,13 @@ Removing a record only sets its tombstone byte: a caller that must not
 lose a record acts on it first, then removes it (a crash in between
 duplicates, never loses).
 
+The file follows the rings' rules: never through a symlink, created with
+``O_EXCL`` and mode 0600, and used only while it is a regular file of our
+uid that no group or other user can read or write (another local user who
+planted it could read failed tasks' payloads or have ``--retry`` run
+records of their making).  It has a size cap: past ``max_bytes`` an append
+fails with ``ENOSPC`` (what is in the store stays).
+
 Record layout (little-endian)::
 
     0   4  magic b"RBR1"
@@ -21,14 +28,20 @@ Record layout (little-endian)::
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
+import stat
 import struct
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["RecordFile"]
+from ringbus.errors import RingError
+
+__all__ = ["DEFAULT_MAX_BYTES", "RecordFile"]
+
+DEFAULT_MAX_BYTES = 64 << 20
 
 _MAGIC = b"RBR1"
 _REC = struct.Struct("<4sB3xII")
@@ -40,15 +53,46 @@ Record = tuple[str, bytes]
 class RecordFile:
     """Opaque records appended to one file (see the module docstring)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = path
+        self.max_bytes = max_bytes
 
     def _open(self, write: bool) -> int | None:
-        flags = os.O_RDWR | os.O_CREAT if write else os.O_RDONLY
+        base = os.O_CLOEXEC | os.O_NOFOLLOW
         try:
-            return os.open(self.path, flags | os.O_CLOEXEC, 0o600)
+            if write:
+                try:
+                    return os.open(self.path, base | os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                except FileExistsError:
+                    fd = os.open(self.path, base | os.O_RDWR)
+            else:
+                fd = os.open(self.path, base | os.O_RDONLY)
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RingError(f"{self.path} is a symbolic link: refusing to use it") from None
+            raise
+        try:
+            self._check(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check(self, st: os.stat_result) -> None:
+        if not stat.S_ISREG(st.st_mode):
+            raise RingError(f"{self.path} is not a regular file: refusing to use it")
+        if st.st_uid != os.geteuid():
+            raise RingError(
+                f"{self.path} belongs to uid {st.st_uid}, not to this user "
+                f"(uid {os.geteuid()}): refusing to use it"
+            )
+        if st.st_mode & 0o077:
+            raise RingError(
+                f"{self.path} has mode {stat.S_IMODE(st.st_mode):04o}; "
+                f"only 0600 is safe: refusing to use it"
+            )
 
     def add(self, data: bytes) -> str:
         """Append a record; returns its id."""
@@ -60,6 +104,12 @@ class RecordFile:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             end = os.lseek(fd, 0, os.SEEK_END)
+            if end + len(rec) > self.max_bytes:
+                raise OSError(
+                    errno.ENOSPC,
+                    f"record store {self.path} is full ({end} of {self.max_bytes} bytes; "
+                    f"a record of {len(rec)} bytes does not fit)",
+                )
             # pwrite at the end under the lock: a torn write is cut off by the
             # next append's position check below (records never overlap).
             written = os.pwrite(fd, rec, end)

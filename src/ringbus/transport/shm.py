@@ -7,7 +7,10 @@
 - reply ring ``/ringbus-<bus>-reply-<pid>-<random>`` per dispatching process,
   owned (auto-removed) by it; workers attach by name and keep a small cache
   of handles;
-- record store: an append-only file (``RecordFile``).
+- record store (dead letters): an append-only file (``RecordFile``),
+  ``/dev/shm/ringbus-<bus>-dead`` (RAM: a reboot clears it), or in
+  ``record_dir`` (a directory on disk, to keep dead letters across reboots);
+  at most ``record_max_bytes`` (64 MiB).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ringbus._proc import pid_alive
 from ringbus.errors import RingClosed, RingError, TransportClosed
 from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
-from ringbus.transport.record_file import RecordFile
+from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
 
 __all__ = ["ShmTransport"]
 
@@ -61,7 +64,13 @@ class ShmTransport(Transport):
         reply_maxsize: int = 0,
         reply_max_message_size: int | None = None,
         persistent: bool = True,
+        record_dir: str | None = None,
+        record_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
+        if record_max_bytes < 4096:
+            raise ValueError(f"record_max_bytes must be >= 4096, not {record_max_bytes!r}")
+        self.record_dir = record_dir
+        self.record_max_bytes = int(record_max_bytes)
         self.maxsize = maxsize
         self.slot_size = slot_size
         self.max_message_size = max_message_size
@@ -83,6 +92,8 @@ class ShmTransport(Transport):
             "reply_maxsize": self.reply_maxsize,
             "reply_max_message_size": self.reply_max_message_size,
             "persistent": self.persistent,
+            "record_dir": self.record_dir,
+            "record_max_bytes": self.record_max_bytes,
         }
 
     def _reset_process_state(self) -> None:
@@ -332,20 +343,24 @@ class ShmTransport(Transport):
     def record_path(self) -> str:
         if not self.bus_name:
             raise RuntimeError("transport is not bound to a bus")
-        return _names.dead_letter_path(self.bus_name)
+        path = _names.dead_letter_path(self.bus_name)
+        return path if self.record_dir is None else f"{self.record_dir}/{os.path.basename(path)}"
+
+    def _records(self) -> RecordFile:
+        return RecordFile(self.record_path, self.record_max_bytes)
 
     def add_record(self, data: bytes) -> str:
-        return RecordFile(self.record_path).add(data)
+        return self._records().add(data)
 
     def records(self) -> list[Record]:
-        return RecordFile(self.record_path).records()
+        return self._records().records()
 
     def take_records(
         self,
         ids: Iterable[str] | None = None,
         handle: Callable[[Record], object] | None = None,
     ) -> list[Record]:
-        return RecordFile(self.record_path).take(ids, handle)
+        return self._records().take(ids, handle)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -369,7 +384,7 @@ class ShmTransport(Transport):
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
-        RecordFile(self.record_path).destroy()
+        self._records().destroy()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+$")
         try:
             names = os.listdir(_names.SHM_DIR)
