@@ -21,6 +21,18 @@ def _ours() -> set[str]:
     return {p.name for p in SHM.iterdir() if p.name.startswith("ringbus")}
 
 
+def _another_session(name: str) -> bool:
+    """Whether the segment names a live process other than this session (the
+    first number in the name is its creator's pid: ``ringbus-test-<pid>-...``,
+    ``ringbus-bench-<pid>-...``): other test runs on this machine make and
+    remove their own segments meanwhile."""
+    for token in name.split("-"):
+        if token.isdigit():
+            pid = int(token)
+            return pid != os.getpid() and pid_alive(pid)
+    return False
+
+
 def _live(name: str) -> bool:
     """Whether some process still maps the segment (another session's ring)."""
     needle = f"/dev/shm/{name}"
@@ -58,7 +70,7 @@ def _no_segment_left_behind() -> Iterator[None]:
     _remove_killed_sessions()
     before = _ours()
     yield
-    leaked = {n for n in _ours() - before if not _live(n)}
+    leaked = {n for n in _ours() - before if not _live(n) and not _another_session(n)}
     for name in leaked:  # clean up so one failure does not poison the next run
         (SHM / name).unlink(missing_ok=True)
     assert not leaked, f"segments left in /dev/shm by the suite: {sorted(leaked)}"

@@ -445,8 +445,9 @@ def test_a_full_reply_ring_makes_the_worker_wait_not_drop(
     bus_name: str, servers: list[TaskServer], procs: list[mp.process.BaseProcess]
 ) -> None:
     """The direct reply put never blocks: when the dispatcher's ring is full
-    (here: the dispatcher is stopped) the worker falls back to waiting for
-    room while the dispatcher lives, and no result is lost."""
+    (here: the dispatcher is stopped) the worker falls back to the careful
+    send (wait while the dispatcher reads, spill while it does not), and no
+    result is lost."""
     bus = make_bus(bus_name)
     try:
         _serve(bus, servers, workers=1)

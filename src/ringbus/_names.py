@@ -15,6 +15,7 @@ __all__ = [
     "redis_prefix",
     "reply_prefix",
     "shm_path",
+    "spill_path",
     "task_ring_name",
     "validate_bus_name",
 ]
@@ -49,6 +50,12 @@ def task_ring_name(bus: str) -> str:
 def reply_prefix(bus: str) -> str:
     """File-name prefix of the dispatchers' reply rings (``<pid>-<hex>`` follows)."""
     return f"ringbus-{bus}-reply-"
+
+
+def spill_path(reply_name: str) -> str:
+    """Where workers put results while a dispatcher's reply ring stays full
+    and unread (a stopped dispatcher): beside its reply ring."""
+    return shm_path(reply_name) + ".spill"
 
 
 def pool_prefix(bus: str) -> str:

@@ -41,6 +41,8 @@ __all__ = ["ShmTransport"]
 log = logging.getLogger("ringbus.transport")
 
 _REPLY_CACHE_SIZE = 64
+_STALL = 0.25  # seconds a full reply ring may go unread before results spill
+_SPILL_CHECK = 1.0  # an idle reader looks at its spill file this often
 _live_transports: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
 
 
@@ -111,6 +113,9 @@ class ShmTransport(Transport):
         self._last: tuple[bytes, Queue | None] = (b"", None)
         # Reply addresses whose dispatcher is gone: later results are dropped at once.
         self._dead: OrderedDict[bytes, None] = OrderedDict()
+        # Reply addresses not read for a while -> their read count then: later
+        # results spill at once while that count stands still.
+        self._stalled: OrderedDict[bytes, int] = OrderedDict()
 
     @property
     def task_ring_name(self) -> str:
@@ -243,13 +248,38 @@ class ShmTransport(Transport):
         q = self._reply
         if q is None:
             raise TransportClosed("no reply channel in this process")
-        return q.get_bytes_many(max_items, True, timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            wait = _SPILL_CHECK if end is None else min(_SPILL_CHECK, end - time.monotonic())
+            try:
+                batch = q.get_bytes_many(max_items, True, max(0.0, wait))
+            except queue.Empty:
+                batch = []
+            # Results spill only while the ring is full: look after a backlog,
+            # and now and then when idle (a spill may land just after one).
+            if not batch or len(batch) >= max_items // 2:
+                batch += self._take_spill()
+            if batch:
+                return batch
+            if end is not None and time.monotonic() >= end:
+                raise queue.Empty
+
+    def _take_spill(self) -> list[bytes]:
+        path = _names.spill_path(self._reply_addr.decode("ascii"))
+        try:
+            if os.stat(path).st_size == 0:
+                return []
+        except OSError:
+            return []
+        return [data for _, data in RecordFile(path).take()]
 
     def close_replies(self) -> None:
         with self._lock:
-            q, self._reply, self._reply_addr = self._reply, None, b""
+            q, addr = self._reply, self._reply_addr
+            self._reply, self._reply_addr = None, b""
         if q is not None:
             q.close()  # wakes the reader; the owner also removes the name
+            RecordFile(_names.spill_path(addr.decode("ascii"))).destroy()
 
     def _attach_reply(self, address: bytes) -> Queue | None:
         q = self._replies.get(address)
@@ -301,13 +331,20 @@ class ShmTransport(Transport):
     def _send_slow(
         self, q: Queue, address: bytes, pid: int, data: bytes, patience: float | None
     ) -> bool:
-        """The reply ring is full: the dispatcher is slow, or dead.  Never block
-        forever on the ring of a process that is gone."""
+        """The reply ring is full.  A dispatcher that reads, slowly, holds the
+        worker back (bounded memory); one that stopped reading (SIGSTOP, a
+        debugger) gets its results in a spill file beside its ring, so it never
+        stops service for the others; one that is gone loses them."""
         give_up = None if patience is None else time.monotonic() + patience
         born: float | None = None
         path = _names.shm_path(address.decode("ascii"))
+        stalled = self._stalled.get(address)
+        reads = int(q.stats()["gets"])
+        if stalled is not None and stalled == reads:
+            return self._spill(address, data)  # still not reading: no wait
+        self._stalled.pop(address, None)
         while True:
-            step = 0.5 if give_up is None else max(0.0, min(0.5, give_up - time.monotonic()))
+            step = _STALL if give_up is None else max(0.0, min(_STALL, give_up - time.monotonic()))
             try:
                 q.put_bytes(data, True, step)
                 return True
@@ -315,8 +352,9 @@ class ShmTransport(Transport):
                 pass
             except RingClosed:
                 return False
+            st = q.stats()
             if born is None:
-                born = q.stats().get("created_unix_ns", 0) / 1e9 or None
+                born = st.get("created_unix_ns", 0) / 1e9 or None
             if not pid_alive(pid, born) or not os.path.exists(path):
                 log.warning(
                     "dropping a result: dispatcher pid %d of reply channel %s is gone",
@@ -329,6 +367,19 @@ class ShmTransport(Transport):
                     while len(self._dead) > 1024:
                         self._dead.popitem(last=False)
                 return False
+            if int(st["gets"]) == reads:  # a whole step without one read
+                log.warning(
+                    "dispatcher pid %d does not read its reply channel %s: its results go "
+                    "to %s until it does",
+                    pid,
+                    address.decode("ascii", "replace"),
+                    _names.spill_path(address.decode("ascii")),
+                )
+                self._stalled[address] = reads
+                while len(self._stalled) > 1024:
+                    self._stalled.popitem(last=False)
+                return self._spill(address, data)
+            reads = int(st["gets"])
             if give_up is not None and time.monotonic() >= give_up:
                 log.warning(
                     "dropping a result: reply channel %s stayed full for %.1f s",
@@ -336,6 +387,14 @@ class ShmTransport(Transport):
                     patience,
                 )
                 return False
+
+    def _spill(self, address: bytes, data: bytes) -> bool:
+        try:
+            RecordFile(_names.spill_path(address.decode("ascii")), self.record_max_bytes).add(data)
+        except OSError as exc:
+            log.warning("dropping a result for %s: %s", address.decode("ascii", "replace"), exc)
+            return False
+        return True
 
     # ------------------------------------------------------------ records
 
@@ -385,7 +444,7 @@ class ShmTransport(Transport):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._records().destroy()
-        stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+$")
+        stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+(\.spill)?$")
         try:
             names = os.listdir(_names.SHM_DIR)
         except OSError:
