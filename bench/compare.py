@@ -22,13 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import shutil
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,51 +31,19 @@ from bench.extras import c_reference, memory_per_slot, task_rows
 from bench.harness import Plan, run
 from bench.peers import PEERS, available, set_redis_url
 from bench.report import machine, plots, render, write_results
+from ringbus.testing.redis_server import RedisServer, RedisServerNotFound
 
 
 @contextlib.contextmanager
 def redis_server() -> Iterator[str | None]:
-    """A private redis-server on a free loopback port (None if not installed)."""
-    exe = shutil.which("redis-server")
-    if exe is None:
+    """A private redis-server for the Redis peers: its URL (None if not installed)."""
+    try:
+        server = RedisServer()
+    except RedisServerNotFound:
         yield None
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    d = tempfile.mkdtemp(prefix="rb-bench-redis-")
-    proc = subprocess.Popen(
-        [
-            exe,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            d,
-            "--loglevel",
-            "warning",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        end = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if time.monotonic() > end or proc.poll() is not None:
-                raise RuntimeError("redis-server did not start")
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        shutil.rmtree(d, ignore_errors=True)
+    with server:
+        yield server.url
 
 
 def main(argv: list[str] | None = None) -> int:
