@@ -58,6 +58,12 @@ def _serve(bus: TaskBus, servers: list[TaskServer], workers: int = 2, **kw: Any)
     return server.start()
 
 
+def _stop(servers: list[TaskServer]) -> None:
+    """Before destroying a bus: a live pool makes destroy() refuse."""
+    for server in servers:
+        server.stop(timeout=10)
+
+
 # ---------------------------------------------------------------- handlers
 
 
@@ -389,6 +395,7 @@ def test_dead_dispatcher_does_not_block_workers(
         futs = [bus.dispatch(Add(i, 1)) for i in range(100)]
         assert [f.result(timeout=60) for f in futs] == [i + 1 for i in range(100)]
     finally:
+        _stop(servers)
         bus.destroy()  # also removes the dead dispatcher's reply ring
     assert not list(Path("/dev/shm").glob(f"ringbus-{bus_name}-reply-*"))
 
@@ -427,6 +434,7 @@ def test_the_direct_reply_put_follows_the_reply_address(
         assert mine == [i + 1 for i in range(300)]
         assert theirs == [[b + i + 1 for i in range(300)] for b in (1000, 2000)]
     finally:
+        _stop(servers)
         bus.destroy()
 
 
@@ -466,6 +474,7 @@ def test_a_full_reply_ring_makes_the_worker_wait_not_drop(
         p.join(30)
         assert p.exitcode == 0
     finally:
+        _stop(servers)
         bus.destroy()
 
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import os
 import pickle
+import queue
 import signal
 import struct
 import sys
@@ -278,6 +279,10 @@ class _WorkerLoop:
                 data = take()
             except TransportClosed:
                 break
+            except queue.Empty:  # idle: is the channel still the bus's?
+                transport.check_channel()
+                take = transport.task_taker(self.journal)
+                continue
             try:
                 magic, flags, attempt, dpid, tid, deadline, wall, rlen = unpack(data)
             except struct.error:

@@ -317,10 +317,16 @@ class TaskBus(HandlerRegistry):
         if st is not None and st.reader is not None and st.reader is not threading.current_thread():
             st.reader.join(timeout=10)
 
-    def destroy(self) -> None:
-        """``close()``, then remove the bus's channels (queued tasks are dropped)."""
+    def destroy(self, *, force: bool = False) -> None:
+        """``close()``, then remove the bus's channels (queued tasks are dropped).
+
+        On shared memory it is refused (``RingError``) while other live
+        processes use the task ring (a TaskServer, dispatchers), as ``ringbus
+        rm`` refuses: they would go on with a ring nobody else sees.  ``force``
+        removes it anyway; workers then move to the new ring within a second.
+        """
         self.close()
-        self.transport.destroy()
+        self.transport.destroy(force=force)
 
     unlink = destroy
 

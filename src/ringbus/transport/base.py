@@ -198,8 +198,15 @@ class Transport(abc.ABC):
         """Release this process's handles (the channels stay)."""
 
     @abc.abstractmethod
-    def destroy(self) -> None:
-        """Remove the bus's channels and records (queued envelopes are dropped)."""
+    def destroy(self, *, force: bool = False) -> None:
+        """Remove the bus's channels and records (queued envelopes are dropped).
+
+        Refused with ``RingbusError`` while other live processes use the task
+        channel, where the transport can tell, unless ``force``."""
+
+    def check_channel(self) -> None:  # noqa: B027 - optional hook
+        """A consumer found nothing for a while: make sure its handle is still
+        the bus's task channel (it may have been removed and made anew)."""
 
     def describe(self) -> str:
         return f"{type(self).__name__}({self.bus_name!r})"

@@ -824,7 +824,7 @@ class RedisTransport(Transport):
             if tpool is not None:
                 tpool.disconnect()
 
-    def destroy(self) -> None:
+    def destroy(self, *, force: bool = False) -> None:
         """Delete the task and dead-letter streams and the reply keys of
         dispatchers that are gone (live ones keep theirs)."""
         self.close()

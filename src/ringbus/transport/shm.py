@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ringbus import _names
-from ringbus._proc import pid_alive
+from ringbus._proc import mapped_pids, pid_alive
 from ringbus.errors import RingClosed, RingError, TransportClosed
 from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
@@ -43,6 +43,15 @@ log = logging.getLogger("ringbus.transport")
 _REPLY_CACHE_SIZE = 64
 _STALL = 0.25  # seconds a full reply ring may go unread before results spill
 _SPILL_CHECK = 1.0  # an idle reader looks at its spill file this often
+_NAME_CHECK = 1.0  # an idle consumer checks its ring still has the bus's name this often
+
+
+def _file_ident(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 _live_transports: weakref.WeakSet[ShmTransport] = weakref.WeakSet()
 
 
@@ -105,6 +114,7 @@ class ShmTransport(Transport):
         self._out: Queue | None = None
         self._in: Queue | None = None
         self._owned_tasks: Queue | None = None
+        self._in_ident: tuple[int, int] | None = None
         self._interrupted = False
         self._reply: Queue | None = None
         self._reply_addr = b""
@@ -176,6 +186,7 @@ class ShmTransport(Transport):
             if self._in is None:
                 # A handle of its own, so interrupt() never closes the producer's.
                 self._in = Queue.attach(self.task_ring_name)
+                self._in_ident = _file_ident(_names.shm_path(self.task_ring_name))
             return self._in
 
     def get_tasks(self, max_items: int = 1, timeout: float | None = None) -> list[bytes]:
@@ -197,7 +208,29 @@ class ShmTransport(Transport):
         if self._interrupted:
             return functools.partial(self.take_task, journal)  # raises TransportClosed
         # interrupt() closes q: the bound method raises RingClosed, a TransportClosed.
-        return functools.partial(q.get_bytes_recorded, journal, 0, JOURNAL_DATA_AT)
+        # It wakes with queue.Empty when idle: time for check_channel().
+        return functools.partial(
+            q.get_bytes_recorded, journal, 0, JOURNAL_DATA_AT, True, _NAME_CHECK
+        )
+
+    def check_channel(self) -> None:
+        if self._in is None or self._interrupted:
+            return
+        if _file_ident(_names.shm_path(self.task_ring_name)) == self._in_ident:
+            return
+        log.error(
+            "the task ring %s of bus %r was removed or made anew under this process; "
+            "moving to the ring now under that name",
+            self.task_ring_name,
+            self.bus_name,
+        )
+        with self._lock:
+            old = [self._in, self._out]
+            self._in = self._out = None
+        for q in old:
+            if q is not None:
+                q.close()
+        self._consumer()
 
     def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
         if address in self._dead:
@@ -437,10 +470,21 @@ class ShmTransport(Transport):
         if owned is not None:
             owned.close()  # the owner removes the name
 
-    def destroy(self) -> None:
+    def users(self) -> list[int]:
+        """Pids of the other live processes that map the task ring."""
+        return sorted(mapped_pids(_names.SHM_DIR).get(self.task_ring_name, set()))
+
+    def destroy(self, *, force: bool = False) -> None:
         """Remove the task ring, this process's reply ring and the reply rings
         left by dead dispatchers of this bus (live ones are left alone)."""
         self.close()
+        users = [] if force else self.users()
+        if users:
+            raise RingError(
+                f"bus {self.bus_name!r} is in use: pids {users} map its task ring "
+                f"{self.task_ring_name} (a TaskServer, dispatchers); stop them first, "
+                f"or destroy(force=True)"
+            )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._records().destroy()
