@@ -79,7 +79,7 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from ringbus.cli.admin import _console
+    from ringbus.cli.render import console
 
     table = Table(title=f"dead letters of bus {args.name!r}: {len(letters)}")
     table.add_column("id", no_wrap=True)
@@ -89,7 +89,7 @@ def _cmd(args: argparse.Namespace) -> int:
     for d in letters:
         when = datetime.datetime.fromtimestamp(d.time).isoformat(" ", "seconds")
         table.add_row(d.id, when, d.task_type or "?", str(d.attempts), str(len(d.data)), d.reason)
-    _console().print(table)  # piped: wide, so ids copy whole into --id
+    console().print(table)  # piped: wide, so ids copy whole into --id
     return 0
 
 

@@ -20,7 +20,7 @@ from ringbus import _names
 from ringbus._proc import pid_alive
 from ringbus.transport.base import JOURNAL_DATA_AT
 
-__all__ = ["PoolState", "WorkerInfo", "read_pool_states"]
+__all__ = ["POOL_MAGIC", "PoolState", "WorkerInfo", "read_pool_states"]
 
 
 POOL_MAGIC = b"RBPOOL01"
@@ -152,6 +152,11 @@ class PoolState:
     @property
     def server_pid(self) -> int:
         return int(POOL_HEADER.unpack_from(self.mm, 0)[4])
+
+    @property
+    def created(self) -> float:
+        """When the server created the segment (Unix seconds)."""
+        return float(POOL_HEADER.unpack_from(self.mm, 0)[5])
 
     @property
     def bus_name(self) -> str:
