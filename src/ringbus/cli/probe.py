@@ -251,7 +251,8 @@ def resolve_stats_target(name: str) -> tuple[str | None, str | None]:
         ring = _names.task_ring_name(name)
         if find_kind(ring) == "ring":
             return ring, name
-        if read_pools(name):
+        errors: dict[str, str] = {}
+        if read_pools(name, errors) or errors:
             return None, name
     return None, None
 
@@ -259,10 +260,13 @@ def resolve_stats_target(name: str) -> tuple[str | None, str | None]:
 # ---------------------------------------------------------------- snapshots
 
 
-def read_pools(bus: str) -> dict[str, list[WorkerInfo]]:
-    """Worker slots of the live servers of ``bus`` (path -> slots)."""
+def read_pools(
+    bus: str, errors: dict[str, str] | None = None
+) -> dict[str, list[WorkerInfo]]:
+    """Worker slots of the live servers of ``bus`` (path -> slots); segments
+    refused or unreadable go to ``errors`` (path -> why)."""
     try:
-        return read_pool_states(bus)
+        return read_pool_states(bus, errors)
     except Exception:  # a pool stopping under our feet: show what we can
         return {}
 
@@ -277,7 +281,8 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
     """Worker states of every live server of ``bus`` and its reply rings."""
     now_mono = time.monotonic()
     servers: list[dict[str, Any]] = []
-    for path, slots in read_pools(bus).items():
+    errors: dict[str, str] = {}
+    for path, slots in read_pools(bus, errors).items():
         m = re.search(r"-pool-(\d+)", path)
         workers: list[dict[str, Any]] = []
         for info in slots:
@@ -317,13 +322,16 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
     shm = ShmTransport()
     shm.bind(bus)
     dead = len(DeadLetterStore(shm))
-    return {
+    out: dict[str, Any] = {
         "name": bus,
         "servers": servers,
         "reply_rings": replies,
         "totals": totals,
         "dead_letters": dead,
     }
+    if errors:  # skipped, never read: a crafted header must not hang stats
+        out["unreadable_pools"] = [{"path": p, "error": e} for p, e in sorted(errors.items())]
+    return out
 
 
 def _processes(st: dict[str, Any], maps: dict[str, set[int]], name: str) -> list[dict[str, Any]]:

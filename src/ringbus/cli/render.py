@@ -182,6 +182,13 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
                 *(fmt_count(int(w.get(c) or 0)) for c in counters),
             )
         parts.append(t)
+    if bus.get("unreadable_pools"):
+        t = Table(title="pool state segments skipped", title_justify="left")
+        t.add_column("path")
+        t.add_column("why")
+        for u in bus["unreadable_pools"]:
+            t.add_row(u["path"], u["error"])
+        parts.append(t)
     if bus["reply_rings"]:
         t = Table(title="reply rings (one per dispatching process)", title_justify="left")
         for col in ("name", "dispatcher", "depth"):
