@@ -170,7 +170,19 @@ class PoolState:
                 n += 1
                 path = f"{base}-{n}"
         try:
-            os.ftruncate(fd, size)  # sparse: untouched envelope areas cost nothing
+            os.fchmod(fd, 0o600)  # the umask may not widen it, but make it exact
+            # Reserve every page now: on a full /dev/shm this fails cleanly here
+            # instead of a SIGBUS in the worker that copies a task into its journal.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot create the pool state of bus {bus_name!r}: no room for {size} bytes "
+                    f"in {_names.SHM_DIR} ({slots} worker slots of {stride} bytes, each with a "
+                    f"journal for the largest task) ({exc.strerror})",
+                    path,
+                ) from None
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
