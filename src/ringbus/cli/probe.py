@@ -193,7 +193,7 @@ def inspect_segment(name: str, kind: str, maps: dict[str, set[int]] | None = Non
     if kind == "ring":
         try:
             st = read_stats(name)
-        except RingError as exc:
+        except (RingError, ValueError) as exc:  # ValueError: a name no ring may have
             if not seg_path(name).exists():
                 raise FileNotFoundError(name) from exc
             seg.kind, seg.error = "broken", str(exc)

@@ -20,6 +20,7 @@ __all__ = [
     "fmt_age",
     "fmt_bytes",
     "fmt_count",
+    "plain",
     "render_segments",
     "render_stats",
 ]
@@ -50,6 +51,15 @@ def fmt_age(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def plain(value: object, style: str = "") -> Any:
+    """``value`` as literal text: names, task types, reasons and addresses come
+    from tasks, brokers and files, and ``[bold]`` or ``[/etc/app]`` in them must
+    print as written (rich markup would style it or raise MarkupError)."""
+    from rich.text import Text
+
+    return Text(str(value), style=style)
+
+
 def console() -> Any:
     from rich.console import Console
 
@@ -65,7 +75,9 @@ def render_stats(doc: dict[str, Any]) -> Any:
     parts: list[Any] = []
     broker = doc.get("broker")
     if broker is not None:
-        t = Table(title=f"bus {doc['name']!r} on {broker['transport']}", title_justify="left")
+        t = Table(
+            title=plain(f"bus {doc['name']!r} on {broker['transport']}"), title_justify="left"
+        )
         t.add_column("queued tasks")
         t.add_column("dead letters")
         t.add_row(f"{broker['pending_tasks']:,}", f"{broker['dead_letters']:,}")
@@ -82,7 +94,7 @@ def render_stats(doc: dict[str, Any]) -> Any:
 def _render_ring(doc: dict[str, Any], ring: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
-    head = Table(title=f"ring {ring['name']}", show_header=False, title_justify="left")
+    head = Table(title=plain(f"ring {ring['name']}"), show_header=False, title_justify="left")
     head.add_column("field", style="bold")
     head.add_column("value")
     head.add_column("field", style="bold")
@@ -134,19 +146,19 @@ def _render_ring(doc: dict[str, Any], ring: dict[str, Any]) -> list[Any]:
     if ring.get("unfinished"):
         rows.append(("unfinished", fmt_count(ring["unfinished"]), "", ""))
     for row in rows:
-        head.add_row(*row)
+        head.add_row(*map(plain, row))
     procs = Table(title="attached processes", title_justify="left")
     for col in ("pid", "state", "threads", "doing", "maps it", "role"):
         procs.add_column(col)
     for p in doc["processes"]:
         doing = ", ".join(k for k in ("putting", "getting") if p[k]) or "-"
         procs.add_row(
-            str(p["pid"]),
-            "[green]alive[/]" if p["alive"] else "[red]dead[/]",
-            str(p["threads"]),
-            doing,
-            "yes" if p["mapped"] else "no",
-            "creator" if p["creator"] else "",
+            plain(p["pid"]),
+            plain("alive", "green") if p["alive"] else plain("dead", "red"),
+            plain(p["threads"]),
+            plain(doing),
+            plain("yes" if p["mapped"] else "no"),
+            plain("creator" if p["creator"] else ""),
         )
     if not doc["processes"]:
         procs.add_row("-", "none attached", "", "", "", "")
@@ -158,12 +170,12 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
 
     parts: list[Any] = []
     if not bus["servers"]:
-        t = Table(title=f"bus {bus['name']!r}: no live task server", title_justify="left")
+        t = Table(title=plain(f"bus {bus['name']!r}: no live task server"), title_justify="left")
         t.add_column("")
         parts.append(t)
     for srv in bus["servers"]:
         t = Table(
-            title=f"bus {bus['name']!r} server pid {srv['server_pid']}: workers",
+            title=plain(f"bus {bus['name']!r} server pid {srv['server_pid']}: workers"),
             title_justify="left",
         )
         counters = [c for c in WORKER_COUNTERS if srv["workers"] and c in srv["workers"][0]]
@@ -173,13 +185,13 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
             state = w["state"]
             style = {"running": "yellow", "idle": "green", "exited": "red"}.get(state, "")
             t.add_row(
-                str(w["slot"]),
-                str(w["worker_pid"] or "-"),
-                f"[{style}]{state}[/]" if style else state,
-                (w.get("task_type") or "-") if state == "running" else "-",
-                fmt_age(w["running_for"]) if w.get("running_for") is not None else "-",
-                fmt_age(w["up_for"]) if w.get("up_for") is not None else "-",
-                *(fmt_count(int(w.get(c) or 0)) for c in counters),
+                plain(w["slot"]),
+                plain(w["worker_pid"] or "-"),
+                plain(state, style),
+                plain((w.get("task_type") or "-") if state == "running" else "-"),
+                plain(fmt_age(w["running_for"]) if w.get("running_for") is not None else "-"),
+                plain(fmt_age(w["up_for"]) if w.get("up_for") is not None else "-"),
+                *(plain(fmt_count(int(w.get(c) or 0))) for c in counters),
             )
         parts.append(t)
     if bus.get("unreadable_pools"):
@@ -187,7 +199,7 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
         t.add_column("path")
         t.add_column("why")
         for u in bus["unreadable_pools"]:
-            t.add_row(u["path"], u["error"])
+            t.add_row(plain(u["path"]), plain(u["error"]))
         parts.append(t)
     if bus["reply_rings"]:
         t = Table(title="reply rings (one per dispatching process)", title_justify="left")
@@ -195,14 +207,16 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
             t.add_column(col)
         for r in bus["reply_rings"]:
             t.add_row(
-                r["name"],
-                f"{r['dispatcher_pid']} ({'alive' if r['alive'] else 'dead'})",
-                str(r["depth"]),
+                plain(r["name"]),
+                plain(f"{r['dispatcher_pid']} ({'alive' if r['alive'] else 'dead'})"),
+                plain(r["depth"]),
             )
         parts.append(t)
     if bus.get("dead_letters"):
         t = Table(
-            title=f"dead letters: {bus['dead_letters']} (ringbus dead-letters {bus['name']})",
+            title=plain(
+                f"dead letters: {bus['dead_letters']} (ringbus dead-letters {bus['name']})"
+            ),
             title_justify="left",
         )
         t.add_column("")
@@ -214,23 +228,28 @@ def render_segments(segs: Sequence[Segment], where: str) -> Any:
     """The ``ringbus ls`` table."""
     from rich.table import Table
 
-    t = Table(title=f"ringbus segments in {where}", title_justify="left")
+    t = Table(title=plain(f"ringbus segments in {where}"), title_justify="left")
     for col in ("name", "kind", "size", "creator", "live pids", "depth", "capacity", "persistent"):
         t.add_column(col, justify="right" if col in ("size", "depth", "capacity") else "left")
     for s in segs:
         creator = (
             f"{s.creator_pid} ({'alive' if s.creator_alive else 'dead'})" if s.creator_pid else "?"
         )
-        live = ", ".join(map(str, sorted(s.live_pids))) or "[dim]none[/]"
+        live = ", ".join(map(str, sorted(s.live_pids)))
         ring = s.kind == "ring" and s.stats is not None
+        if s.kind == "broken":
+            kind = plain("broken", "red")
+            kind.append(f": {s.error}")  # appended text is never markup
+        else:
+            kind = plain(s.kind)
         t.add_row(
-            s.name,
-            s.kind if s.kind != "broken" else f"[red]broken[/]: {s.error}",
-            fmt_bytes(s.size),
-            creator,
-            live,
-            f"{s.depth:,}" if ring else "-",
-            f"{s.stats['capacity']:,}" if ring and s.stats else "-",
-            ("yes" if s.persistent else "no") if ring else "-",
+            plain(s.name),
+            kind,
+            plain(fmt_bytes(s.size)),
+            plain(creator),
+            plain(live) if live else plain("none", "dim"),
+            plain(f"{s.depth:,}" if ring else "-"),
+            plain(f"{s.stats['capacity']:,}" if ring and s.stats else "-"),
+            plain(("yes" if s.persistent else "no") if ring else "-"),
         )
     return t
