@@ -6,6 +6,7 @@ report it instead of looping over billions of slots."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import resource
 import subprocess
@@ -64,7 +65,7 @@ def craft(
 
 
 def pool_path(bus: str) -> Path:
-    """Named like a live server's (this process's pid), so stats reads it."""
+    """Named like the pool of a server with this process's pid."""
     return SHM / f"ringbus-{bus}-pool-{os.getpid()}"
 
 
@@ -156,6 +157,9 @@ def test_stats_ls_and_gc_skip_and_report_a_crafted_pool_file(bus: str, owner: st
         # Every one of 4 billion slots "fits" in the page after the header.
         path = craft(pool_path(bus), stride=0, slots=2**32 - 1, size=POOL_HEADER_SIZE + 4096)
         problem = "worker slots"
+    fd = os.open(path, os.O_RDONLY)
+    held = mmap.mmap(fd, 0, prot=mmap.PROT_READ)  # its crafter holds it, as a server would
+    os.close(fd)
     try:
         stats = cli("stats", bus, "--interval", "0", "--json")
         assert stats.returncode == 0, stats.stderr
@@ -172,4 +176,5 @@ def test_stats_ls_and_gc_skip_and_report_a_crafted_pool_file(bus: str, owner: st
         assert plan["action"] == "keep" and problem in plan["reason"]
         assert path.exists()
     finally:
+        held.close()
         path.unlink(missing_ok=True)

@@ -24,7 +24,13 @@ from ringbus import _names
 from ringbus._proc import mapped_pids, pid_alive
 from ringbus.errors import RingError
 from ringbus.queue import read_stats
-from ringbus.server.pool_state import POOL_MAGIC, PoolState, WorkerInfo, read_pool_states
+from ringbus.server.pool_state import (
+    POOL_MAGIC,
+    PoolState,
+    WorkerInfo,
+    read_pool_states,
+    server_holds,
+)
 
 __all__ = [
     "RING_MAGIC",
@@ -216,7 +222,10 @@ def inspect_segment(name: str, kind: str, maps: dict[str, set[int]] | None = Non
             seg.creator_pid, seg.created = ps.server_pid, ps.created
         finally:
             ps.close()
-        seg.creator_alive = pid_alive(seg.creator_pid, seg.created)
+        # Not pid_alive alone: the header's pid may be of another pid namespace
+        # (a server that ran as pid 1 in a container); processes that map the
+        # file count as holders either way (seg.mappers).
+        seg.creator_alive = server_holds(str(seg.path), seg.creator_pid, seg.created)
     return seg
 
 

@@ -19,10 +19,10 @@ import time
 from typing import NamedTuple
 
 from ringbus import _names
-from ringbus._proc import pid_alive
+from ringbus._proc import mapped_pids, pid_alive
 from ringbus.transport.base import JOURNAL_DATA_AT
 
-__all__ = ["POOL_MAGIC", "PoolState", "WorkerInfo", "read_pool_states"]
+__all__ = ["POOL_MAGIC", "PoolState", "WorkerInfo", "read_pool_states", "server_holds"]
 
 
 POOL_MAGIC = b"RBPOOL01"
@@ -329,26 +329,57 @@ class PoolState:
             os.unlink(self.path)
 
 
+def server_holds(path: str, server_pid: int, created: float | None = None) -> bool:
+    """Whether ``server_pid`` is alive and holds the segment ``path``.
+
+    The pid in a pool's name and header is the server's pid in *its* pid
+    namespace: seen from another one it can name an unrelated live process,
+    and pid 1 (the server was a container's entrypoint) is always alive.  So
+    the pid counts if that process maps the file.  When its mappings cannot
+    be read (a process of another user, or with more privileges), a pid
+    other than 1 is still trusted (keeping a stale file beats removing a
+    live pool's, which its next worker could not attach); pid 1 never is:
+    judge such a file by the processes that visibly map it."""
+    if not pid_alive(server_pid, created):
+        return False
+    try:
+        with open(f"/proc/{server_pid}/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return server_pid != 1
+    return any(line.endswith(" " + path) for line in maps.splitlines())
+
+
 def read_pool_states(
     bus_name: str, errors: dict[str, str] | None = None
 ) -> dict[str, list[WorkerInfo]]:
     """Worker slots of every live server of ``bus_name`` on this machine
-    (path -> slots), for ``ringbus stats``.  Segments that cannot be read or
-    are refused (see ``PoolState.attach``) are skipped; with ``errors``, the
-    reason for each goes there (path -> message)."""
+    (path -> slots), for ``ringbus stats``.  A server is live if the pid in
+    the segment's name holds it or, failing that, some live process maps it
+    (see ``server_holds``).  Segments that cannot be read or are refused (see
+    ``PoolState.attach``) are skipped; with ``errors``, the reason for each
+    goes there (path -> message)."""
     prefix = _names.pool_prefix(bus_name)
     out: dict[str, list[WorkerInfo]] = {}
     try:
         names = sorted(os.listdir(_names.SHM_DIR))
     except OSError:
         return out
+    mapped: dict[str, set[int]] | None = None
     for name in names:
         if not name.startswith(prefix):
             continue
         rest = name[len(prefix) :].split("-")
-        if not rest[0].isdigit() or len(rest) > 2 or not pid_alive(int(rest[0])):
+        if not rest[0].isdigit() or len(rest) > 2 or not all(r.isdigit() for r in rest):
             continue
         path = f"{_names.SHM_DIR}/{name}"
+        if not server_holds(path, int(rest[0])) and not server_holds(path, os.getpid()):
+            if mapped is None:  # other processes (this one is not in it)
+                mapped = mapped_pids(_names.SHM_DIR)
+            if not mapped.get("/" + name):
+                continue
         try:
             ps = PoolState.attach(path, writable=False)
         except FileNotFoundError:
