@@ -17,12 +17,28 @@ from ringbus._ring import Ring
 if TYPE_CHECKING:
     from ringbus._ring import Serializer
 
-__all__ = ["DEFAULT_CAPACITY", "JoinableQueue", "Queue"]
+__all__ = ["DEFAULT_CAPACITY", "JoinableQueue", "Queue", "read_stats", "unlink_ring"]
 
 DEFAULT_CAPACITY: int = _ring.DEFAULT_CAPACITY
 """Capacity in slots of a ``Queue(maxsize=0)``."""
 
 _CREATE, _ATTACH, _OPEN = 0, 1, 2
+
+
+def read_stats(name: str) -> dict[str, Any]:
+    """Snapshot the ring ``name`` from outside: its header counters, geometry,
+    flags and attached threads.  Takes no attach entry and changes nothing
+    (what ``ringbus stats`` and ``ringbus ls`` show); RingError if there is
+    no such ring or it is not one."""
+    return _ring.read_stats(name)
+
+
+def unlink_ring(name: str) -> None:
+    """Remove the ring ``name``'s name (processes that map it keep working);
+    RingError if there is no such ring."""
+    _ring.unlink(name)
+
+
 _Q = TypeVar("_Q", bound="Queue")
 
 

@@ -79,17 +79,19 @@ def _cmd(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    from ringbus.cli.admin import _console
+    from ringbus.cli.render import console, plain
 
-    table = Table(title=f"dead letters of bus {args.name!r}: {len(letters)}")
+    # Task types and reasons come from tasks and exceptions: literal text, never markup.
+    table = Table(title=plain(f"dead letters of bus {args.name!r}: {len(letters)}"))
     table.add_column("id", no_wrap=True)
     table.add_column("when", no_wrap=True)
     for col in ("task type", "attempts", "bytes", "reason"):
         table.add_column(col, overflow="fold")
     for d in letters:
         when = datetime.datetime.fromtimestamp(d.time).isoformat(" ", "seconds")
-        table.add_row(d.id, when, d.task_type or "?", str(d.attempts), str(len(d.data)), d.reason)
-    _console().print(table)  # piped: wide, so ids copy whole into --id
+        cells = (d.id, when, d.task_type or "?", d.attempts, len(d.data), d.reason)
+        table.add_row(*map(plain, cells))
+    console().print(table)  # piped: wide, so ids copy whole into --id
     return 0
 
 

@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     from ringbus.cli.dead_letters import register as register_dead
 
     register_dead(sub)
+    for cmd in sub.choices.values():  # `ringbus worker -v ...` as well as `ringbus -v worker ...`
+        cmd.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
+        )
     sub.add_parser(
         "bench",
         help="quick benchmark against the peers (full run: python -m bench.compare)",
@@ -197,21 +201,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:  # the suite parses its own options
-        from ringbus.cli.bench import main as bench_main
+_OWN_PARSERS = ("bench", "demo")
+"""Commands that parse their own options (everything after their name)."""
 
-        return bench_main(argv[1:])
-    if argv[:1] == ["demo"]:  # the demo parses its own options
-        from ringbus.demo.run import main as demo_main
 
-        return demo_main(argv[1:])
-    args = build_parser().parse_args(argv)
+def _own_parser_command(argv: list[str]) -> tuple[str, bool] | None:
+    """``(command, verbose)`` when ``argv`` is ``[-v ...] bench|demo ...``."""
+    verbose = False
+    for i, arg in enumerate(argv):
+        if arg in ("-v", "--verbose"):
+            verbose = True
+        elif arg in _OWN_PARSERS:
+            del argv[: i + 1]
+            return arg, verbose
+        else:
+            return None
+    return None
+
+
+def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
     )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own = _own_parser_command(argv)
+    if own is not None:
+        command, verbose = own
+        if verbose:  # otherwise their logging stays as they set it up
+            _setup_logging(verbose)
+        if command == "bench":
+            from ringbus.cli.bench import main as bench_main
+
+            return bench_main(argv)
+        from ringbus.demo.run import main as demo_main
+
+        return demo_main(argv)
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 

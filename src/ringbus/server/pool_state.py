@@ -10,17 +10,19 @@ worker killed at any instant leaves its task either in the channel or here.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
+import stat
 import struct
 import time
 from typing import NamedTuple
 
 from ringbus import _names
-from ringbus._proc import pid_alive
+from ringbus._proc import mapped_pids, pid_alive
 from ringbus.transport.base import JOURNAL_DATA_AT
 
-__all__ = ["PoolState", "WorkerInfo", "read_pool_states"]
+__all__ = ["POOL_MAGIC", "PoolState", "WorkerInfo", "read_pool_states", "server_holds"]
 
 
 POOL_MAGIC = b"RBPOOL01"
@@ -29,6 +31,12 @@ POOL_VERSION = 1
 POOL_HEADER = struct.Struct("<8sIIIIdH")
 POOL_HEADER_SIZE = 4096
 SLOT_HEAD = 512
+PAGE = 4096
+MAX_SLOTS = 4096
+"""More worker slots than any pool has: a header saying otherwise is refused."""
+MIN_STRIDE = -(-(SLOT_HEAD + PAGE) // PAGE) * PAGE
+"""The smallest slot: its head and a page of envelope, in whole pages."""
+NAME_OFF, NAME_MAX = 64, 120
 REPLY_OFF, REPLY_MAX = 64, 256
 TYPE_OFF, TYPE_MAX = 320, 128
 DEFAULT_ENVELOPE_AREA = 1 << 20
@@ -89,6 +97,51 @@ class WorkerInfo(NamedTuple):
     """Length of the envelope in the worker's journal (0: none)."""
 
 
+def _check_file(path: str, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file, not a pool state segment")
+    if st.st_uid != os.geteuid():
+        raise ValueError(
+            f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()}): "
+            "not trusted as a pool state segment"
+        )
+    if st.st_mode & 0o077:
+        raise ValueError(
+            f"{path} is open to group/other (mode {stat.S_IMODE(st.st_mode):04o}, "
+            "a pool state segment is 0600): not trusted"
+        )
+
+
+def _check_header(path: str, head: bytes, size: int) -> tuple[int, int]:
+    """(slots, stride) of a header that describes a file of ``size`` bytes."""
+    if size < POOL_HEADER_SIZE or len(head) < POOL_HEADER.size:
+        raise ValueError(
+            f"{path} is not a ringbus pool state segment "
+            f"(too small: {size} bytes, the header alone is {POOL_HEADER_SIZE})"
+        )
+    magic, version, slots, stride, _, _, name_len = POOL_HEADER.unpack(head)
+    if magic != POOL_MAGIC:
+        raise ValueError(f"{path} is not a ringbus pool state segment (magic {magic!r})")
+    if version != POOL_VERSION:
+        raise ValueError(f"{path}: pool state version {version}, this ringbus reads {POOL_VERSION}")
+    if not 0 <= slots <= MAX_SLOTS:
+        raise ValueError(f"{path}: bad geometry: {slots} worker slots (at most {MAX_SLOTS})")
+    if stride % PAGE or stride < MIN_STRIDE:
+        raise ValueError(
+            f"{path}: bad geometry: slot stride {stride} "
+            f"(a multiple of {PAGE} of at least {MIN_STRIDE})"
+        )
+    expected = POOL_HEADER_SIZE + slots * stride
+    if size != expected:
+        raise ValueError(
+            f"{path}: bad geometry: {size} bytes, but its header says {POOL_HEADER_SIZE} + "
+            f"{slots} slots x {stride} = {expected} (truncated or not a pool state segment)"
+        )
+    if not 1 <= name_len <= NAME_MAX:
+        raise ValueError(f"{path}: bad header: bus name length {name_len} (1..{NAME_MAX})")
+    return slots, stride
+
+
 class PoolState:
     """The pool state segment: a header page, then one slot per worker."""
 
@@ -103,7 +156,9 @@ class PoolState:
     def create(
         cls, bus_name: str, slots: int, envelope_area: int = DEFAULT_ENVELOPE_AREA
     ) -> PoolState:
-        stride = -(-(SLOT_HEAD + envelope_area) // 4096) * 4096
+        if not 0 <= slots <= MAX_SLOTS:
+            raise ValueError(f"a pool state holds 0..{MAX_SLOTS} worker slots, not {slots}")
+        stride = -(-(SLOT_HEAD + max(envelope_area, PAGE)) // PAGE) * PAGE
         size = POOL_HEADER_SIZE + slots * stride
         base = f"{_names.SHM_DIR}/{_names.pool_prefix(bus_name)}{os.getpid()}"
         path, n = base, 1
@@ -115,7 +170,19 @@ class PoolState:
                 n += 1
                 path = f"{base}-{n}"
         try:
-            os.ftruncate(fd, size)  # sparse: untouched envelope areas cost nothing
+            os.fchmod(fd, 0o600)  # the umask may not widen it, but make it exact
+            # Reserve every page now: on a full /dev/shm this fails cleanly here
+            # instead of a SIGBUS in the worker that copies a task into its journal.
+            try:
+                os.posix_fallocate(fd, 0, size)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno,
+                    f"cannot create the pool state of bus {bus_name!r}: no room for {size} bytes "
+                    f"in {_names.SHM_DIR} ({slots} worker slots of {stride} bytes, each with a "
+                    f"journal for the largest task) ({exc.strerror})",
+                    path,
+                ) from None
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(fd)
@@ -126,27 +193,35 @@ class PoolState:
         POOL_HEADER.pack_into(
             mm, 0, POOL_MAGIC, POOL_VERSION, slots, stride, os.getpid(), time.time(), len(name)
         )
-        mm[64 : 64 + len(name)] = name
+        mm[NAME_OFF : NAME_OFF + len(name)] = name
         return cls(path, mm, slots, stride, owner=True)
 
     @classmethod
     def attach(cls, path: str, writable: bool = True) -> PoolState:
-        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        """Map an existing segment.  ValueError naming the problem if it is not
+        a pool state segment this process may trust: a symbolic link or not a
+        regular file, owned by another user or open to group/other, or a
+        header whose geometry does not match the file (a crafted header must
+        not make a reader loop over billions of slots)."""
+        flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_NONBLOCK
         try:
-            size = os.fstat(fd).st_size
-            if size < POOL_HEADER_SIZE:
-                raise ValueError(f"{path} is not a ringbus pool state segment (too small)")
+            fd = os.open(path, flags)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise ValueError(f"{path} is a symbolic link, not a pool state segment") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            _check_file(path, st)
+            head = os.pread(fd, POOL_HEADER.size, 0)
+            slots, stride = _check_header(path, head, st.st_size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot)
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
-        magic, version, slots, stride, _, _, _ = POOL_HEADER.unpack_from(mm, 0)
-        if magic != POOL_MAGIC or version != POOL_VERSION:
+        if bytes(mm[: POOL_HEADER.size]) != head:  # rewritten between the read and the map
             mm.close()
-            raise ValueError(f"{path} is not a ringbus pool state segment")
-        if POOL_HEADER_SIZE + slots * stride > size:
-            mm.close()
-            raise ValueError(f"{path} is truncated")
+            raise ValueError(f"{path}: the header changed while it was being read")
         return cls(path, mm, slots, stride, owner=False)
 
     @property
@@ -154,9 +229,14 @@ class PoolState:
         return int(POOL_HEADER.unpack_from(self.mm, 0)[4])
 
     @property
+    def created(self) -> float:
+        """When the server created the segment (Unix seconds)."""
+        return float(POOL_HEADER.unpack_from(self.mm, 0)[5])
+
+    @property
     def bus_name(self) -> str:
-        n = POOL_HEADER.unpack_from(self.mm, 0)[6]
-        return bytes(self.mm[64 : 64 + n]).decode("utf-8", "replace")
+        n = min(POOL_HEADER.unpack_from(self.mm, 0)[6], NAME_MAX)
+        return bytes(self.mm[NAME_OFF : NAME_OFF + n]).decode("utf-8", "replace")
 
     def offset(self, slot: int) -> int:
         if not 0 <= slot < self.slots:
@@ -249,24 +329,64 @@ class PoolState:
             os.unlink(self.path)
 
 
-def read_pool_states(bus_name: str) -> dict[str, list[WorkerInfo]]:
+def server_holds(path: str, server_pid: int, created: float | None = None) -> bool:
+    """Whether ``server_pid`` is alive and holds the segment ``path``.
+
+    The pid in a pool's name and header is the server's pid in *its* pid
+    namespace: seen from another one it can name an unrelated live process,
+    and pid 1 (the server was a container's entrypoint) is always alive.  So
+    the pid counts if that process maps the file.  When its mappings cannot
+    be read (a process of another user, or with more privileges), a pid
+    other than 1 is still trusted (keeping a stale file beats removing a
+    live pool's, which its next worker could not attach); pid 1 never is:
+    judge such a file by the processes that visibly map it."""
+    if not pid_alive(server_pid, created):
+        return False
+    try:
+        with open(f"/proc/{server_pid}/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return server_pid != 1
+    return any(line.endswith(" " + path) for line in maps.splitlines())
+
+
+def read_pool_states(
+    bus_name: str, errors: dict[str, str] | None = None
+) -> dict[str, list[WorkerInfo]]:
     """Worker slots of every live server of ``bus_name`` on this machine
-    (path -> slots), for ``ringbus stats``."""
+    (path -> slots), for ``ringbus stats``.  A server is live if the pid in
+    the segment's name holds it or, failing that, some live process maps it
+    (see ``server_holds``).  Segments that cannot be read or are refused (see
+    ``PoolState.attach``) are skipped; with ``errors``, the reason for each
+    goes there (path -> message)."""
     prefix = _names.pool_prefix(bus_name)
     out: dict[str, list[WorkerInfo]] = {}
     try:
         names = sorted(os.listdir(_names.SHM_DIR))
     except OSError:
         return out
+    mapped: dict[str, set[int]] | None = None
     for name in names:
         if not name.startswith(prefix):
             continue
         rest = name[len(prefix) :].split("-")
-        if not rest[0].isdigit() or len(rest) > 2 or not pid_alive(int(rest[0])):
+        if not rest[0].isdigit() or len(rest) > 2 or not all(r.isdigit() for r in rest):
             continue
+        path = f"{_names.SHM_DIR}/{name}"
+        if not server_holds(path, int(rest[0])) and not server_holds(path, os.getpid()):
+            if mapped is None:  # other processes (this one is not in it)
+                mapped = mapped_pids(_names.SHM_DIR)
+            if not mapped.get("/" + name):
+                continue
         try:
-            ps = PoolState.attach(f"{_names.SHM_DIR}/{name}", writable=False)
-        except (OSError, ValueError):
+            ps = PoolState.attach(path, writable=False)
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            if errors is not None:
+                errors[path] = str(exc)
             continue
         try:
             out[ps.path] = ps.snapshot()
