@@ -15,7 +15,7 @@ from ringbus import TaskServer
 ctx = mp.get_context("fork")
 
 
-def _destroy(bus_name: str, force: bool, out: mp.SimpleQueue) -> None:  # type: ignore[type-arg]
+def _destroy(bus_name: str, force: bool, out: mp.SimpleQueue) -> None:
     bus = make_bus(bus_name)
     try:
         bus.destroy(force=force)
@@ -25,7 +25,7 @@ def _destroy(bus_name: str, force: bool, out: mp.SimpleQueue) -> None:  # type: 
 
 
 def _destroy_elsewhere(bus_name: str, force: bool) -> str:
-    out: mp.SimpleQueue = ctx.SimpleQueue()  # type: ignore[type-arg]
+    out: mp.SimpleQueue = ctx.SimpleQueue()
     p = ctx.Process(target=_destroy, args=(bus_name, force, out))
     p.start()
     p.join(60)
