@@ -222,6 +222,8 @@ def gc_plan(prefix: str = "", force: bool = False) -> list[tuple[Segment, bool, 
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
+    from ringbus.server.lost_tasks import adopt_pool_file
+
     plan = gc_plan(args.prefix, args.force)
     status = EXIT_OK
     results: list[dict[str, Any]] = []
@@ -238,6 +240,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
                 else:
                     if again.live:
                         action, reason = "keep", "attached while gc ran"
+                    elif again.kind == "pool":
+                        # Its workers' tasks in hand go back to the bus first.
+                        handed = adopt_pool_file(str(again.path))
+                        if handed is None:
+                            action, reason = "keep", "in use or being adopted"
+                        elif handed:
+                            reason += f"; {handed} task(s) in hand queued again"
                     else:
                         try:
                             _unlink(again)

@@ -29,6 +29,9 @@ POOL_MAGIC = b"RBPOOL01"
 POOL_VERSION = 1
 # magic, version, slots, stride, server pid, created (Unix), bus name length (name at 64)
 POOL_HEADER = struct.Struct("<8sIIIIdH")
+BROKER_OFF = 36
+"""u8 in the header: 1 when the bus's transport delivers a dead worker's task
+again by itself (a broker), so whoever adopts the segment must not."""
 POOL_HEADER_SIZE = 4096
 SLOT_HEAD = 512
 PAGE = 4096
@@ -154,7 +157,12 @@ class PoolState:
 
     @classmethod
     def create(
-        cls, bus_name: str, slots: int, envelope_area: int = DEFAULT_ENVELOPE_AREA
+        cls,
+        bus_name: str,
+        slots: int,
+        envelope_area: int = DEFAULT_ENVELOPE_AREA,
+        *,
+        broker: bool = False,
     ) -> PoolState:
         if not 0 <= slots <= MAX_SLOTS:
             raise ValueError(f"a pool state holds 0..{MAX_SLOTS} worker slots, not {slots}")
@@ -194,6 +202,7 @@ class PoolState:
             mm, 0, POOL_MAGIC, POOL_VERSION, slots, stride, os.getpid(), time.time(), len(name)
         )
         mm[NAME_OFF : NAME_OFF + len(name)] = name
+        mm[BROKER_OFF] = 1 if broker else 0
         return cls(path, mm, slots, stride, owner=True)
 
     @classmethod
@@ -227,6 +236,11 @@ class PoolState:
     @property
     def server_pid(self) -> int:
         return int(POOL_HEADER.unpack_from(self.mm, 0)[4])
+
+    @property
+    def broker(self) -> bool:
+        """Whether the bus's transport redelivers a dead worker's task itself."""
+        return self.mm[BROKER_OFF] == 1
 
     @property
     def created(self) -> float:

@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ringbus.server.lost_tasks import LostTask, adopt_orphaned_pools, answer, bury, deliver_again
 from ringbus.server.pool_state import (
     DEFAULT_ENVELOPE_AREA,
     SLOT_WORKER,
@@ -33,8 +34,6 @@ from ringbus.server.pool_state import (
 from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, worker_main
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
-from ringbus.tasks.dead_letters import DeadLetterStore
-from ringbus.tasks.envelope import FLAG_REPLY
 
 __all__ = ["TaskServer"]
 
@@ -152,9 +151,21 @@ class TaskServer:
                 raise RuntimeError("TaskServer already started")
             self._started = True
         self.bus.transport.open()
+        # Servers that died with their workers left their tasks in hand behind.
+        adopted = adopt_orphaned_pools(self.bus.transport, self.bus.name)
+        if adopted:
+            log.warning(
+                "ringbus: %d task(s) of dead servers of bus %r delivered again",
+                adopted,
+                self.bus.name,
+            )
+        self.redelivered += adopted
         limit = self.bus.transport.max_task_size()
         self._state = PoolState.create(
-            self.bus.name, self.workers, max(4096, limit or DEFAULT_ENVELOPE_AREA)
+            self.bus.name,
+            self.workers,
+            max(4096, limit or DEFAULT_ENVELOPE_AREA),
+            broker=self.bus.transport.redelivers_lost_tasks,
         )
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -445,71 +456,38 @@ class TaskServer:
         """The worker died holding a task: deliver it again, or fail it for good."""
         transport = self.bus.transport
         try:
-            hdr, reply, _ = env.decode_task_header(record)
+            task = LostTask(record, info)
         except env.EnvelopeError as exc:
-            self._bury(
-                record, f"malformed envelope in the in-flight record of worker {w.pid}: {exc}"
-            )
+            self._bury(record, f"malformed envelope in the journal of worker {w.pid}: {exc}")
             return
-        same = info.task_id == hdr.task_id and info.state == "running"
-        type_name = (info.task_type if same else "") or env.describe_envelope(record)[0]
-        # The slot has the attempt in hand (retries raise it); the journal the
-        # envelope as taken.
-        attempt = max(hdr.attempt, info.attempt) if same else hdr.attempt
-        what = f"task #{hdr.task_id} ({type_name or 'unknown type'})"
         status = env.LOST
-        if w.kill_reason == "timeout" and w.killed_tid == hdr.task_id:
+        if w.kill_reason == "timeout" and w.killed_tid == task.hdr.task_id:
             self.timeouts += 1
             status = env.TIMEOUT
             text = (
-                f"{what} ran longer than task_timeout={self.task_timeout} s; "
+                f"{task.what} ran longer than task_timeout={self.task_timeout} s; "
                 f"worker pid {w.pid} was killed"
             )
         elif w.kill_reason == "stop":
             self.lost += 1
-            text = f"worker pid {w.pid} was killed at stop while running {what}"
+            text = f"worker pid {w.pid} was killed at stop while running {task.what}"
         else:
-            died = f"worker pid {w.pid} died ({_describe_exit(code)}) while running {what}"
+            died = f"worker pid {w.pid} died ({_describe_exit(code)}) while running {task.what}"
             if transport.redelivers_lost_tasks:
                 log.warning("ringbus: %s; the transport delivers it again", died)
                 return
-            allowed = info.max_deliveries if same else 0
-            if not allowed or attempt < allowed:
-                try:
-                    transport.put_task(env.with_attempt(record, attempt + 1), timeout=5.0)
-                except Exception as exc:
-                    log.error("ringbus: %s; could not queue it again: %s", died, exc)
-                else:
-                    self.redelivered += 1
-                    log.warning("ringbus: %s; delivering it again (attempt %d)", died, attempt + 1)
-                    return
+            if deliver_again(transport, task, died):
+                self.redelivered += 1
+                return
             self.lost += 1
-            text = f"{died}, attempt {attempt} of at most {allowed or attempt}"
+            text = f"{died}, attempt {task.attempt} of at most {task.allowed or task.attempt}"
             log.error("ringbus: %s; it goes to dead letters", text)
-        self._bury(record, text, type_name, attempt)
-        if hdr.flags & FLAG_REPLY and reply:
-            try:
-                transport.send_reply(
-                    reply, hdr.pid, env.encode_text(hdr.task_id, status, text), patience=5.0
-                )
-            except Exception:
-                log.exception("ringbus: could not answer %s", what)
+        self._bury(record, text, task.type_name, task.attempt)
+        answer(transport, task, status, text)
 
     def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
-        """Keep a dead worker's task in dead letters; the transport must not
-        deliver it again (a broker would, after its visibility timeout)."""
-        transport = self.bus.transport
-        try:
-            DeadLetterStore(transport).add(
-                env.with_attempt(record, attempt) if attempt else record, reason, type_name, attempt
-            )
+        if bury(self.bus.transport, record, reason, type_name, attempt):
             self.dead_lettered += 1
-        except Exception:
-            log.exception("ringbus: could not keep a dead letter (%s)", reason)
-        try:
-            transport.settle(record)
-        except Exception:
-            log.exception("ringbus: could not settle a buried task (%s)", reason)
 
     def _cleanup(self) -> None:
         _servers.discard(self)
