@@ -3,12 +3,22 @@
 The C core (the files listed in csrc/build.mk) is compiled on its own with
 the strict flags listed there (C11, -Wall -Wextra -Werror); the
 Cython-generated wrapper is compiled with the interpreter's usual flags.
-Switches read from the environment:
+Build switches read from the environment:
 
   RINGBUS_DEBUG=1              -O0 -g3, assertions kept
   RINGBUS_SANITIZE=address     AddressSanitizer (+UBSan) build of core and wrapper
   RINGBUS_SANITIZE=thread      ThreadSanitizer build
-  RINGBUS_FAULT_INJECTION=1    RINGBUS_FAULT=<point> kills the process there
+
+Run-time switches (read by the C core when a handle is opened, in every
+build):
+
+  RINGBUS_SPIN_NS=<ns>         how long a waiter spins before it yields and
+                               sleeps on the futex (default 20000 = 20 us;
+                               0 = never spin); Ring.set_spin() overrides it
+  RINGBUS_FAULT=<point>        test fault points: put-after-claim,
+                               put-mid-write or get-before-release makes the
+                               process _exit(77) there
+  RINGBUS_FAULT_AFTER=<n>      ...after passing that point n times
 """
 
 from __future__ import annotations
@@ -29,10 +39,8 @@ CORE = ["csrc/" + f for f in _BUILD_MK["RING_SOURCES"].split()]
 HEADERS = ["csrc/" + f for f in _BUILD_MK["RING_HEADERS"].split()]
 STRICT = _BUILD_MK["RING_STRICT"].split()
 
-
 debug = os.environ.get("RINGBUS_DEBUG", "") not in ("", "0")
 sanitize = os.environ.get("RINGBUS_SANITIZE", "").strip()
-fault = os.environ.get("RINGBUS_FAULT_INJECTION", "") not in ("", "0")
 
 opt = ["-O0", "-g3"] if debug else ["-O2", "-g"]
 san: list[str] = []
@@ -41,7 +49,6 @@ if sanitize:
     if sanitize not in kinds:
         raise SystemExit(f"RINGBUS_SANITIZE must be one of {sorted(kinds)}, not {sanitize!r}")
     san = [f"-fsanitize={kinds[sanitize]}", "-fno-omit-frame-pointer"]
-macros = [("RINGBUS_FAULT_INJECTION", "1")] if fault else []
 
 
 class StrictCoreBuildExt(build_ext):
@@ -51,7 +58,6 @@ class StrictCoreBuildExt(build_ext):
         objects = self.compiler.compile(
             CORE,
             output_dir=self.build_temp,
-            macros=macros,
             include_dirs=["csrc"],
             extra_postargs=STRICT + opt + san + ["-fvisibility=hidden"],
             depends=[*HEADERS, "csrc/build.mk"],

@@ -185,6 +185,12 @@ int ring_is_owner(const ring_t *r);
 
 int64_t ring_now(void);                     /* CLOCK_MONOTONIC ns */
 int64_t ring_deadline_after(double seconds); /* now + s, saturating */
+/* How long a waiter spins (bounded, one spinner per side) before it yields
+ * and then sleeps on the futex.  A handle starts with RINGBUS_SPIN_NS from
+ * the environment at ring_open (nanoseconds), else 20000 (20 us); 0 never
+ * spins.  Test fault points are armed at ring_open the same way:
+ * RINGBUS_FAULT=put-after-claim|put-mid-write|get-before-release makes the
+ * process _exit(77) there (after RINGBUS_FAULT_AFTER=n passes). */
 void ring_set_spin(ring_t *r, int64_t spin_ns);
 
 /* Put n messages in order; *done = how many are in the ring on return.

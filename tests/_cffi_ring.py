@@ -41,15 +41,15 @@ def cdef_source() -> str:
     return m.group(1)
 
 
-def load(fault_injection: bool = False) -> tuple[Any, Any]:
-    """Compile (once) and import the binding; returns (ffi, lib)."""
+def load() -> tuple[Any, Any]:
+    """Compile (once) and import the binding; returns (ffi, lib).  Fault
+    points are always compiled in (armed by RINGBUS_FAULT at open)."""
     from cffi import FFI
 
-    macros = [("RINGBUS_FAULT_INJECTION", "1")] if fault_injection else []
     key = hashlib.sha256()
     for p in (*HEADERS, *SOURCES):
         key.update(p.read_bytes())
-    key.update(repr((STRICT, macros)).encode())
+    key.update(repr(STRICT).encode())
     modname = f"_ring_cffi_{key.hexdigest()[:16]}"
     outdir = ROOT / "build" / "cffi"
     outdir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,6 @@ def load(fault_injection: bool = False) -> tuple[Any, Any]:
             '#include "ring.h"',
             sources=[str(p) for p in SOURCES],
             include_dirs=[str(CSRC)],
-            define_macros=macros,
             extra_compile_args=STRICT,
         )
         ffi.compile(tmpdir=str(outdir), verbose=False)
