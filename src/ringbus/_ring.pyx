@@ -232,6 +232,8 @@ cdef class Ring:
         if mode != RING_ATTACH:
             if not isinstance(maxsize, int) or maxsize < 0:
                 raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
+            if maxsize > RING_MAX_CAPACITY:  # also keeps it from overflowing uint64
+                raise ValueError(f"maxsize {maxsize} is too large (at most {RING_MAX_CAPACITY})")
             if not isinstance(slot_size, int) or slot_size <= 0:
                 raise ValueError(f"slot_size must be a positive int, not {slot_size!r}")
             if max_message_size is not None and (
