@@ -39,12 +39,12 @@ static void unlock_recovery(ring_t *r)
  * true claim has the largest start (a stale intent read an older tail);
  * among equal starts take the shortest, so nothing beyond the true claim is
  * ever abandoned (the rest is found on the next pass). */
-static int dead_put_claim(const entry_snap_t *sn, uint64_t x, uint64_t tail)
+static int dead_put_claim(const entry_snap_t *sn, uint64_t x, uint64_t tail, uint64_t cap)
 {
     int best = -1;
     for (int i = 0; i < MAX_ENTRIES; i++) {
         if (!sn[i].pid || sn[i].alive || !(sn[i].put_lo <= x && x < sn[i].put_hi) ||
-            sn[i].put_hi > tail)
+            sn[i].put_hi > tail || sn[i].put_hi - sn[i].put_lo > cap) /* > cap: corrupted */
             continue;
         if (best < 0 || sn[i].put_lo > sn[best].put_lo ||
             (sn[i].put_lo == sn[best].put_lo && sn[i].put_hi < sn[best].put_hi))
@@ -133,8 +133,11 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
     }
 
     /* Producers that died between claim and publish: walk the claimed,
-     * unconsumed tickets and turn each dead claim into a skip record. */
-    for (uint64_t x = head; (flags & RING_RECOVER_PRODUCERS) && x < tail;) {
+     * unconsumed tickets and turn each dead claim into a skip record.  At
+     * most one lap: more than cap tickets between head and tail is
+     * corruption (nothing sound lies beyond). */
+    uint64_t stop = tail - head <= r->cap ? tail : head + r->cap;
+    for (uint64_t x = head; (flags & RING_RECOVER_PRODUCERS) && x < stop;) {
         cell_t *c = cell_at(r, x);
         uint64_t s = atomic_load_explicit(&c->seq, memory_order_acquire); /* pairs with publish */
         if (s == x + 1) {
@@ -146,7 +149,7 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
         }
         if (s != x)
             break; /* consumers moved on under us: stop, nothing is lost */
-        int i = dead_put_claim(sn, x, tail);
+        int i = dead_put_claim(sn, x, tail, r->cap);
         if (i < 0 || live_covers(sn, x, x + 1, 0)) {
             /* a live claimant will publish: skip past its claim if known */
             uint64_t next = x;
@@ -179,7 +182,11 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
         if (!sn[i].pid || sn[i].alive || sn[i].get_lo >= sn[i].get_hi)
             continue;
         uint64_t lo = sn[i].get_lo, hi = sn[i].get_hi;
-        if (hi > head) { /* its CAS never happened */
+        /* Its CAS never happened (hi > head), or the intent is impossible:
+         * a batch spans at most cap tickets, and head cannot have passed
+         * its first ticket by more than a lap while it was held.  Walking
+         * a corrupted range could take 2^40 steps; it is dropped instead. */
+        if (hi > head || hi - lo > r->cap || head - lo > r->cap) {
             clear_get(r, i);
             continue;
         }

@@ -9,13 +9,21 @@
 /* ------------------------------------------------------------------ */
 /* producer                                                            */
 
+/* A claim found a sequence word ahead of its ticket while head / tail did
+ * not move.  That cannot happen in a sound ring: whoever moved the word on
+ * claimed the ticket first (its CAS happened before the release store our
+ * acquire load saw), so the counter we re-read would be past our ticket.
+ * Only corruption does this, and retrying would spin forever. */
+#define CLAIM_CORRUPT ((size_t)-1)
+
 /* Claims tickets for the longest prefix of iov that fits now, with one CAS
- * on tail.  Returns how many records were claimed (0: full) and their
- * ticket range. */
+ * on tail.  Returns how many records were claimed (0: full; CLAIM_CORRUPT:
+ * the ring is corrupted) and their ticket range. */
 static size_t claim_put(ring_t *r, entry_t *e, const ring_iov_t *iov, size_t n,
                         uint64_t *start, uint64_t *end)
 {
     header_t *h = r->hdr;
+    int stuck = 0; /* tries that saw a word ahead of an unmoved tail */
     /* relaxed: the CAS below validates it; the seq loads order the data. */
     uint64_t pos = atomic_load_explicit(&h->tail, memory_order_relaxed);
     for (;;) {
@@ -51,14 +59,16 @@ static size_t claim_put(ring_t *r, entry_t *e, const ring_iov_t *iov, size_t n,
             /* relaxed: just a fresher ticket to retry from. A stale pos
              * would otherwise report a full ring that has room. */
             uint64_t now = atomic_load_explicit(&h->tail, memory_order_relaxed);
-            if (!stale && now == pos) {
+            if (now == pos && (!stale || ++stuck > CORRUPT_RETRIES)) {
                 if (e) /* a failed CAS left an intent on others' tickets: a
                         * sleeping "live claimant" would block their recovery */
                     atomic_store_explicit(&e->put_hi,
                                           atomic_load_explicit(&e->put_lo, memory_order_relaxed),
                                           memory_order_release);
-                return 0;
+                return stale ? CLAIM_CORRUPT : 0;
             }
+            if (now == pos)
+                cpu_relax(); /* see CLAIM_CORRUPT: re-read a few times first */
             pos = now;
             continue;
         }
@@ -160,11 +170,16 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
     while (off < n) {
         if (closed(r))
             return RING_CLOSED;
-        uint64_t start, end;
+        uint64_t start = 0, end = 0; /* set when a claim succeeds */
         if (!e)
             /* relaxed: the claiming CAS (release) publishes it. */
             atomic_fetch_add_explicit(anon, 1, memory_order_relaxed);
         size_t got = claim_put(r, e, iov + off, n - off, &start, &end);
+        if (__builtin_expect(got == CLAIM_CORRUPT, 0)) {
+            if (!e) /* release: as below (nothing was claimed) */
+                atomic_fetch_sub_explicit(anon, 1, memory_order_release);
+            return RING_ECORRUPT;
+        }
         if (got) {
             FAULT(r, F_PUT_AFTER_CLAIM);
             write_records(r, e, iov + off, got, start);
@@ -194,9 +209,17 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done, int64_t d
 /* consumer                                                            */
 
 
+static void clear_get_intent(entry_t *e)
+{
+    if (e) /* as in claim_put: never sleep holding a stale intent */
+        atomic_store_explicit(&e->get_hi, atomic_load_explicit(&e->get_lo, memory_order_relaxed),
+                              memory_order_release); /* pairs with snapshot_entries' acquire */
+}
+
 static int claim_get(ring_t *r, entry_t *e, size_t max, ring_batch_t *b)
 {
     header_t *h = r->hdr;
+    int stuck = 0; /* tries that saw a word ahead of an unmoved head */
     /* relaxed: validated by the CAS; data order comes from cell seq. */
     uint64_t pos = atomic_load_explicit(&h->head, memory_order_relaxed);
     for (;;) {
@@ -217,6 +240,7 @@ static int claim_get(ring_t *r, entry_t *e, size_t max, ring_batch_t *b)
             if (!meta_ok(r, t, meta)) {
                 if (atomic_load_explicit(&h->head, memory_order_relaxed) != pos)
                     break; /* we raced a consumer: the CAS will fail */
+                clear_get_intent(e);
                 return RING_ECORRUPT;
             }
             if (meta & META_SKIP) {
@@ -230,13 +254,12 @@ static int claim_get(ring_t *r, entry_t *e, size_t max, ring_batch_t *b)
         if (t == pos) {
             /* relaxed: a fresher ticket; report empty only if head held. */
             uint64_t now = atomic_load_explicit(&h->head, memory_order_relaxed);
-            if (!stale && now == pos) {
-                if (e) /* as in claim_put: never sleep holding a stale intent */
-                    atomic_store_explicit(&e->get_hi,
-                                          atomic_load_explicit(&e->get_lo, memory_order_relaxed),
-                                          memory_order_release);
-                return RING_EMPTY;
+            if (now == pos && (!stale || ++stuck > CORRUPT_RETRIES)) {
+                clear_get_intent(e);
+                return stale ? RING_ECORRUPT : RING_EMPTY; /* see CLAIM_CORRUPT */
             }
+            if (now == pos)
+                cpu_relax();
             pos = now;
             continue;
         }
@@ -311,11 +334,17 @@ int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len)
         uint64_t t = b->cursor;
         /* relaxed: we own these tickets; the claim's acquire ordered them. */
         uint64_t meta = atomic_load_explicit(&cell_at(r, t)->meta, memory_order_relaxed);
-        if (meta & META_SKIP) {
-            b->cursor += meta & META_SPAN_MASK;
-            continue;
+        /* claim_get validated this header before its CAS, but it lives in
+         * shared memory: validate the one value read here, which is all
+         * that is used below, and never step outside the batch. */
+        uint64_t span = meta & META_SKIP ? meta & META_SPAN_MASK : slots_for(r, meta);
+        if (__builtin_expect(!meta_ok(r, t, meta) || span > b->end - t, 0)) {
+            b->cursor = b->end;
+            return -1;
         }
-        b->cursor += slots_for(r, meta);
+        b->cursor = t + span;
+        if (meta & META_SKIP)
+            continue;
         *data = slot_at(r, t);
         *len = (size_t)meta;
         return 1;

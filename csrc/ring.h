@@ -72,6 +72,8 @@
  * is copied out (handed to the caller, or put back into the ring) and freed.
  * Waiters stuck on one ticket for 100 ms run the check; so can anyone,
  * with ring_recover().  No heartbeats: liveness is read from /proc.
+ * Recovery bounds every walk to one lap (capacity tickets), whatever the
+ * counters and intents say.
  */
 #ifndef RINGBUS_RING_H
 #define RINGBUS_RING_H
@@ -123,7 +125,8 @@ enum ring_status {
     RING_CLOSED = 4,     /* this handle was closed (by another thread) */
     RING_EINTR = 5,      /* a signal interrupted the wait: check and retry */
     RING_ETOOBIG = 6,    /* message larger than max_message_size */
-    RING_ECORRUPT = 7,   /* a cell's meta is impossible: segment corrupted */
+    RING_ECORRUPT = 7,   /* segment corrupted: a record header, counter or
+                          * sequence word is impossible */
     RING_EINVAL = 8,     /* bad argument or geometry (see errbuf) */
     RING_ESYS = 9,       /* a system call failed (see errbuf / errno) */
     RING_EUNDERFLOW = 10 /* task_done() called more times than items put */
@@ -201,7 +204,9 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done,
  * deadline).  Read them with ring_next, then give them back with
  * ring_release; until then their slots stay owned by the caller. */
 int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline);
-/* Next record of a claimed batch: 1 and (*data, *len), or 0 at its end. */
+/* Next record of a claimed batch: 1 and (*data, *len), 0 at its end, or -1
+ * if its header became impossible since the claim (segment corrupted; the
+ * batch is then at its end, still to be released). */
 int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len);
 void ring_release(ring_t *r, const ring_batch_t *b);
 

@@ -67,6 +67,9 @@ enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
 /* How long one round of spinning holds a side's spin lease, in 1.024 us
  * ticks (renewed while spinning: a few microseconds covers 64 pauses). */
 #define SPIN_LEASE_TICKS 6LL
+/* A claim that finds a sequence word ahead of a head / tail that did not
+ * move re-reads this many times before it reports RING_ECORRUPT. */
+#define CORRUPT_RETRIES 64
 
 typedef struct {
     _Atomic uint32_t seq;     /* bumped by notifiers; the futex word */
