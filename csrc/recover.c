@@ -9,30 +9,71 @@
 /* ------------------------------------------------------------------ */
 /* crash recovery                                                      */
 
+/* The recovery lock: recovery_lock holds the recoverer's pid, but a pid
+ * proves nothing (a corrupted word could name a live process forever, and
+ * a holder in another PID namespace cannot be checked in our /proc), so
+ * the lock is a lease.  It is held while recovery_lease lies in the future
+ * and at most RECOVERY_LEASE_NS ahead; anything else (expired, never
+ * written, or further out than any holder writes) is free to take.  A
+ * taker writes the lease BEFORE its CAS on the pid word, so a fresh holder
+ * always has a fresh lease, and the holder renews it while it works.  A
+ * recoverer that dies, or stalls for a whole lease, loses the lock within
+ * one lease; a stalled one notices at its next renewal and stops. */
+static int lease_valid(int64_t lease, int64_t now)
+{
+    return lease > now && lease - now <= RECOVERY_LEASE_NS;
+}
+
 static int lock_recovery(ring_t *r)
 {
     header_t *h = r->hdr;
     uint32_t me = (uint32_t)getpid();
-    for (int i = 0; i < 2000; i++) {
-        uint32_t cur = 0;
+    /* any valid lease runs out within one lease from now */
+    int64_t give_up = ring_now() + RECOVERY_LEASE_NS + RECOVERY_LEASE_NS / 4;
+    for (;;) {
         /* acquire: see everything the previous recoverer did. */
-        if (atomic_compare_exchange_strong_explicit(&h->recovery_lock, &cur, me,
-                                                    memory_order_acquire, memory_order_relaxed))
-            return 1;
-        /* a holder that died keeps no lock: take it over */
-        if (cur != me && !proc_alive(cur, 0) &&
-            atomic_compare_exchange_strong_explicit(&h->recovery_lock, &cur, me,
-                                                    memory_order_acquire, memory_order_relaxed))
-            return 1;
-        usleep(500);
+        uint32_t cur = atomic_load_explicit(&h->recovery_lock, memory_order_acquire);
+        int64_t now = ring_now();
+        /* relaxed: the lease only decides whether to try the CAS below. */
+        int64_t lease = atomic_load_explicit(&h->recovery_lease, memory_order_relaxed);
+        if (cur == 0 || !lease_valid(lease, now)) {
+            /* relaxed: published by the CAS (acq_rel) just below. */
+            atomic_store_explicit(&h->recovery_lease, now + RECOVERY_LEASE_NS,
+                                  memory_order_relaxed);
+            /* acq_rel: acquire as above; release publishes the lease. */
+            if (atomic_compare_exchange_strong_explicit(&h->recovery_lock, &cur, me,
+                                                        memory_order_acq_rel,
+                                                        memory_order_relaxed))
+                return 1;
+            continue; /* someone else took it first: judge the new holder */
+        }
+        if (now > give_up)
+            return 0;
+        usleep(1000);
     }
-    return 0;
+}
+
+/* The holder renews its lease; 0: the lock was taken over (we stalled for a
+ * whole lease), so stop repairing. */
+static int renew_recovery(ring_t *r)
+{
+    header_t *h = r->hdr;
+    /* relaxed: only our own store could have set it to our pid. */
+    if (atomic_load_explicit(&h->recovery_lock, memory_order_relaxed) != (uint32_t)getpid())
+        return 0;
+    /* relaxed: a renewal publishes nothing. */
+    atomic_store_explicit(&h->recovery_lease, ring_now() + RECOVERY_LEASE_NS,
+                          memory_order_relaxed);
+    return 1;
 }
 
 static void unlock_recovery(ring_t *r)
 {
-    /* release: our repairs are visible to the next recoverer. */
-    atomic_store_explicit(&r->hdr->recovery_lock, 0, memory_order_release);
+    uint32_t me = (uint32_t)getpid();
+    /* release: our repairs are visible to the next recoverer (its acquire
+     * load of the lock).  A CAS: a lock taken over is not ours to free. */
+    atomic_compare_exchange_strong_explicit(&r->hdr->recovery_lock, &me, 0,
+                                            memory_order_release, memory_order_relaxed);
 }
 
 /* A dead producer's claim at ticket x: among dead intents covering x, the
@@ -137,7 +178,12 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
      * most one lap: more than cap tickets between head and tail is
      * corruption (nothing sound lies beyond). */
     uint64_t stop = tail - head <= r->cap ? tail : head + r->cap;
+    unsigned steps = 0;
     for (uint64_t x = head; (flags & RING_RECOVER_PRODUCERS) && x < stop;) {
+        if (++steps % 1024 == 0 && !renew_recovery(r)) {
+            rc = RING_TIMEOUT; /* the lock was taken over: leave the rest */
+            goto done;
+        }
         cell_t *c = cell_at(r, x);
         uint64_t s = atomic_load_explicit(&c->seq, memory_order_acquire); /* pairs with publish */
         if (s == x + 1) {
@@ -190,9 +236,17 @@ int ring_recover(ring_t *r, int flags, ring_recovery_t *out)
             clear_get(r, i);
             continue;
         }
+        if (!renew_recovery(r)) {
+            rc = RING_TIMEOUT; /* as above */
+            goto done;
+        }
         if (live_covers(sn, lo, hi, 1))
             continue;
         for (uint64_t t = lo; t < hi;) {
+            if (++steps % 4096 == 0 && !renew_recovery(r)) {
+                rc = RING_TIMEOUT; /* as above */
+                goto done;
+            }
             cell_t *c = cell_at(r, t);
             uint64_t s = atomic_load_explicit(&c->seq, memory_order_acquire); /* as above */
             if (s == t + 1) { /* a record start, still unfreed */

@@ -32,7 +32,9 @@
  *                join waiters (u32 @652)
  *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
  *                recovery_lock (u32 pid @784), anon_claims (u32 @788:
- *                claims in flight by threads without an attach entry)
+ *                claims in flight by threads without an attach entry),
+ *                recovery_lease (i64 CLOCK_MONOTONIC ns @792: the lock is
+ *                held only until then, and never more than 1 s ahead)
  *   896..1023    consumers' spin lease (i64 CLOCK_MONOTONIC ns @896)
  *  1024..1151    producers' spin lease (i64 CLOCK_MONOTONIC ns @1024)
  *  1152..4095    reserved (zero)

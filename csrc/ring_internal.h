@@ -67,6 +67,8 @@ enum { F_NONE, F_PUT_AFTER_CLAIM, F_PUT_MID_WRITE, F_GET_BEFORE_RELEASE };
 /* How long one round of spinning holds a side's spin lease, in 1.024 us
  * ticks (renewed while spinning: a few microseconds covers 64 pauses). */
 #define SPIN_LEASE_TICKS 6LL
+/* How long the recovery lock is held without renewal (recover.c). */
+#define RECOVERY_LEASE_NS 1000000000LL
 /* A claim that finds a sequence word ahead of a head / tail that did not
  * move re-reads this many times before it reports RING_ECORRUPT. */
 #define CORRUPT_RETRIES 64
@@ -105,13 +107,18 @@ typedef struct {
     eventcount_t joined;
     alignas(128) _Atomic uint64_t abandoned; /* 768 */
     _Atomic uint64_t recovered;
-    _Atomic uint32_t recovery_lock; /* 784: pid of the recovering process */
+    /* 784: pid of the recovering process (0: free).  Informative only: a
+     * pid cannot be checked across PID namespaces, so the lock is a lease,
+     * held while recovery_lease (792) is in the future and not more than
+     * one lease ahead (a value further out is bogus).  See recover.c. */
+    _Atomic uint32_t recovery_lock;
     /* 788: claims in flight by threads that found the attach table full.
      * Their tickets have no intent a recoverer could see, so recovery waits
      * while this is non-zero.  Incremented before the claiming CAS (whose
      * release publishes it), decremented with release after the publish or
      * free: pairs with the acquire load in ring_recover. */
     _Atomic uint32_t anon_claims;
+    _Atomic int64_t recovery_lease; /* 792: CLOCK_MONOTONIC ns */
     /* CLOCK_MONOTONIC ns until which one consumer (get) / one producer (put)
      * holds the right to spin.  A lease, not a count: a spinner killed
      * mid-spin frees it by itself.  Lines of their own: the spinner renews
@@ -160,6 +167,7 @@ _Static_assert(offsetof(header_t, abandoned) == 768, "layout");
 _Static_assert(sizeof(header_t) <= PAGE, "header fits page 0");
 _Static_assert(offsetof(header_t, recovery_lock) == 784, "layout");
 _Static_assert(offsetof(header_t, anon_claims) == 788, "layout");
+_Static_assert(offsetof(header_t, recovery_lease) == 792, "layout");
 _Static_assert(ENTRIES_OFFSET + MAX_ENTRIES * sizeof(entry_t) <= RING_HEADER_SIZE, "table fits");
 _Static_assert(sizeof(_Atomic uint32_t) == 4, "futex word is 32 bits");
 
