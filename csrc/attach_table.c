@@ -22,9 +22,27 @@ void free_entry(entry_t *e, uint32_t pid)
     /* relaxed stores: the release CAS on pid below publishes them. */
     atomic_store_explicit(&e->start, 0, memory_order_relaxed);
     atomic_store_explicit(&e->tid, 0, memory_order_relaxed);
+    atomic_store_explicit(&e->pidns, 0, memory_order_relaxed);
     uint32_t expect = pid;
     atomic_compare_exchange_strong_explicit(&e->pid, &expect, 0, memory_order_release,
                                             memory_order_relaxed);
+}
+
+/* Is the owner of an entry alive?  Dead: gone, a zombie, or its pid reused
+ * (start time differs).  An owner in another PID namespace cannot be
+ * checked (its pid names another process, or none, in our /proc), so it
+ * counts as alive: only a recoverer in its own namespace may repair it. */
+static int foreign_ns(uint32_t pidns)
+{
+    uint32_t ours = self_pidns();
+    return pidns && ours && pidns != ours; /* 0: unknown, judged as ours */
+}
+
+int entry_owner_alive(uint32_t pid, uint64_t start, uint32_t pidns)
+{
+    if (pid == 0)
+        return 0;
+    return foreign_ns(pidns) || proc_alive(pid, start);
 }
 
 static entry_t *register_entry(ring_t *r)
@@ -42,7 +60,7 @@ static entry_t *register_entry(ring_t *r)
          * fork child inherits the bitmask, not the entries). */
         if (atomic_load_explicit(&t[i].pid, memory_order_relaxed) == me &&
             atomic_load_explicit(&t[i].tid, memory_order_relaxed) == tid &&
-            atomic_load_explicit(&t[i].handle, memory_order_relaxed) == r->gen)
+            atomic_load_explicit(&t[i].handle, memory_order_relaxed) == (uint32_t)r->gen)
             return &t[i];
     }
     for (int pass = 0; pass < 2; pass++) {
@@ -56,6 +74,8 @@ static entry_t *register_entry(ring_t *r)
                  * of exited threads (a claim waits for ring_recover). */
                 if (cur == 0 || !entry_idle(&t[i]))
                     continue;
+                if (foreign_ns(atomic_load_explicit(&t[i].pidns, memory_order_relaxed)))
+                    continue; /* relaxed: see entry_owner_alive */
                 if (proc_alive(cur, atomic_load_explicit(&t[i].start, memory_order_relaxed)) &&
                     !thread_gone(cur, atomic_load_explicit(&t[i].tid, memory_order_relaxed)))
                     continue;
@@ -68,13 +88,15 @@ static entry_t *register_entry(ring_t *r)
                 continue;
             /* relaxed: read by recoverers only together with pid. */
             atomic_store_explicit(&t[i].tid, tid, memory_order_relaxed);
-            atomic_store_explicit(&t[i].handle, r->gen, memory_order_relaxed);
+            atomic_store_explicit(&t[i].handle, (uint32_t)r->gen, memory_order_relaxed);
+            atomic_store_explicit(&t[i].pidns, self_pidns(), memory_order_relaxed);
             atomic_store_explicit(&t[i].put_lo, 0, memory_order_relaxed);
             atomic_store_explicit(&t[i].put_hi, 0, memory_order_relaxed);
             atomic_store_explicit(&t[i].get_lo, 0, memory_order_relaxed);
             atomic_store_explicit(&t[i].get_hi, 0, memory_order_relaxed);
-            /* release: the cleared intents are visible before the start
-             * time that makes the entry count as fully alive. */
+            /* release: the cleared intents and the namespace are visible
+             * before the start time that makes the entry count as fully
+             * alive. */
             atomic_store_explicit(&t[i].start, self_start(), memory_order_release);
             /* relaxed: only this process reads its own bitmask. */
             atomic_fetch_or_explicit(&r->mine, 1ULL << i, memory_order_relaxed);
@@ -107,7 +129,8 @@ void release_entries(ring_t *r)
     for (int i = 0; i < MAX_ENTRIES; i++)
         /* relaxed handle: our own store; an entry another handle of this
          * process took over (from an exited thread) is not ours to free. */
-        if ((mine >> i) & 1 && atomic_load_explicit(&t[i].handle, memory_order_relaxed) == r->gen &&
+        if ((mine >> i) & 1 &&
+            atomic_load_explicit(&t[i].handle, memory_order_relaxed) == (uint32_t)r->gen &&
             entry_idle(&t[i]))
             free_entry(&t[i], me); /* a CAS: entries a fork child inherited stay */
 }
@@ -119,7 +142,9 @@ void snapshot_entries(ring_t *r, entry_snap_t *sn)
         /* acquire pairs with register_entry's release of start. */
         sn[i].pid = atomic_load_explicit(&t[i].pid, memory_order_acquire);
         uint64_t start = atomic_load_explicit(&t[i].start, memory_order_acquire);
-        sn[i].alive = sn[i].pid && proc_alive(sn[i].pid, start);
+        /* relaxed: ordered by the acquire of start (stored before it). */
+        uint32_t ns = atomic_load_explicit(&t[i].pidns, memory_order_relaxed);
+        sn[i].alive = entry_owner_alive(sn[i].pid, start, ns);
         sn[i].put_lo = atomic_load_explicit(&t[i].put_lo, memory_order_acquire);
         sn[i].put_hi = atomic_load_explicit(&t[i].put_hi, memory_order_acquire);
         sn[i].put_n = atomic_load_explicit(&t[i].put_n, memory_order_relaxed);

@@ -10,6 +10,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <time.h>
 
@@ -129,6 +130,26 @@ uint64_t self_start(void)
     uint64_t v = atomic_load_explicit(&cached, memory_order_relaxed);
     if (v == 0 || atomic_load_explicit(&cached_fgen, memory_order_relaxed) != fg) {
         v = proc_start_time(getpid());
+        atomic_store_explicit(&cached, v, memory_order_relaxed);
+        atomic_store_explicit(&cached_fgen, fg, memory_order_relaxed);
+    }
+    return v;
+}
+
+/* This process's PID namespace: the inode of /proc/self/ns/pid (nsfs
+ * inode numbers are 32-bit), 0 if it cannot be read (no /proc).  Pids,
+ * /proc/<pid> and start times are only comparable within one namespace. */
+uint32_t self_pidns(void)
+{
+    static _Atomic uint32_t cached;      /* per process... */
+    static _Atomic uint64_t cached_fgen; /* ...re-read after a fork (a child
+                                          * may be in a new namespace) */
+    uint64_t fg = atomic_load_explicit(&fork_gen, memory_order_relaxed);
+    /* relaxed: a benign race computes the same value twice. */
+    uint32_t v = atomic_load_explicit(&cached, memory_order_relaxed);
+    if (v == 0 || atomic_load_explicit(&cached_fgen, memory_order_relaxed) != fg) {
+        struct stat st;
+        v = stat("/proc/self/ns/pid", &st) == 0 ? (uint32_t)st.st_ino : 0;
         atomic_store_explicit(&cached, v, memory_order_relaxed);
         atomic_store_explicit(&cached_fgen, fg, memory_order_relaxed);
     }

@@ -41,7 +41,11 @@
  *  page 1 (4096..8191): attach table, 64 entries x 64 bytes, one per thread:
  *       +0 pid u32 (0 = free)   +4 tid u32       +8 process start time u64
  *      +16 put_lo u64  +24 put_hi u64  +32 put_n u32  +36 put_done u32
- *      +40 get_lo u64  +48 get_hi u64  +56 handle u64 (owner's, per process)
+ *      +40 get_lo u64  +48 get_hi u64  +56 handle u32 (owner's, per process)
+ *      +60 pidns u32 (inode of the owner's /proc/self/ns/pid; 0 = unknown)
+ *  (792 and +60 were always zero before ringbus wrote them, so the layout
+ *  version did not change: an older ringbus reads +56 as a u64 handle
+ *  whose high half it never compares with its own, and writes 0 = unknown.)
  *  cells_offset: capacity x 16-byte cells {u64 seq; u64 meta}
  *  data_offset:  capacity x slot_size bytes of message data
  *
@@ -73,9 +77,12 @@
  * consumers skip.  A batch taken by a consumer that died before freeing it
  * is copied out (handed to the caller, or put back into the ring) and freed.
  * Waiters stuck on one ticket for 100 ms run the check; so can anyone,
- * with ring_recover().  No heartbeats: liveness is read from /proc.
- * Recovery bounds every walk to one lap (capacity tickets), whatever the
- * counters and intents say.
+ * with ring_recover().  No heartbeats: liveness is read from /proc.  An
+ * entry written in another PID namespace (a container sharing /dev/shm)
+ * is never judged: its pid names another process, or none, in our /proc,
+ * so only a recoverer in its own namespace repairs it.  Recovery bounds
+ * every walk to one lap (capacity tickets), whatever the counters and
+ * intents say.
  */
 #ifndef RINGBUS_RING_H
 #define RINGBUS_RING_H

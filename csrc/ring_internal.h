@@ -140,10 +140,16 @@ typedef struct {
     _Atomic uint32_t put_done; /* records already published */
     _Atomic uint64_t get_lo;   /* consumer claim [get_lo, get_hi) */
     _Atomic uint64_t get_hi;
-    /* The owner's handle (ring_t.gen; process-local, so only meaningful with
-     * pid): a thread finds its own entry again after its cache forgot it,
-     * and a detaching handle frees only the entries taken through it. */
-    _Atomic uint64_t handle;
+    /* The owner's handle (low 32 bits of ring_t.gen; process-local, so only
+     * meaningful with pid): a thread finds its own entry again after its
+     * cache forgot it, and a detaching handle frees only the entries taken
+     * through it. */
+    _Atomic uint32_t handle;
+    /* The owner's PID namespace (inode of /proc/self/ns/pid; 0: unknown, as
+     * written by ringbus before it recorded it, when these four bytes were
+     * the always-zero high half of a 64-bit handle).  Entries of another
+     * namespace are never judged dead: their pid means nothing in our /proc. */
+    _Atomic uint32_t pidns;
 } entry_t;
 _Static_assert(sizeof(entry_t) == 64, "one attach entry per cache line");
 
@@ -168,6 +174,7 @@ _Static_assert(sizeof(header_t) <= PAGE, "header fits page 0");
 _Static_assert(offsetof(header_t, recovery_lock) == 784, "layout");
 _Static_assert(offsetof(header_t, anon_claims) == 788, "layout");
 _Static_assert(offsetof(header_t, recovery_lease) == 792, "layout");
+_Static_assert(offsetof(entry_t, handle) == 56 && offsetof(entry_t, pidns) == 60, "layout");
 _Static_assert(ENTRIES_OFFSET + MAX_ENTRIES * sizeof(entry_t) <= RING_HEADER_SIZE, "table fits");
 _Static_assert(sizeof(_Atomic uint32_t) == 4, "futex word is 32 bits");
 
@@ -229,6 +236,7 @@ RING_HIDDEN int proc_alive(uint32_t pid, uint64_t start);
 RING_HIDDEN uint64_t self_start(void);
 RING_HIDDEN uint32_t self_tid(void);
 RING_HIDDEN int thread_gone(uint32_t pid, uint32_t tid);
+RING_HIDDEN uint32_t self_pidns(void);
 
 /* waiting.c */
 typedef struct {
@@ -247,6 +255,7 @@ RING_HIDDEN entry_t *self_entry_slow(ring_t *r, uint64_t fgen);
 RING_HIDDEN void release_entries(ring_t *r);
 RING_HIDDEN int entry_idle(const entry_t *e);
 RING_HIDDEN void free_entry(entry_t *e, uint32_t pid);
+RING_HIDDEN int entry_owner_alive(uint32_t pid, uint64_t start, uint32_t pidns);
 typedef struct {
     uint32_t pid;
     int alive;
