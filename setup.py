@@ -1,29 +1,46 @@
 """Builds the ringbus._ring extension.
 
-The C core (csrc/ring.c) is compiled on its own with -Wall -Wextra -Werror
-and C11 atomics; the Cython-generated wrapper is compiled with the
-interpreter's usual flags.  Switches read from the environment:
+The C core (the files listed in csrc/build.mk) is compiled on its own with
+the strict flags listed there (C11, -Wall -Wextra -Werror); the
+Cython-generated wrapper is compiled with the interpreter's usual flags.
+Build switches read from the environment:
 
   RINGBUS_DEBUG=1              -O0 -g3, assertions kept
   RINGBUS_SANITIZE=address     AddressSanitizer (+UBSan) build of core and wrapper
   RINGBUS_SANITIZE=thread      ThreadSanitizer build
-  RINGBUS_FAULT_INJECTION=1    RINGBUS_FAULT=<point> kills the process there
+
+Run-time switches (read by the C core when a handle is opened, in every
+build):
+
+  RINGBUS_SPIN_NS=<ns>         how long a waiter spins before it yields and
+                               sleeps on the futex (default 20000 = 20 us;
+                               0 = never spin); Ring.set_spin() overrides it
+  RINGBUS_FAULT=<point>        test fault points: put-after-claim,
+                               put-mid-write or get-before-release makes the
+                               process _exit(77) there
+  RINGBUS_FAULT_AFTER=<n>      ...after passing that point n times
 """
 
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-CORE = ["csrc/ring.c"]
-STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror"]
+# One list of core sources and one set of strict flags, shared with
+# csrc/Makefile and tests/_cffi_ring.py.
+_BUILD_MK_TEXT = (Path(__file__).resolve().parent / "csrc" / "build.mk").read_text()
+_BUILD_MK = dict(re.findall(r"^(\w+)\s*=\s*(.*)$", _BUILD_MK_TEXT, re.M))
+CORE = ["csrc/" + f for f in _BUILD_MK["RING_SOURCES"].split()]
+HEADERS = ["csrc/" + f for f in _BUILD_MK["RING_HEADERS"].split()]
+STRICT = _BUILD_MK["RING_STRICT"].split()
 
 debug = os.environ.get("RINGBUS_DEBUG", "") not in ("", "0")
 sanitize = os.environ.get("RINGBUS_SANITIZE", "").strip()
-fault = os.environ.get("RINGBUS_FAULT_INJECTION", "") not in ("", "0")
 
 opt = ["-O0", "-g3"] if debug else ["-O2", "-g"]
 san: list[str] = []
@@ -32,7 +49,6 @@ if sanitize:
     if sanitize not in kinds:
         raise SystemExit(f"RINGBUS_SANITIZE must be one of {sorted(kinds)}, not {sanitize!r}")
     san = [f"-fsanitize={kinds[sanitize]}", "-fno-omit-frame-pointer"]
-macros = [("RINGBUS_FAULT_INJECTION", "1")] if fault else []
 
 
 class StrictCoreBuildExt(build_ext):
@@ -42,10 +58,9 @@ class StrictCoreBuildExt(build_ext):
         objects = self.compiler.compile(
             CORE,
             output_dir=self.build_temp,
-            macros=macros,
             include_dirs=["csrc"],
             extra_postargs=STRICT + opt + san + ["-fvisibility=hidden"],
-            depends=["csrc/ring.h"],
+            depends=[*HEADERS, "csrc/build.mk"],
         )
         ext.extra_objects = list(ext.extra_objects or []) + objects
         super().build_extension(ext)
@@ -55,7 +70,7 @@ extension = Extension(
     "ringbus._ring",
     sources=["src/ringbus/_ring.pyx"],
     include_dirs=["csrc"],
-    depends=["csrc/ring.h", "csrc/ring.c", "src/ringbus/_cring.pxd"],
+    depends=[*HEADERS, *CORE, "csrc/build.mk", "src/ringbus/_cring.pxd"],
     extra_compile_args=opt + san,
     extra_link_args=san,
 )

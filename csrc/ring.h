@@ -32,14 +32,20 @@
  *                join waiters (u32 @652)
  *   768..895     recovery: abandoned (u64 @768), recovered (u64 @776),
  *                recovery_lock (u32 pid @784), anon_claims (u32 @788:
- *                claims in flight by threads without an attach entry)
+ *                claims in flight by threads without an attach entry),
+ *                recovery_lease (i64 CLOCK_MONOTONIC ns @792: the lock is
+ *                held only until then, and never more than 1 s ahead)
  *   896..1023    consumers' spin lease (i64 CLOCK_MONOTONIC ns @896)
  *  1024..1151    producers' spin lease (i64 CLOCK_MONOTONIC ns @1024)
  *  1152..4095    reserved (zero)
  *  page 1 (4096..8191): attach table, 64 entries x 64 bytes, one per thread:
  *       +0 pid u32 (0 = free)   +4 tid u32       +8 process start time u64
  *      +16 put_lo u64  +24 put_hi u64  +32 put_n u32  +36 put_done u32
- *      +40 get_lo u64  +48 get_hi u64  +56 handle u64 (owner's, per process)
+ *      +40 get_lo u64  +48 get_hi u64  +56 handle u32 (owner's, per process)
+ *      +60 pidns u32 (inode of the owner's /proc/self/ns/pid; 0 = unknown)
+ *  (792 and +60 were always zero before ringbus wrote them, so the layout
+ *  version did not change: an older ringbus reads +56 as a u64 handle
+ *  whose high half it never compares with its own, and writes 0 = unknown.)
  *  cells_offset: capacity x 16-byte cells {u64 seq; u64 meta}
  *  data_offset:  capacity x slot_size bytes of message data
  *
@@ -71,7 +77,12 @@
  * consumers skip.  A batch taken by a consumer that died before freeing it
  * is copied out (handed to the caller, or put back into the ring) and freed.
  * Waiters stuck on one ticket for 100 ms run the check; so can anyone,
- * with ring_recover().  No heartbeats: liveness is read from /proc.
+ * with ring_recover().  No heartbeats: liveness is read from /proc.  An
+ * entry written in another PID namespace (a container sharing /dev/shm)
+ * is never judged: its pid names another process, or none, in our /proc,
+ * so only a recoverer in its own namespace repairs it.  Recovery bounds
+ * every walk to one lap (capacity tickets), whatever the counters and
+ * intents say.
  */
 #ifndef RINGBUS_RING_H
 #define RINGBUS_RING_H
@@ -123,7 +134,8 @@ enum ring_status {
     RING_CLOSED = 4,     /* this handle was closed (by another thread) */
     RING_EINTR = 5,      /* a signal interrupted the wait: check and retry */
     RING_ETOOBIG = 6,    /* message larger than max_message_size */
-    RING_ECORRUPT = 7,   /* a cell's meta is impossible: segment corrupted */
+    RING_ECORRUPT = 7,   /* segment corrupted: a record header, counter or
+                          * sequence word is impossible */
     RING_EINVAL = 8,     /* bad argument or geometry (see errbuf) */
     RING_ESYS = 9,       /* a system call failed (see errbuf / errno) */
     RING_EUNDERFLOW = 10 /* task_done() called more times than items put */
@@ -185,6 +197,12 @@ int ring_is_owner(const ring_t *r);
 
 int64_t ring_now(void);                     /* CLOCK_MONOTONIC ns */
 int64_t ring_deadline_after(double seconds); /* now + s, saturating */
+/* How long a waiter spins (bounded, one spinner per side) before it yields
+ * and then sleeps on the futex.  A handle starts with RINGBUS_SPIN_NS from
+ * the environment at ring_open (nanoseconds), else 20000 (20 us); 0 never
+ * spins.  Test fault points are armed at ring_open the same way:
+ * RINGBUS_FAULT=put-after-claim|put-mid-write|get-before-release makes the
+ * process _exit(77) there (after RINGBUS_FAULT_AFTER=n passes). */
 void ring_set_spin(ring_t *r, int64_t spin_ns);
 
 /* Put n messages in order; *done = how many are in the ring on return.
@@ -195,7 +213,9 @@ int ring_put(ring_t *r, const ring_iov_t *iov, size_t n, size_t *done,
  * deadline).  Read them with ring_next, then give them back with
  * ring_release; until then their slots stay owned by the caller. */
 int ring_claim(ring_t *r, size_t max, ring_batch_t *b, int64_t deadline);
-/* Next record of a claimed batch: 1 and (*data, *len), or 0 at its end. */
+/* Next record of a claimed batch: 1 and (*data, *len), 0 at its end, or -1
+ * if its header became impossible since the claim (segment corrupted; the
+ * batch is then at its end, still to be released). */
 int ring_next(ring_t *r, ring_batch_t *b, const void **data, size_t *len);
 void ring_release(ring_t *r, const ring_batch_t *b);
 

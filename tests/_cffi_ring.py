@@ -1,4 +1,4 @@
-"""cffi binding of the C core for tests: drives csrc/ring.c with no Cython.
+"""cffi binding of the C core for tests: drives the C core with no Cython.
 
 The declarations are read from ring.h (between its cffi-begin/cffi-end
 markers), so the binding cannot drift from the header.  Builds are cached
@@ -17,7 +17,21 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
-STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-g"]
+
+
+def core_build() -> tuple[list[Path], list[Path], list[str]]:
+    """The core's sources, headers and strict flags, from csrc/build.mk (the
+    one list setup.py and csrc/Makefile use too)."""
+    mk = dict(re.findall(r"^(\w+)\s*=\s*(.*)$", (CSRC / "build.mk").read_text(), re.M))
+    return (
+        [CSRC / f for f in mk["RING_SOURCES"].split()],
+        [CSRC / f for f in mk["RING_HEADERS"].split()],
+        mk["RING_STRICT"].split(),
+    )
+
+
+SOURCES, HEADERS, STRICT_FLAGS = core_build()
+STRICT = [*STRICT_FLAGS, "-O1", "-g"]
 
 
 def cdef_source() -> str:
@@ -27,15 +41,15 @@ def cdef_source() -> str:
     return m.group(1)
 
 
-def load(fault_injection: bool = False) -> tuple[Any, Any]:
-    """Compile (once) and import the binding; returns (ffi, lib)."""
+def load() -> tuple[Any, Any]:
+    """Compile (once) and import the binding; returns (ffi, lib).  Fault
+    points are always compiled in (armed by RINGBUS_FAULT at open)."""
     from cffi import FFI
 
-    macros = [("RINGBUS_FAULT_INJECTION", "1")] if fault_injection else []
     key = hashlib.sha256()
-    for p in (CSRC / "ring.h", CSRC / "ring.c"):
+    for p in (*HEADERS, *SOURCES):
         key.update(p.read_bytes())
-    key.update(repr((STRICT, macros)).encode())
+    key.update(repr(STRICT).encode())
     modname = f"_ring_cffi_{key.hexdigest()[:16]}"
     outdir = ROOT / "build" / "cffi"
     outdir.mkdir(parents=True, exist_ok=True)
@@ -49,9 +63,8 @@ def load(fault_injection: bool = False) -> tuple[Any, Any]:
         ffi.set_source(
             modname,
             '#include "ring.h"',
-            sources=[str(CSRC / "ring.c")],
+            sources=[str(p) for p in SOURCES],
             include_dirs=[str(CSRC)],
-            define_macros=macros,
             extra_compile_args=STRICT,
         )
         ffi.compile(tmpdir=str(outdir), verbose=False)

@@ -49,7 +49,7 @@ class Core:
         data = ffi.new("const void **")
         n = ffi.new("size_t *")
         out = []
-        while lib.ring_next(self.r, b, data, n):
+        while lib.ring_next(self.r, b, data, n) == 1:
             out.append((int(ffi.cast("uintptr_t", data[0])), bytes(ffi.buffer(data[0], n[0]))))
         return out
 

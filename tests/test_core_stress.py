@@ -8,15 +8,16 @@ from pathlib import Path
 
 import pytest
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
-STRICT = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-pthread"]
+from _cffi_ring import CSRC, SOURCES, STRICT_FLAGS
+
+STRICT = [*STRICT_FLAGS, "-pthread"]
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
 
 
 def build(out: Path, *flags: str) -> Path:
     subprocess.run(
-        ["gcc", *STRICT, *flags, str(CSRC / "ring.c"), str(CSRC / "tests" / "stress.c"),
+        ["gcc", *STRICT, *flags, *map(str, SOURCES), str(CSRC / "tests" / "stress.c"),
          "-o", str(out)],
         check=True,
     )

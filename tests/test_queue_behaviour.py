@@ -434,6 +434,16 @@ def test_open_creates_or_attaches_and_never_unlinks(shm_name: str) -> None:
 
 # ---------------------------------------------------------------- bad input
 
+@pytest.mark.parametrize("maxsize", [2**64, 2**64 + 5, 2**63, 2**31])
+def test_a_huge_maxsize_is_a_value_error(shm_name: str, maxsize: int) -> None:
+    """Like every other bad size (2**64 used to raise OverflowError)."""
+    with pytest.raises(ValueError, match="maxsize"):
+        Queue(maxsize, name=shm_name)
+    with pytest.raises(ValueError, match="maxsize"):
+        Queue.open(shm_name, maxsize)
+    assert not shm_path(shm_name).exists()
+
+
 
 def test_message_too_large_names_both_sizes(shm_name: str) -> None:
     with Queue(name=shm_name, max_message_size=1000) as q:

@@ -86,7 +86,7 @@ static void *consumer(void *arg)
             break;
         const void *p;
         size_t len;
-        while (ring_next(r, &b, &p, &len)) {
+        while (ring_next(r, &b, &p, &len) == 1) {
             sink ^= len ? ((const unsigned char *)p)[0] : 0; /* touch the bytes */
             n++;
         }

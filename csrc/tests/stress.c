@@ -119,7 +119,7 @@ static void *consumer(void *arg)
         }
         const void *data;
         size_t len, n = 0;
-        while (ring_next(r, &b, &data, &len)) {
+        while (ring_next(r, &b, &data, &len) == 1) {
             uint32_t h[4];
             n++;
             if (len < HDR) {

@@ -8,6 +8,7 @@ cdef extern from "ring.h" nogil:
     int RING_DEFAULT_SLOT_SIZE
     int RING_DEFAULT_MAX_MESSAGE
     int RING_ERRBUF
+    int RING_MAX_CAPACITY
     int64_t RING_NOWAIT
     int64_t RING_FOREVER
 

@@ -232,6 +232,8 @@ cdef class Ring:
         if mode != RING_ATTACH:
             if not isinstance(maxsize, int) or maxsize < 0:
                 raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
+            if maxsize > RING_MAX_CAPACITY:  # also keeps it from overflowing uint64
+                raise ValueError(f"maxsize {maxsize} is too large (at most {RING_MAX_CAPACITY})")
             if not isinstance(slot_size, int) or slot_size <= 0:
                 raise ValueError(f"slot_size must be a positive int, not {slot_size!r}")
             if max_message_size is not None and (
@@ -316,7 +318,10 @@ cdef class Ring:
         if rc == RING_CLOSED:
             raise RingClosed(f"Queue {self._name} is closed")
         if rc == RING_ECORRUPT:
-            raise RingError(f"ring {self._name} is corrupted: a record header is impossible")
+            raise RingError(
+                f"ring {self._name} is corrupted: a record header, counter or sequence "
+                "word in its shared memory is impossible (recreate the ring)"
+            )
         raise RingError(f"ring {self._name}: operation failed (status {rc})")
 
     # ------------------------------------------------------------ put
@@ -436,6 +441,20 @@ cdef class Ring:
                 continue
             self._fail(rc, False, 0)
 
+    cdef inline int _next(self, ring_batch_t *b, const void **p, size_t *n) except -1:
+        """ring_next: 1 (a record) or 0 (end); RingError if the record's
+        header became impossible since the claim."""
+        cdef int rc = ring_next(self._r, b, p, n)
+        if rc < 0:
+            self._fail(RING_ECORRUPT, False, 0)
+        return rc
+
+    cdef inline int _next_one(self, ring_batch_t *b, const void **p, size_t *n) except -1:
+        """The one record a claim of max 1 holds."""
+        if self._next(b, p, n) != 1:
+            self._fail(RING_ECORRUPT, False, 0)
+        return 1
+
     cdef inline object _load(self, const char *p, size_t n):
         cdef object view
         if not self._pickle:
@@ -456,7 +475,7 @@ cdef class Ring:
         _check_timeout(block, timeout)
         self._claim(&b, 1, block, timeout)
         try:
-            ring_next(self._r, &b, &p, &n)
+            self._next_one(&b, &p, &n)
             return self._load(<const char *>p, n)
         finally:
             ring_release(self._r, &b)
@@ -472,7 +491,7 @@ cdef class Ring:
         _check_timeout(block, timeout)
         self._claim(&b, 1, block, timeout)
         try:
-            ring_next(self._r, &b, &p, &n)
+            self._next_one(&b, &p, &n)
             return PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
         finally:
             ring_release(self._r, &b)
@@ -502,7 +521,7 @@ cdef class Ring:
             dst = <unsigned char *>view.buf
             self._claim(&b, 1, block, timeout)
             try:
-                ring_next(self._r, &b, &p, &n)
+                self._next_one(&b, &p, &n)
                 out = PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
                 stored = n if n <= <size_t>(view.len - data_at) and n <= 0xFFFFFFFFu else 0
                 if stored:
@@ -536,7 +555,7 @@ cdef class Ring:
             raise ValueError(f"max_items must be >= 1, not {max_items!r}")
         self._claim(&b, <size_t>max_items, block, timeout)
         try:
-            while ring_next(self._r, &b, &p, &n):
+            while self._next(&b, &p, &n):
                 try:
                     out.append(self._load(<const char *>p, n))
                 except Exception as exc:
@@ -565,7 +584,7 @@ cdef class Ring:
             # Filled in place (the C-level SET_ITEM, a typed index): the
             # generic list store cost more than the copy of a 64 B message.
             out = PyList_New(<Py_ssize_t>b.count)
-            while ring_next(self._r, &b, &p, &n):
+            while self._next(&b, &p, &n):
                 item = PyBytes_FromStringAndSize(<const char *>p, <Py_ssize_t>n)
                 Py_INCREF(item)  # SET_ITEM steals a reference
                 PyList_SET_ITEM(out, i, item)
