@@ -109,8 +109,13 @@ def _bare_consumer(ring: str) -> None:
             os._exit(TORN)
 
 
+@pytest.mark.parametrize("concurrency", [1, 8])
 def test_chaos_sigkill_under_load(
-    bus_name: str, servers: list[TaskServer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    bus_name: str,
+    servers: list[TaskServer],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    concurrency: int,
 ) -> None:
     bus = make_bus(bus_name)
     stop = CTX.Event()
@@ -137,7 +142,7 @@ def test_chaos_sigkill_under_load(
         extras[kind] = p
 
     try:
-        server = TaskServer(bus, workers=WORKERS).start()
+        server = TaskServer(bus, workers=WORKERS, concurrency=concurrency).start()
         servers.append(server)
         t0 = time.monotonic()
         survivors = [
@@ -211,7 +216,8 @@ def test_chaos_sigkill_under_load(
         side_stats = side.stats()
         dead = bus.dead_letters()
         summary = (
-            f"\nchaos: {sent} tasks from {DISPATCHERS} dispatchers to {WORKERS} workers in "
+            f"\nchaos: {sent} tasks from {DISPATCHERS} dispatchers to {WORKERS} workers "
+            f"(concurrency {concurrency}) in "
             f"{elapsed:.1f} s ({sent / elapsed:,.0f} tasks/s); SIGKILLs: {dict(kills)}; "
             f"{server.restarts} worker restarts, {server.redelivered} tasks redelivered, "
             f"{len(duplicates)} tasks ran twice or more; task ring abandoned="

@@ -68,6 +68,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         max_tasks_per_child=args.max_tasks_per_child,
         task_timeout=args.task_timeout,
         start_method=args.start_method,
+        concurrency=args.concurrency,
     )
     stop = threading.Event()
     signals_seen = 0
@@ -161,6 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument("target", help="the bus to serve, as module:attribute (e.g. app.tasks:bus)")
     w.add_argument("-w", "--workers", type=_positive_int, default=os.cpu_count() or 1)
+    w.add_argument(
+        "-c",
+        "--concurrency",
+        type=_positive_int,
+        default=1,
+        help="tasks each worker runs at once: async handlers on its event loop, "
+        "plain ones in a thread pool of that size (default 1)",
+    )
     w.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
     w.add_argument("--task-timeout", type=_positive_float, default=None, metavar="SECONDS")
     w.add_argument(

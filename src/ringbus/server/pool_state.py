@@ -32,6 +32,10 @@ POOL_HEADER = struct.Struct("<8sIIIIdH")
 BROKER_OFF = 36
 """u8 in the header: 1 when the bus's transport delivers a dead worker's task
 again by itself (a broker), so whoever adopts the segment must not."""
+PER_WORKER = struct.Struct("<I")
+PER_WORKER_OFF = 40
+"""u32 in the header: task slots per worker (its ``concurrency``; 0 reads as 1).
+Worker w owns slots w*n .. w*n+n-1; its counters live in the first."""
 POOL_HEADER_SIZE = 4096
 SLOT_HEAD = 512
 PAGE = 4096
@@ -97,7 +101,9 @@ class WorkerInfo(NamedTuple):
     dead_lettered: int = 0
     max_deliveries: int = 0
     inflight: int = 0
-    """Length of the envelope in the worker's journal (0: none)."""
+    """Length of the envelope in the slot's journal (0: none)."""
+    worker: int = 0
+    """Which worker of the pool owns the slot (slot // concurrency)."""
 
 
 def _check_file(path: str, st: os.stat_result) -> None:
@@ -122,7 +128,7 @@ def _check_header(path: str, head: bytes, size: int) -> tuple[int, int]:
             f"{path} is not a ringbus pool state segment "
             f"(too small: {size} bytes, the header alone is {POOL_HEADER_SIZE})"
         )
-    magic, version, slots, stride, _, _, name_len = POOL_HEADER.unpack(head)
+    magic, version, slots, stride, _, _, name_len = POOL_HEADER.unpack_from(head)
     if magic != POOL_MAGIC:
         raise ValueError(f"{path} is not a ringbus pool state segment (magic {magic!r})")
     if version != POOL_VERSION:
@@ -142,6 +148,11 @@ def _check_header(path: str, head: bytes, size: int) -> tuple[int, int]:
         )
     if not 1 <= name_len <= NAME_MAX:
         raise ValueError(f"{path}: bad header: bus name length {name_len} (1..{NAME_MAX})")
+    (per_worker,) = PER_WORKER.unpack_from(head, PER_WORKER_OFF) if len(head) >= 44 else (1,)
+    if per_worker > max(slots, 1) or (per_worker and slots % per_worker):
+        raise ValueError(
+            f"{path}: bad geometry: {per_worker} task slots per worker do not divide {slots} slots"
+        )
     return slots, stride
 
 
@@ -163,9 +174,12 @@ class PoolState:
         envelope_area: int = DEFAULT_ENVELOPE_AREA,
         *,
         broker: bool = False,
+        per_worker: int = 1,
     ) -> PoolState:
         if not 0 <= slots <= MAX_SLOTS:
             raise ValueError(f"a pool state holds 0..{MAX_SLOTS} worker slots, not {slots}")
+        if per_worker < 1 or slots % per_worker:
+            raise ValueError(f"{per_worker} task slots per worker do not divide {slots} slots")
         stride = -(-(SLOT_HEAD + max(envelope_area, PAGE)) // PAGE) * PAGE
         size = POOL_HEADER_SIZE + slots * stride
         base = f"{_names.SHM_DIR}/{_names.pool_prefix(bus_name)}{os.getpid()}"
@@ -203,6 +217,7 @@ class PoolState:
         )
         mm[NAME_OFF : NAME_OFF + len(name)] = name
         mm[BROKER_OFF] = 1 if broker else 0
+        PER_WORKER.pack_into(mm, PER_WORKER_OFF, per_worker)
         return cls(path, mm, slots, stride, owner=True)
 
     @classmethod
@@ -222,13 +237,13 @@ class PoolState:
         try:
             st = os.fstat(fd)
             _check_file(path, st)
-            head = os.pread(fd, POOL_HEADER.size, 0)
+            head = os.pread(fd, PER_WORKER_OFF + PER_WORKER.size, 0)
             slots, stride = _check_header(path, head, st.st_size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot)
         finally:
             os.close(fd)
-        if bytes(mm[: POOL_HEADER.size]) != head:  # rewritten between the read and the map
+        if bytes(mm[: len(head)]) != head:  # rewritten between the read and the map
             mm.close()
             raise ValueError(f"{path}: the header changed while it was being read")
         return cls(path, mm, slots, stride, owner=False)
@@ -236,6 +251,16 @@ class PoolState:
     @property
     def server_pid(self) -> int:
         return int(POOL_HEADER.unpack_from(self.mm, 0)[4])
+
+    @property
+    def per_worker(self) -> int:
+        """Task slots per worker (the pool's ``concurrency``)."""
+        return max(1, PER_WORKER.unpack_from(self.mm, PER_WORKER_OFF)[0])
+
+    def worker_slots(self, worker: int) -> range:
+        """The slots of worker number ``worker`` (its first holds its counters)."""
+        n = self.per_worker
+        return range(worker * n, worker * n + n)
 
     @property
     def broker(self) -> bool:
@@ -316,6 +341,7 @@ class PoolState:
             dead_lettered=dead,
             max_deliveries=maxdel,
             inflight=inflight,
+            worker=slot // self.per_worker,
         )
 
     def journal(self, slot: int) -> memoryview:

@@ -27,11 +27,12 @@ from typing import Any
 from ringbus.server.lost_tasks import LostTask, adopt_orphaned_pools, answer, bury, deliver_again
 from ringbus.server.pool_state import (
     DEFAULT_ENVELOPE_AREA,
+    MAX_SLOTS,
     SLOT_WORKER,
     PoolState,
     WorkerInfo,
 )
-from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, worker_main
+from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, EXIT_STUCK_THREAD, worker_main
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 
@@ -96,6 +97,7 @@ class TaskServer:
         initializer: Callable[..., Any] | None = None,
         initargs: tuple[Any, ...] = (),
         start_method: str = "fork",
+        concurrency: int = 1,
     ) -> None:
         if not isinstance(bus, TaskBus):
             raise TypeError(f"bus must be a TaskBus, not {type(bus).__name__}")
@@ -111,8 +113,15 @@ class TaskServer:
             raise ValueError(f"task_timeout must be > 0 seconds, not {task_timeout!r}")
         if initializer is not None and not callable(initializer):
             raise TypeError("initializer must be callable")
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+            raise ValueError(f"concurrency must be a positive int, not {concurrency!r}")
+        if workers * concurrency > MAX_SLOTS:
+            raise ValueError(
+                f"workers x concurrency = {workers * concurrency} task slots; at most {MAX_SLOTS}"
+            )
         self.bus = bus
         self.workers = workers
+        self.concurrency = concurrency
         self.max_tasks_per_child = max_tasks_per_child
         self.task_timeout = task_timeout
         self.initializer = initializer
@@ -163,9 +172,10 @@ class TaskServer:
         limit = self.bus.transport.max_task_size()
         self._state = PoolState.create(
             self.bus.name,
-            self.workers,
+            self.workers * self.concurrency,
             max(4096, limit or DEFAULT_ENVELOPE_AREA),
             broker=self.bus.transport.redelivers_lost_tasks,
+            per_worker=self.concurrency,
         )
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
@@ -265,8 +275,10 @@ class TaskServer:
             os.write(self._wake_w, b"x")
 
     def _spawn(self, slot: int) -> None:
+        """Start worker number ``slot`` (it owns pool slots ``worker_slots(slot)``)."""
         assert self._state is not None
-        self._state.reset(slot)
+        for s in self._state.worker_slots(slot):
+            self._state.reset(s)
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=worker_main,
             args=(
@@ -277,6 +289,7 @@ class TaskServer:
                 self.initializer,
                 self.initargs,
                 os.getpid(),
+                self.task_timeout,
             ),
             name=f"ringbus-worker-{self.bus.name}-{slot}",
             daemon=False,
@@ -290,7 +303,8 @@ class TaskServer:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
         # Readers outside see the pid as soon as the child exists, not only
         # once it has booted (the worker writes the same value in worker_up).
-        SLOT_WORKER.pack_into(self._state.mm, self._state.offset(slot), process.pid)
+        for s in self._state.worker_slots(slot):
+            SLOT_WORKER.pack_into(self._state.mm, self._state.offset(s), process.pid)
         self._workers[slot] = _Worker(slot, process)
 
     def _next_timeout(self) -> float | None:
@@ -371,13 +385,23 @@ class TaskServer:
             self._respawn_at[slot] = time.monotonic() + 1.0
 
     def _check_overruns(self, limit: float) -> None:
+        """Kill a worker whose task overran.  With ``concurrency`` above 1 the
+        worker enforces the limit itself (its other tasks go on); this is the
+        fallback for a worker whose loop is wedged (a handler holding the GIL)."""
         assert self._state is not None
+        if self.concurrency > 1:
+            limit += max(2.0, limit)
         now = time.monotonic()
         for w in self._workers:
             if w is None or w.kill_reason is not None:
                 continue
-            info = self._state.read(w.slot)
-            if info.state == "running" and now - info.started > limit:
+            over = [
+                info
+                for s in self._state.worker_slots(w.slot)
+                if (info := self._state.read(s)).state == "running" and now - info.started > limit
+            ]
+            if over:
+                info = over[0]
                 w.kill_reason = "timeout"
                 w.killed_tid = info.task_id
                 log.warning(
@@ -395,8 +419,13 @@ class TaskServer:
         w.process.join(timeout=5)
         code = w.process.exitcode
         self._workers[w.slot] = None
-        info = self._state.read(w.slot)
-        record = self._state.inflight(w.slot) if info.worker_pid in (0, w.pid) else None
+        infos = [self._state.read(s) for s in self._state.worker_slots(w.slot)]
+        info = infos[0]  # the worker's counters
+        held = [
+            (i, record)
+            for i in infos
+            if i.worker_pid in (0, w.pid) and (record := self._state.inflight(i.slot)) is not None
+        ]
         if code is not None and code < 0:
             # A worker killed inside a get may hold claimed slots: hand them back.
             with contextlib.suppress(Exception):
@@ -407,8 +436,16 @@ class TaskServer:
             self.max_tasks_per_child or 0
         )
         on_its_own = code == 0 and not self._stopping and not recycled
-        if record is not None:
-            self._task_in_hand(w, info, record, code)
+        for slot_info, record in held:
+            self._task_in_hand(w, slot_info, record, code)
+        if held:
+            pass  # each task in hand was logged with what became of it
+        elif code == EXIT_STUCK_THREAD:
+            log.warning(
+                "ringbus: worker %d of bus %r replaced: a handler thread ran past its time limit",
+                w.pid,
+                self.bus.name,
+            )
         elif on_its_own:
             log.warning(
                 "ringbus: worker %d of bus %r stopped by itself after %d task(s), %.1f s "
@@ -428,7 +465,8 @@ class TaskServer:
                     self.bus.name,
                     _describe_exit(code),
                 )
-        self._state.reset(w.slot)
+        for s in self._state.worker_slots(w.slot):
+            self._state.reset(s)
         if code == EXIT_INIT_FAILED and self.on_initializer_failure is not None:
             try:
                 self.on_initializer_failure(self)
@@ -440,7 +478,8 @@ class TaskServer:
         # hand (a failing start); a poison task ends in dead letters instead.
         quick = (
             (code != 0 or on_its_own)
-            and record is None
+            and code != EXIT_STUCK_THREAD
+            and not held
             and w.kill_reason is None
             and time.monotonic() - w.started < 1.0
         )

@@ -14,8 +14,10 @@ dropped.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import pickle
@@ -29,16 +31,13 @@ from types import FrameType
 from typing import Any
 
 from ringbus._proc import die_with_parent
-from ringbus.errors import MessageTooLarge, TransportClosed, Unrecoverable
+from ringbus.errors import TransportClosed, Unrecoverable
 from ringbus.server.pool_state import (
     EXITED,
     IDLE,
-    JOURNAL_OFF,
     REPLY_MAX,
     REPLY_OFF,
     RUNNING,
-    SLOT_COUNTERS,
-    SLOT_COUNTERS_OFF,
     SLOT_DONE,
     SLOT_DONE_OFF,
     SLOT_MAXDEL_OFF,
@@ -46,18 +45,14 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
+from ringbus.server.worker_base import EXIT_INIT_FAILED, EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
-from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
-from ringbus.transport.base import Transport
 
-__all__ = ["EXIT_INIT_FAILED", "worker_main"]
+__all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 
 log = logging.getLogger("ringbus.server")
-
-EXIT_INIT_FAILED = 75
-"""Exit status of a worker whose initializer raised."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 BLOCK_AT_FORK = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
@@ -66,29 +61,26 @@ _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
 
 
-class _StopFlag:
-    __slots__ = ("stop",)
-
-    def __init__(self) -> None:
-        self.stop = False
-
-
 def worker_main(
     bus: TaskBus,
-    slot: int,
+    worker: int,
     pool_path: str,
     max_tasks: int | None,
     initializer: Callable[..., Any] | None,
     initargs: tuple[Any, ...],
     parent_pid: int = 0,
+    task_timeout: float | None = None,
 ) -> None:
     """Entry point of a worker process (signals arrive blocked: see TaskServer._spawn)."""
-    flag = _StopFlag()
+    flag = StopFlag()
     transport = bus.transport
+    wake: list[Callable[[], object]] = []  # what else a stop must wake (the concurrent loop)
 
     def on_stop(signum: int, frame: FrameType | None) -> None:
         flag.stop = True
         transport.interrupt()  # wakes a take; never raises into the task in hand
+        for fn in wake:
+            fn()
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     for sig in STOP_SIGNALS:
@@ -98,127 +90,66 @@ def worker_main(
     if parent_pid:
         # A SIGKILLed server leaves no orphan workers: they get a graceful stop.
         die_with_parent(parent_pid, signal.SIGTERM)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCK_AT_FORK)
     pool = PoolState.attach(pool_path)
-    pool.worker_up(slot, os.getpid())
+    slots = pool.worker_slots(worker)
+    for slot in slots:
+        pool.worker_up(slot, os.getpid())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, BLOCK_AT_FORK)
     if initializer is not None:
         try:
             initializer(*initargs)
         except BaseException:
             log.exception("ringbus worker %d: initializer failed", os.getpid())
-            pool.set_state(slot, EXITED)
+            for slot in slots:
+                pool.set_state(slot, EXITED)
             pool.close()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(EXIT_INIT_FAILED)
-    rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
+    code = 0
     try:
-        _WorkerLoop(bus, pool, slot, rec, max_tasks, flag).run()
+        if len(slots) == 1:
+            loop = _WorkerLoop(bus, pool, slots[0], max_tasks, flag)
+            try:
+                loop.run()
+            finally:
+                loop.release()
+        else:
+            from ringbus.server.worker_concurrent import ConcurrentWorker
+
+            cw = ConcurrentWorker(bus, pool, slots, max_tasks, flag, task_timeout)
+            wake.append(cw.wake_taker)
+            try:
+                code = cw.run()
+            finally:
+                cw.release()
     finally:
-        rec.release()
-        pool.set_state(slot, EXITED)
+        for slot in slots:
+            pool.set_state(slot, EXITED)
         pool.close()
         bus.close()  # a worker that dispatched owns a reply channel: remove it
+    if code:
+        # A handler thread that overran cannot be joined: leave without waiting for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
-class _WorkerLoop:
-    __slots__ = (
-        "ack",
-        "bus",
-        "counters",
-        "dead",
-        "flag",
-        "journal",
-        "max_tasks",
-        "pool",
-        "rec",
-        "send",
-        "slot",
-        "transport",
-    )
+class _WorkerLoop(WorkerBase):
+    """One task at a time, on the worker's main thread: the fastest path for
+    short tasks.  An ``async def`` handler runs on an event loop of its own."""
 
     def __init__(
         self,
         bus: TaskBus,
         pool: PoolState,
         slot: int,
-        rec: memoryview,
         max_tasks: int | None,
-        flag: _StopFlag,
+        flag: StopFlag,
     ) -> None:
-        self.bus = bus
-        self.pool = pool
-        self.slot = slot
-        self.rec = rec
-        self.journal = rec[JOURNAL_OFF:]
+        super().__init__(bus, pool, slot, flag)
         self.max_tasks = max_tasks
-        self.flag = flag
-        self.transport = t = bus.transport
-        # Acknowledging is a no-op on shared memory: skip the call.
-        self.ack = None if type(t).ack_tasks is Transport.ack_tasks else t.ack_tasks
-        self.send = t.send_reply
-        self.dead = DeadLetterStore(t)
-        self.counters = [0, 0, 0]  # failed, retried, dead-lettered
-
-    # -------------------------------------------------------- rare paths
-
-    def _count(self, failed: int = 0, retried: int = 0, dead: int = 0) -> None:
-        c = self.counters
-        c[0] += failed
-        c[1] += retried
-        c[2] += dead
-        SLOT_COUNTERS.pack_into(self.rec, SLOT_COUNTERS_OFF, c[0], c[1], c[2], 0)
-
-    def _dead_letter(self, data: bytes, reason: str, task_type: str = "", attempt: int = 0) -> None:
-        try:
-            self.dead.add(data, reason, task_type, attempt)
-        except Exception:
-            log.exception(
-                "ringbus worker %d: could not keep a dead letter (%s)", os.getpid(), reason
-            )
-            return
-        self._count(dead=1)
-
-    def _reply(self, reply: bytes, dpid: int, out: bytes, tid: int) -> None:
-        try:
-            self.send(reply, dpid, out)
-        except MessageTooLarge as big:
-            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
-        except Exception:
-            log.exception("ringbus worker %d: could not send a result", os.getpid())
-
-    def _malformed(self, data: bytes, why: str) -> None:
-        log.error(
-            "ringbus worker %d: dead-lettering a malformed task envelope: %s", os.getpid(), why
-        )
-        self._dead_letter(data, f"malformed task envelope: {why}")
-
-    def _fail(
-        self,
-        data: bytes,
-        tid: int,
-        flags: int,
-        reply: bytes,
-        dpid: int,
-        exc: BaseException,
-        attempt: int,
-        type_name: str,
-        keep: bool = True,
-    ) -> None:
-        """The last attempt failed: keep a dead letter, then answer the caller
-        (who may look for the letter as soon as its future fails)."""
-        self._count(failed=1)
-        if keep:
-            self._dead_letter(
-                env.with_attempt(data, attempt),
-                f"{type(exc).__name__}: {exc} (attempt {attempt})",
-                type_name,
-                attempt,
-            )
-        if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
-        else:
-            log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _backoff(self, seconds: float) -> bool:
         """Sleep before a retry; False when a stop arrived meanwhile."""
@@ -234,12 +165,24 @@ class _WorkerLoop:
         """The task in hand is done with: a kill before this redelivers it."""
         self.journal[0:4] = _ZERO4
         if self.ack is not None:
-            self.ack(1)
+            self.ack(self.transport.delivery_tag)
+
+    def _await(self, value: Any) -> Any:
+        """The result of an awaitable handler, run on this worker's own loop."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+        return self._loop.run_until_complete(_awaited(value))
+
+    def release(self) -> None:
+        if self._loop is not None:
+            self._loop.close()
+        super().release()
 
     # -------------------------------------------------------- the loop
 
     def run(self) -> None:
         bus, pool, slot, rec, flag = self.bus, self.pool, self.slot, self.rec, self.flag
+        awaitable = _awaitable_result
         transport = self.transport
         take = transport.task_taker(self.journal)
         finish_task = self._finish
@@ -248,7 +191,6 @@ class _WorkerLoop:
         reply_putter = transport.reply_putter
         put_reply: Callable[[bytes, bool], object] | None = None
         put_addr = None
-        send = self.send
         resolve = bus.resolve
         policy_of = bus.policy
         run = functools.partial(SLOT_RUN.pack_into, rec, SLOT_RUN_OFF)
@@ -257,7 +199,7 @@ class _WorkerLoop:
         hsize = env.TASK_HEADER_SIZE
         loads = pickle.loads
         monotonic = time.monotonic
-        encode_ok, encode_text = env.encode_ok, env.encode_text
+        encode_ok = env.encode_ok
         result_header = env.RESULT_HEADER.pack
         result_magic, status_ok = env.RESULT_MAGIC, env.OK
         dumps = pickle.dumps
@@ -286,15 +228,10 @@ class _WorkerLoop:
             try:
                 magic, flags, attempt, dpid, tid, deadline, wall, rlen = unpack(data)
             except struct.error:
-                magic = -1
+                magic = rlen = -1
             start = hsize + rlen if magic == magic_ok else 0
             if magic != magic_ok or start > len(data):
-                self._malformed(
-                    data,
-                    f"{len(data)} bytes starting {bytes(data[:8]).hex()}"
-                    if magic != magic_ok
-                    else f"reply address of {rlen} bytes runs past the end",
-                )
+                self._malformed_header(data, magic, rlen)
                 finish_task()
                 continue
             if counts_deliveries:
@@ -304,17 +241,7 @@ class _WorkerLoop:
             reply = data[hsize:start]
             now = monotonic()
             if deadline and now > deadline:
-                if flags & FLAG_REPLY:
-                    send(
-                        reply,
-                        dpid,
-                        encode_text(
-                            tid,
-                            env.TIMEOUT,
-                            f"task #{tid} reached its deadline {now - deadline:.3f} s before "
-                            f"a worker took it; it was not run",
-                        ),
-                    )
+                self._late(flags, reply, dpid, tid, now - deadline)
                 finish_task()
                 continue
             # Reply address first, then the head that refers to it (see PoolState.read).
@@ -349,20 +276,16 @@ class _WorkerLoop:
             keep = policy.dead_letter
             rec[maxdel_at:maxdel_end] = max_del_packed
             if attempt > max_del:
-                text = (
-                    f"task #{tid} ({type_name}) reached attempt {attempt} of at most "
-                    f"{policy.max_deliveries}: the workers running it died each time"
+                self._too_many_deliveries(
+                    data, tid, flags, reply, dpid, attempt, type_name, max_del
                 )
-                log.error("ringbus: %s; it goes to dead letters", text)
-                self._count(failed=1)
-                self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
-                if flags & FLAG_REPLY:
-                    send(reply, dpid, encode_text(tid, env.LOST, text))
                 finish_task()
                 continue
             while True:
                 try:
                     value = fn(task)
+                    if awaitable(value):
+                        value = self._await(value)
                 except Exception as exc:
                     if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
                         self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
@@ -423,3 +346,20 @@ class _WorkerLoop:
             finish(IDLE, done)
             if max_tasks and done >= max_tasks:
                 break
+
+
+_AWAITABLE: dict[type, bool] = {}
+
+
+def _awaitable_result(value: Any) -> bool:
+    """Whether a handler returned something to await (an ``async def``
+    handler's coroutine, or any awaitable): one dict look-up per result type."""
+    t = type(value)
+    known = _AWAITABLE.get(t)
+    if known is None:
+        known = _AWAITABLE[t] = inspect.isawaitable(value)
+    return known
+
+
+async def _awaited(value: Any) -> Any:
+    return await value

@@ -72,6 +72,10 @@ class Transport(abc.ABC):
     """How many times the envelope this process took last was delivered
     (1 = first delivery; a broker counts redeliveries after consumer deaths)."""
 
+    delivery_tag: object = None
+    """What identifies the envelope this process took last, for ``ack_task``
+    (a broker's entry id; None where acknowledging is a no-op)."""
+
     def bind(self, bus_name: str) -> None:
         """Called once by the TaskBus that owns this transport."""
         if self.bus_name and self.bus_name != bus_name:
@@ -115,6 +119,11 @@ class Transport(abc.ABC):
 
     def ack_tasks(self, n: int = 1) -> None:  # noqa: B027 - optional hook
         """The oldest ``n`` envelopes this process took are finished."""
+
+    def ack_task(self, tag: object) -> None:
+        """The envelope taken with ``delivery_tag`` ``tag`` is finished (tasks
+        may finish in any order).  Transports that acknowledge override it."""
+        self.ack_tasks(1)
 
     def settle(self, data: bytes) -> None:  # noqa: B027 - optional hook
         """The envelope ``data``, taken by a consumer that died, is finished

@@ -1,0 +1,187 @@
+"""What every worker loop shares: counters, dead letters, answers, failures.
+
+The hot path of each loop lives in its own module (``worker.py`` for one task
+at a time, ``worker_concurrent.py`` for many); the rare paths are here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from typing import Any
+
+from ringbus.errors import MessageTooLarge
+from ringbus.server.pool_state import (
+    JOURNAL_OFF,
+    SLOT_COUNTERS,
+    SLOT_COUNTERS_OFF,
+    PoolState,
+)
+from ringbus.tasks import envelope as env
+from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.dead_letters import DeadLetterStore
+from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.transport.base import Transport
+
+__all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "StopFlag", "WorkerBase"]
+
+log = logging.getLogger("ringbus.server")
+
+EXIT_INIT_FAILED = 75
+"""Exit status of a worker whose initializer raised."""
+EXIT_STUCK_THREAD = 76
+"""Exit status of a worker replaced because a handler thread overran its time
+limit (a thread cannot be cancelled: its other tasks finished first)."""
+
+DONE_OFF = 38  # u64 tasks done, in a worker's first slot
+_U64 = struct.Struct("<Q")
+
+
+class StopFlag:
+    __slots__ = ("stop",)
+
+    def __init__(self) -> None:
+        self.stop = False
+
+
+class WorkerBase:
+    """A worker process's state shared by its loop: the bus, its first pool
+    slot (counters), and the rare paths of a task."""
+
+    def __init__(self, bus: TaskBus, pool: PoolState, slot: int, flag: StopFlag) -> None:
+        self.bus = bus
+        self.pool = pool
+        self.slot = slot
+        self.flag = flag
+        self.rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
+        self.journal = self.rec[JOURNAL_OFF:]
+        self.transport: Transport = bus.transport
+        t = self.transport
+        # Acknowledging is a no-op on shared memory: skip the call.
+        no_ack = type(t).ack_task is Transport.ack_task and type(t).ack_tasks is Transport.ack_tasks
+        self.ack = None if no_ack else t.ack_task
+        self.send = t.send_reply
+        self.dead = DeadLetterStore(t)
+        self.counters = [0, 0, 0]  # failed, retried, dead-lettered
+
+    def release(self) -> None:
+        self.journal.release()
+        self.rec.release()
+
+    def count_done(self, done: int) -> None:
+        _U64.pack_into(self.rec, DONE_OFF, done)
+
+    def _count(self, failed: int = 0, retried: int = 0, dead: int = 0) -> None:
+        c = self.counters
+        c[0] += failed
+        c[1] += retried
+        c[2] += dead
+        SLOT_COUNTERS.pack_into(self.rec, SLOT_COUNTERS_OFF, c[0], c[1], c[2], 0)
+
+    def _dead_letter(self, data: bytes, reason: str, task_type: str = "", attempt: int = 0) -> None:
+        try:
+            self.dead.add(data, reason, task_type, attempt)
+        except Exception:
+            log.exception(
+                "ringbus worker %d: could not keep a dead letter (%s)", os.getpid(), reason
+            )
+            return
+        self._count(dead=1)
+
+    def _reply(self, reply: bytes, dpid: int, out: bytes, tid: int) -> None:
+        try:
+            self.send(reply, dpid, out)
+        except MessageTooLarge as big:
+            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
+        except Exception:
+            log.exception("ringbus worker %d: could not send a result", os.getpid())
+
+    def _malformed(self, data: bytes, why: str) -> None:
+        log.error(
+            "ringbus worker %d: dead-lettering a malformed task envelope: %s", os.getpid(), why
+        )
+        self._dead_letter(data, f"malformed task envelope: {why}")
+
+    def _malformed_header(self, data: bytes, magic: int, rlen: int) -> None:
+        self._malformed(
+            data,
+            f"{len(data)} bytes starting {bytes(data[:8]).hex()}"
+            if magic != env.TASK_MAGIC
+            else f"reply address of {rlen} bytes runs past the end",
+        )
+
+    def _late(self, flags: int, reply: bytes, dpid: int, tid: int, late: float) -> None:
+        """The task's deadline passed while it was queued: answer, never run it."""
+        if flags & FLAG_REPLY:
+            self.send(
+                reply,
+                dpid,
+                env.encode_text(
+                    tid,
+                    env.TIMEOUT,
+                    f"task #{tid} reached its deadline {late:.3f} s before "
+                    f"a worker took it; it was not run",
+                ),
+            )
+
+    def _too_many_deliveries(
+        self, data: bytes, tid: int, flags: int, reply: bytes, dpid: int, attempt: int, *a: Any
+    ) -> None:
+        """Every worker that took it died: a poison task goes to dead letters."""
+        type_name, allowed = a
+        text = (
+            f"task #{tid} ({type_name}) reached attempt {attempt} of at most "
+            f"{allowed}: the workers running it died each time"
+        )
+        log.error("ringbus: %s; it goes to dead letters", text)
+        self._count(failed=1)
+        self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        if flags & FLAG_REPLY:
+            self.send(reply, dpid, env.encode_text(tid, env.LOST, text))
+
+    def _fail(
+        self,
+        data: bytes,
+        tid: int,
+        flags: int,
+        reply: bytes,
+        dpid: int,
+        exc: BaseException,
+        attempt: int,
+        type_name: str,
+        keep: bool = True,
+    ) -> None:
+        """The last attempt failed: keep a dead letter, then answer the caller
+        (who may look for the letter as soon as its future fails)."""
+        self._count(failed=1)
+        if keep:
+            self._dead_letter(
+                env.with_attempt(data, attempt),
+                f"{type(exc).__name__}: {exc} (attempt {attempt})",
+                type_name,
+                attempt,
+            )
+        if flags & FLAG_REPLY:
+            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
+        else:
+            log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
+
+    def _timed_out(
+        self,
+        data: bytes,
+        tid: int,
+        flags: int,
+        reply: bytes,
+        dpid: int,
+        attempt: int,
+        type_name: str,
+        limit: float,
+    ) -> None:
+        """The task ran past its time limit (the worker's own enforcement)."""
+        text = f"task #{tid} ({type_name}) ran longer than {limit:g} s"
+        log.warning("ringbus: %s", text)
+        self._count(failed=1)
+        self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        if flags & FLAG_REPLY:
+            self._reply(reply, dpid, env.encode_text(tid, env.TIMEOUT, text), tid)

@@ -1,0 +1,340 @@
+"""A worker that runs up to ``concurrency`` tasks at once.
+
+``async def`` handlers run on the worker's event loop; plain handlers in a
+thread pool of the same size (blocking I/O overlaps; CPU-bound work wants
+processes).  A taker thread waits on the task channel, and only while a
+task slot is free (no prefetch beyond ``concurrency``): each slot of the
+pool state has its own journal, so a worker killed with 64 tasks running
+leaves all 64 for the supervisor to deliver again.
+
+Time limits are the worker's own here: an overrunning coroutine is
+cancelled; a thread cannot be, so its caller gets ``TaskTimeout`` at once,
+the worker stops taking tasks, lets the others finish and exits with
+``EXIT_STUCK_THREAD`` for the supervisor to replace it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import os
+import pickle
+import queue
+import struct
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from ringbus.errors import TransportClosed, Unrecoverable
+from ringbus.server.pool_state import (
+    IDLE,
+    JOURNAL_OFF,
+    REPLY_MAX,
+    REPLY_OFF,
+    RUNNING,
+    SLOT_DONE_OFF,
+    SLOT_MAXDEL_OFF,
+    SLOT_RUN,
+    SLOT_RUN_OFF,
+    PoolState,
+)
+from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
+from ringbus.tasks import envelope as env
+from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.envelope import FLAG_REPLY
+
+__all__ = ["ConcurrentWorker"]
+
+log = logging.getLogger("ringbus.server")
+
+_U16 = struct.Struct("<H")
+_ZERO4 = bytes(4)
+
+
+class _Overran(Exception):
+    """A task attempt ran past its time limit."""
+
+    def __init__(self, limit: float, stuck: bool) -> None:
+        super().__init__(limit)
+        self.limit = limit
+        self.stuck = stuck  # a thread that still runs
+
+
+class ConcurrentWorker(WorkerBase):
+    """The worker process's loop when its ``concurrency`` is above 1."""
+
+    def __init__(
+        self,
+        bus: TaskBus,
+        pool: PoolState,
+        slots: range,
+        max_tasks: int | None,
+        flag: StopFlag,
+        task_timeout: float | None,
+    ) -> None:
+        super().__init__(bus, pool, slots[0], flag)
+        self.slots = list(slots)
+        stride = pool.stride
+        self.recs = [memoryview(pool.mm)[pool.offset(s) : pool.offset(s) + stride] for s in slots]
+        self.journals = [r[JOURNAL_OFF:] for r in self.recs]
+        self.max_tasks = max_tasks
+        self.task_timeout = task_timeout
+        self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(self.slots)):
+            self.free.put(i)
+        self.threads = ThreadPoolExecutor(len(self.slots), thread_name_prefix="ringbus-task")
+        self.loop = asyncio.new_event_loop()
+        self.running = 0
+        self.taken = 0
+        self.done = 0
+        self.exit_code = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._quiet = asyncio.Event()
+        self._taker_done = asyncio.Event()
+        self._types: dict[type, tuple[Callable[[Any], Any], Any, str, int, bool]] = {}
+
+    # -------------------------------------------------------- lifecycle
+
+    def wake_taker(self) -> None:
+        """Called from the stop signal handler: the taker may wait for a free slot."""
+        self.free.put(-1)
+
+    def run(self) -> int:
+        """Serve until stopped (or recycled); returns the exit status."""
+        asyncio.set_event_loop(self.loop)
+        self._quiet.set()
+        taker = threading.Thread(target=self._take_loop, name="ringbus-taker", daemon=True)
+        taker.start()
+        try:
+            self.loop.run_until_complete(self._until_drained())
+        finally:
+            self.threads.shutdown(wait=not self.exit_code, cancel_futures=True)
+            self.loop.close()
+        return self.exit_code
+
+    async def _until_drained(self) -> None:
+        await self._taker_done.wait()
+        await self._quiet.wait()
+
+    def release(self) -> None:
+        for view in (*self.journals, *self.recs):
+            view.release()
+        super().release()
+
+    def _stop_taking(self) -> None:
+        self.flag.stop = True
+        self.transport.interrupt()
+        self.free.put(-1)
+
+    # -------------------------------------------------------- the taker thread
+
+    def _take_loop(self) -> None:
+        transport = self.transport
+        counts = transport.redelivers_lost_tasks
+        takers = [transport.task_taker(j) for j in self.journals]
+        call = self.loop.call_soon_threadsafe
+        try:
+            while not self.flag.stop:
+                i = self.free.get()
+                if i < 0 or self.flag.stop:
+                    break
+                try:
+                    data = takers[i]()
+                except TransportClosed:
+                    break
+                except queue.Empty:  # idle: is the channel still the bus's?
+                    self.free.put(i)
+                    transport.check_channel()
+                    takers = [transport.task_taker(j) for j in self.journals]
+                    continue
+                deliveries = transport.deliveries if counts else 1
+                call(self._start, i, data, deliveries, transport.delivery_tag)
+                self.taken += 1
+                if self.max_tasks and self.taken >= self.max_tasks:
+                    break  # recycled once these finish
+        except BaseException:
+            log.exception("ringbus worker %d: the task taker failed", os.getpid())
+        finally:
+            call(self._taker_done.set)
+
+    # -------------------------------------------------------- tasks on the loop
+
+    def _start(self, i: int, data: bytes, deliveries: int, tag: object) -> None:
+        self.running += 1
+        self._quiet.clear()
+        task = self.loop.create_task(self._run(i, data, deliveries, tag))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, i: int, data: bytes, deliveries: int, tag: object) -> None:
+        release = True
+        try:
+            release = await self._process(i, data, deliveries)
+        except BaseException:
+            log.exception("ringbus worker %d: a task failed outside its handler", os.getpid())
+        finally:
+            rec = self.recs[i]
+            self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
+            if self.ack is not None:
+                self.ack(tag)
+            rec[SLOT_DONE_OFF] = IDLE
+            self.done += 1
+            self.count_done(self.done)
+            self.running -= 1
+            if release:
+                self.free.put(i)
+            if not self.running:
+                self._quiet.set()
+
+    def _handler(self, cls: type) -> tuple[Callable[[Any], Any], Any, str, int, bool]:
+        entry = self._types.get(cls)
+        if entry is None:
+            fn = self.bus.resolve(cls)
+            policy = self.bus.policy(cls)
+            entry = (
+                fn,
+                policy,
+                f"{cls.__module__}.{cls.__qualname__}",
+                policy.max_deliveries,
+                inspect.iscoroutinefunction(fn),
+            )
+            self._types[cls] = entry
+        return entry
+
+    async def _process(self, i: int, data: bytes, deliveries: int) -> bool:
+        """One task in slot ``i``; False when its slot must stay taken (a
+        thread that overran still uses it)."""
+        rec, slot = self.recs[i], self.slots[i]
+        try:
+            magic, flags, attempt, dpid, tid, deadline, wall, rlen = env.TASK_HEADER.unpack_from(
+                data
+            )
+        except struct.error:
+            magic = rlen = -1
+        start = env.TASK_HEADER_SIZE + rlen if magic == env.TASK_MAGIC else 0
+        if magic != env.TASK_MAGIC or start > len(data):
+            self._malformed_header(data, magic, rlen)
+            return True
+        attempt += deliveries - 1
+        if wall and self.transport.spans_hosts:
+            deadline = wall - time.time() + time.monotonic()
+        reply = data[env.TASK_HEADER_SIZE : start]
+        now = time.monotonic()
+        if deadline and now > deadline:
+            self._late(flags, reply, dpid, tid, now - deadline)
+            return True
+        if rlen <= REPLY_MAX:
+            rec[REPLY_OFF : REPLY_OFF + rlen] = reply
+        SLOT_RUN.pack_into(
+            rec, SLOT_RUN_OFF, dpid, tid, now, deadline, attempt, flags, rlen, RUNNING
+        )
+        type_name = ""
+        try:
+            task = env.load_payload(data, start)
+            fn, policy, type_name, max_del, is_async = self._handler(type(task))
+        except Exception as exc:
+            self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
+            return True
+        self.pool.set_type(slot, type_name)
+        _U16.pack_into(rec, SLOT_MAXDEL_OFF, max_del)
+        if attempt > max_del:
+            self._too_many_deliveries(data, tid, flags, reply, dpid, attempt, type_name, max_del)
+            return True
+        keep = policy.dead_letter
+        while True:
+            try:
+                value = await self._attempt(fn, task, is_async, deadline)
+            except _Overran as over:
+                self._timed_out(data, tid, flags, reply, dpid, attempt, type_name, over.limit)
+                if over.stuck:
+                    self.exit_code = EXIT_STUCK_THREAD
+                    log.error(
+                        "ringbus worker %d: a thread of task #%d still runs past its limit: "
+                        "taking no more tasks, replaced once the others finish",
+                        os.getpid(),
+                        tid,
+                    )
+                    self._stop_taking()
+                    return False
+                return True
+            except Exception as exc:
+                if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
+                    self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                    return True
+                delay = policy.delay(attempt)
+                if deadline and time.monotonic() + delay >= deadline:
+                    self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                    return True
+                attempt += 1
+                self._count(retried=1)
+                log.warning(
+                    "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
+                    tid,
+                    type_name,
+                    type(exc).__name__,
+                    attempt,
+                    policy.max_attempts,
+                    delay,
+                )
+                del exc
+                SLOT_RUN.pack_into(
+                    rec, SLOT_RUN_OFF, dpid, tid, time.monotonic(), deadline, attempt, flags,
+                    rlen, RUNNING,
+                )  # fmt: skip
+                await asyncio.sleep(delay)
+                if self.flag.stop:  # stopping: hand the retry to the next worker or server
+                    self.transport.put_task(env.with_attempt(data, attempt))
+                    return True
+                try:
+                    task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                except Exception as uexc:
+                    self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
+                    return True
+                continue
+            except BaseException as exc:  # SystemExit and the like: not retried
+                self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                return True
+            if flags & FLAG_REPLY:
+                await self._answer(reply, dpid, tid, value)
+            return True
+
+    async def _attempt(
+        self, fn: Callable[[Any], Any], task: Any, is_async: bool, deadline: float
+    ) -> Any:
+        limit = self.task_timeout
+        if deadline:
+            left = max(0.0, deadline - time.monotonic())
+            limit = left if limit is None else min(limit, left)
+        if is_async:
+            try:
+                return await asyncio.wait_for(fn(task), limit)
+            except asyncio.TimeoutError:
+                raise _Overran(limit or 0.0, stuck=False) from None
+        fut = self.loop.run_in_executor(self.threads, fn, task)
+        try:
+            value = await asyncio.wait_for(asyncio.shield(fut), limit)
+        except asyncio.TimeoutError:
+            raise _Overran(limit or 0.0, stuck=not fut.done()) from None
+        if inspect.isawaitable(value):  # a plain function that returned an awaitable
+            try:
+                value = await asyncio.wait_for(value, limit)
+            except asyncio.TimeoutError:
+                raise _Overran(limit or 0.0, stuck=False) from None
+        return value
+
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> None:
+        try:
+            out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
+        except Exception:
+            out = env.encode_ok(tid, value)  # makes the pickling error a FAILED result
+        put = self.transport.reply_putter(reply)
+        if put is not None:
+            try:
+                put(out, False)
+                return
+            except Exception:  # full, too large, closed: the careful way, off the loop
+                pass
+        await self.loop.run_in_executor(None, self._reply, reply, dpid, out, tid)
