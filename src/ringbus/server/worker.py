@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 from ringbus._proc import die_with_parent
-from ringbus.errors import TransportClosed, Unrecoverable
+from ringbus.errors import TransportClosed
 from ringbus.server.pool_state import (
     EXITED,
     IDLE,
@@ -287,24 +287,11 @@ class _WorkerLoop(WorkerBase):
                     if awaitable(value):
                         value = self._await(value)
                 except Exception as exc:
-                    if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
-                        self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
-                        break
-                    delay = policy.delay(attempt)
-                    if deadline and monotonic() + delay >= deadline:
+                    delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
+                    if delay is None:
                         self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                         break
                     attempt += 1
-                    self._count(retried=1)
-                    log.warning(
-                        "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
-                        tid,
-                        type_name,
-                        type(exc).__name__,
-                        attempt,
-                        policy.max_attempts,
-                        delay,
-                    )
                     del exc
                     # The slot's attempt first: a crash from here on redelivers
                     # this attempt (the journal keeps the envelope as taken).

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import time
 from typing import Any
 
-from ringbus.errors import MessageTooLarge
+from ringbus.errors import MessageTooLarge, Unrecoverable
 from ringbus.server.pool_state import (
     JOURNAL_OFF,
     SLOT_COUNTERS,
@@ -166,6 +167,28 @@ class WorkerBase:
             self._reply(reply, dpid, env.encode_error(tid, exc), tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
+
+    def _retry_delay(
+        self, exc: Exception, attempt: int, policy: Any, deadline: float, tid: int, name: str
+    ) -> float | None:
+        """Seconds to wait before attempt ``attempt + 1`` (counted and logged),
+        or None when the failed attempt was the last one allowed."""
+        if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
+            return None
+        delay: float = policy.delay(attempt)
+        if deadline and time.monotonic() + delay >= deadline:
+            return None
+        self._count(retried=1)
+        log.warning(
+            "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
+            tid,
+            name,
+            type(exc).__name__,
+            attempt + 1,
+            policy.max_attempts,
+            delay,
+        )
+        return delay
 
     def _timed_out(
         self,

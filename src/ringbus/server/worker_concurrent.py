@@ -28,7 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ringbus.errors import TransportClosed, Unrecoverable
+from ringbus.errors import TransportClosed
 from ringbus.server.pool_state import (
     IDLE,
     JOURNAL_OFF,
@@ -261,24 +261,11 @@ class ConcurrentWorker(WorkerBase):
                     return False
                 return True
             except Exception as exc:
-                if isinstance(exc, Unrecoverable) or attempt >= policy.max_attempts:
-                    self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
-                    return True
-                delay = policy.delay(attempt)
-                if deadline and time.monotonic() + delay >= deadline:
+                delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
+                if delay is None:
                     self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                     return True
                 attempt += 1
-                self._count(retried=1)
-                log.warning(
-                    "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
-                    tid,
-                    type_name,
-                    type(exc).__name__,
-                    attempt,
-                    policy.max_attempts,
-                    delay,
-                )
                 del exc
                 SLOT_RUN.pack_into(
                     rec, SLOT_RUN_OFF, dpid, tid, time.monotonic(), deadline, attempt, flags,
