@@ -132,11 +132,13 @@ def test_recycling_never_drops_running_tasks(cbus: TaskBus, servers: list[TaskSe
 
 
 def test_a_worker_takes_no_more_than_its_free_slots(
-    cbus: TaskBus, servers: list[TaskServer]
+    cbus: TaskBus, servers: list[TaskServer], tmp_path: Path
 ) -> None:
     """No prefetch: with every slot busy, further tasks stay in the channel."""
     _serve(cbus, servers, workers=1, concurrency=4)
-    busy = [cbus.dispatch(Nap(1.5)) for _ in range(4)]
+    marks = [tmp_path / f"busy{i}" for i in range(4)]
+    busy = [cbus.dispatch(Nap(3.0, str(m))) for m in marks]
+    wait_for(lambda: all(m.exists() for m in marks), 30, "4 tasks running")
     queued = [cbus.dispatch(Nap(0.01)) for _ in range(6)]
     time.sleep(0.5)  # lets a greedy worker take them (a bound, not a timing assertion)
     assert cbus.pending_tasks() == 6

@@ -10,13 +10,17 @@ import re
 
 __all__ = [
     "SHM_DIR",
+    "bell_name",
     "dead_letter_path",
+    "leader_path",
     "pool_prefix",
     "redis_prefix",
     "reply_prefix",
+    "schedule_path",
     "shm_path",
     "spill_path",
     "task_ring_name",
+    "timers_path",
     "validate_bus_name",
 ]
 
@@ -65,6 +69,26 @@ def pool_prefix(bus: str) -> str:
 
 def dead_letter_path(bus: str) -> str:
     return f"{SHM_DIR}/ringbus-{bus}-dead"
+
+
+def timers_path(bus: str) -> str:
+    """Delayed tasks waiting for their due time."""
+    return f"{SHM_DIR}/ringbus-{bus}-timers"
+
+
+def bell_name(bus: str) -> str:
+    """The one-slot ring that wakes the leader for a new delayed task."""
+    return f"/ringbus-{bus}-bell"
+
+
+def leader_path(bus: str) -> str:
+    """Locked (``flock``) by the process that leads the bus's scheduler."""
+    return f"{SHM_DIR}/ringbus-{bus}-leader"
+
+
+def schedule_path(bus: str) -> str:
+    """The leader's schedule state (periodic tasks' runs), for ``ringbus stats``."""
+    return f"{SHM_DIR}/ringbus-{bus}-schedule"
 
 
 def redis_prefix(bus: str) -> str:

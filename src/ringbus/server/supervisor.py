@@ -32,6 +32,7 @@ from ringbus.server.pool_state import (
     PoolState,
     WorkerInfo,
 )
+from ringbus.server.scheduler import Scheduler
 from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, EXIT_STUCK_THREAD, worker_main
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
@@ -134,6 +135,7 @@ class TaskServer:
         self._respawn_at: dict[int, float] = {}
         self._quick_fails = [0] * workers
         self._thread: threading.Thread | None = None
+        self._scheduler: Scheduler | None = None
         self._wake_r = self._wake_w = -1
         self._started = False
         self._stopping = False
@@ -199,6 +201,9 @@ class TaskServer:
             self._stopped = True
             self._cleanup()
             raise failure[0]
+        # Delayed tasks and periodic schedules: one server per bus leads.
+        self._scheduler = Scheduler(self.bus)
+        self._scheduler.start()
         log.info("ringbus: serving bus %r with %d workers", self.bus.name, self.workers)
         return self
 
@@ -528,7 +533,14 @@ class TaskServer:
         if bury(self.bus.transport, record, reason, type_name, attempt):
             self.dead_lettered += 1
 
+    @property
+    def leading(self) -> bool:
+        """Whether this server leads the bus's scheduler (delayed and periodic tasks)."""
+        return self._scheduler is not None and self._scheduler.leading
+
     def _cleanup(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
         _servers.discard(self)
         if self._state is not None:
             self._state.close()

@@ -293,6 +293,8 @@ class _WorkerLoop(WorkerBase):
                         break
                     attempt += 1
                     del exc
+                    if self._retry_later(data, attempt, delay):
+                        break  # finished here; the retry is queued when due
                     # The slot's attempt first: a crash from here on redelivers
                     # this attempt (the journal keeps the envelope as taken).
                     run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)

@@ -168,6 +168,19 @@ class WorkerBase:
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
 
+    def _retry_later(self, data: bytes, attempt: int, delay: float) -> bool:
+        """Hand the next attempt to the timer store: no worker waits out the
+        backoff.  False where the transport holds no delayed tasks (or the
+        store refused it): the worker then waits itself."""
+        if not self.transport.holds_delayed:
+            return False
+        try:
+            self.transport.put_delayed(env.with_attempt(data, attempt), time.time() + delay)
+        except Exception as exc:
+            log.warning("ringbus: a retry waits in the worker: the timer store refused it: %s", exc)
+            return False
+        return True
+
     def _retry_delay(
         self, exc: Exception, attempt: int, policy: Any, deadline: float, tid: int, name: str
     ) -> float | None:

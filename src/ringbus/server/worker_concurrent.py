@@ -267,6 +267,8 @@ class ConcurrentWorker(WorkerBase):
                     return True
                 attempt += 1
                 del exc
+                if self._retry_later(data, attempt, delay):
+                    return True  # finished here; the retry is queued when due
                 SLOT_RUN.pack_into(
                     rec, SLOT_RUN_OFF, dpid, tid, time.monotonic(), deadline, attempt, flags,
                     rlen, RUNNING,

@@ -20,6 +20,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
+from datetime import datetime, timedelta
 from typing import Any
 
 from ringbus._names import validate_bus_name
@@ -29,6 +30,7 @@ from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
+from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.transport.base import Transport
 from ringbus.transport.registry import make_transport
 
@@ -65,6 +67,7 @@ class TaskBus(HandlerRegistry):
 
     def __init__(self, name: str, *, transport: Transport | str | None = None) -> None:
         super().__init__()
+        self._schedules: dict[str, Schedule] = {}
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
@@ -102,14 +105,25 @@ class TaskBus(HandlerRegistry):
                 reader.start()
             return self._st
 
-    def dispatch(self, task: Any, timeout: float | None = None) -> Future[Any]:
+    def dispatch(
+        self,
+        task: Any,
+        timeout: float | None = None,
+        *,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
+    ) -> Future[Any]:
         """Queue ``task`` for a worker; its handler's result resolves the future.
 
         ``timeout`` (seconds) sets a deadline: a task still queued then is not
         run, and the future fails with ``TaskTimeout`` when it passes.  Raises
         ``NoHandlerError`` (nothing queued) when no handler matches, and
         ``queue.Full`` if the task channel stays full until the deadline.
+        ``delay`` (seconds or a timedelta) or ``eta`` (an aware datetime) hold
+        the task until then, durably; ``timeout`` then counts from that time.
         """
+        if delay is not None or eta is not None:
+            return self._later(task, timeout, check_due(delay, eta, time.time()), None)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -153,12 +167,21 @@ class TaskBus(HandlerRegistry):
             st.wake_at = deadline
             self.transport.send_reply(st.reply, st.pid, env.WAKE_MESSAGE)
 
-    def dispatch_async(self, task: Any, timeout: float | None = None) -> asyncio.Future[Any]:
+    def dispatch_async(
+        self,
+        task: Any,
+        timeout: float | None = None,
+        *,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
+    ) -> asyncio.Future[Any]:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
         The reader thread resolves it through ``loop.call_soon_threadsafe``.
         """
         loop = asyncio.get_running_loop()
+        if delay is not None or eta is not None:
+            return self._later(task, timeout, check_due(delay, eta, time.time()), loop)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -182,7 +205,12 @@ class TaskBus(HandlerRegistry):
         return afut
 
     def dispatch_many(
-        self, tasks: Iterable[Any], timeout: float | None = None
+        self,
+        tasks: Iterable[Any],
+        timeout: float | None = None,
+        *,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
     ) -> list[Future[Any]]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
@@ -191,6 +219,11 @@ class TaskBus(HandlerRegistry):
         did not make it fail with ``TaskTimeout``.
         """
         tasks = list(tasks)
+        if delay is not None or eta is not None:
+            due = check_due(delay, eta, time.time())
+            for t in tasks:
+                self.resolve(type(t))
+            return [self._later(t, timeout, due, None) for t in tasks]  # type: ignore[misc]
         for t in tasks:
             if type(t) not in self._resolved:
                 self.resolve(type(t))
@@ -251,21 +284,110 @@ class TaskBus(HandlerRegistry):
             for tid, t in zip(tids, tasks, strict=True):
                 self._arm(st, deadline, tid, timeout, type(t))
 
-    def send(self, task: Any, timeout: float | None = None) -> None:
+    def send(
+        self,
+        task: Any,
+        timeout: float | None = None,
+        *,
+        delay: float | timedelta | None = None,
+        eta: datetime | None = None,
+    ) -> None:
         """Fire and forget: queue ``task`` with no result path.
 
         A handler's exception is only logged by the worker.  ``timeout``
-        drops the task if it is still queued that many seconds from now.
+        drops the task if it is still queued that many seconds from now
+        (from its due time with ``delay``/``eta``).
         """
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
+        due = 0.0
+        if delay is not None or eta is not None:
+            due = check_due(delay, eta, time.time())
         deadline = wall = 0.0
         if timeout is not None:
-            deadline = self._deadline(timeout)
-            wall = time.time() + timeout
+            later = max(0.0, due - time.time()) if due else 0.0
+            deadline = self._deadline(timeout) + later
+            wall = time.time() + later + timeout
         data = _encode_task(_dumps(task, 5), 0, 0, _pid, b"", deadline, wall)
-        self.transport.put_task(data, timeout)
+        if due:
+            self.transport.put_delayed(data, due)
+        else:
+            self.transport.put_task(data, timeout)
+
+    def _later(
+        self,
+        task: Any,
+        timeout: float | None,
+        due: float,
+        loop: asyncio.AbstractEventLoop | None,
+    ) -> Future[Any] | asyncio.Future[Any]:
+        """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
+        cls = type(task)
+        if cls not in self._resolved:
+            self.resolve(cls)
+        st = self._st or self._state()
+        payload = _dumps(task, 5)
+        tid = next(st.ids)
+        later = max(0.0, due - time.time()) if due else 0.0
+        deadline = wall = 0.0
+        if timeout is not None:
+            deadline = self._deadline(timeout) + later
+            wall = time.time() + later + timeout
+        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        fut: Future[Any] | asyncio.Future[Any]
+        if loop is None:
+            fut = BusFuture(st)
+            st.pending[tid] = fut
+        else:
+            fut = loop.create_future()
+            st.pending[tid] = (loop, fut)
+        try:
+            if due:
+                self.transport.put_delayed(data, due)
+            else:
+                self.transport.put_task(data, timeout)
+        except BaseException:
+            st.pending.pop(tid, None)
+            raise
+        if timeout is not None:
+            self._arm(st, deadline, tid, timeout + later, cls)
+        return fut
+
+    # ------------------------------------------------------------ periodic
+
+    @property
+    def schedules(self) -> dict[str, Schedule]:
+        """The periodic schedules declared with ``periodic`` (name -> schedule)."""
+        return dict(self._schedules)
+
+    def periodic(
+        self,
+        task: Any = None,
+        *,
+        every: float | timedelta | None = None,
+        cron: str | None = None,
+        name: str | None = None,
+    ) -> Any:
+        """Send ``task`` (an object, or a zero-argument callable returning one)
+        ``every`` seconds or at each ``cron`` time, once per due time however
+        many servers run: the bus's leader fires it.  Without ``task`` it is a
+        decorator for the callable.  Declare schedules in the app module, so
+        that ``ringbus worker app:bus`` has them."""
+        if task is None:
+
+            def deco(fn: Any) -> Any:
+                self.periodic(fn, every=every, cron=cron, name=name)
+                return fn
+
+            return deco
+        sch = make_schedule(task, every, cron, name)
+        if not callable(task) or isinstance(task, type):
+            self.resolve(type(task))  # NoHandlerError now, not at the first run
+        if sch.name in self._schedules:
+            raise ValueError(f"a periodic schedule named {sch.name!r} exists: pass name=")
+        self._schedules[sch.name] = sch
+        return task
 
     # ------------------------------------------------------------ results
 

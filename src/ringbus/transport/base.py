@@ -28,6 +28,7 @@ unacknowledged envelopes may write it afterwards.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -147,6 +148,49 @@ class Transport(abc.ABC):
         """Repair the task channel after a consumer or producer died mid-operation.
         Returns how many envelopes were handed back for delivery."""
         return 0
+
+    # ------------------------------------------------------------ time
+
+    holds_delayed: bool = False
+    """Whether ``put_delayed`` works (delayed dispatch, retries that hold no worker)."""
+
+    def put_delayed(self, data: bytes, due: float) -> None:
+        """Keep an envelope until ``due`` (Unix seconds), durably, then queue
+        it (the leader moves it: ``move_due``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot hold delayed tasks")
+
+    def move_due(self) -> float | None:
+        """Leader: queue the delayed envelopes that are due, in due order;
+        returns when the next one is due (Unix seconds; None: none wait)."""
+        return None
+
+    def wait_timers(self, timeout: float) -> None:
+        """Leader: sleep up to ``timeout`` seconds, less when a new delayed
+        envelope arrives."""
+        time.sleep(max(0.0, timeout))
+
+    def scheduled(self) -> tuple[int, float | None]:
+        """(delayed envelopes waiting, the earliest due time)."""
+        return 0, None
+
+    def try_lead(self) -> bool:
+        """Become (or stay) the bus's leader if no live process is; True
+        while this process leads.  Leadership ends with ``resign`` or death."""
+        return False
+
+    def resign(self) -> None:  # noqa: B027 - optional hook
+        """Stop leading (another process may take over at once)."""
+
+    def leader(self) -> str | None:
+        """Who leads now (a pid, or a broker's token), if anyone does."""
+        return None
+
+    def write_schedule_state(self, data: bytes) -> None:  # noqa: B027 - optional hook
+        """Leader: keep the schedule state (opaque bytes) for later leaders and
+        for ``ringbus stats``."""
+
+    def read_schedule_state(self) -> bytes | None:
+        return None
 
     # ------------------------------------------------------------ replies
 

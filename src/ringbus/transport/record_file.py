@@ -56,6 +56,7 @@ class RecordFile:
     def __init__(self, path: str, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self.path = path
         self.max_bytes = max_bytes
+        self.end = 0
 
     def _open(self, write: bool) -> int | None:
         base = os.O_CLOEXEC | os.O_NOFOLLOW
@@ -94,15 +95,32 @@ class RecordFile:
                 f"only 0600 is safe: refusing to use it"
             )
 
+    def _locked(self, write: bool) -> int | None:
+        """Open and lock the file now under the path (``compact`` replaces it:
+        a process that locked the old one looks again)."""
+        while True:
+            fd = self._open(write)
+            if fd is None:
+                return None
+            fcntl.flock(fd, fcntl.LOCK_EX if write else fcntl.LOCK_SH)
+            try:
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+            if not write:
+                return None
+
     def add(self, data: bytes) -> str:
         """Append a record; returns its id."""
         rid = secrets.randbits(63) | 1
         body = _ID.pack(rid) + data
         rec = _REC.pack(_MAGIC, 1, len(body), zlib.crc32(body)) + body
-        fd = self._open(True)
+        fd = self._locked(True)
         assert fd is not None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             end = os.lseek(fd, 0, os.SEEK_END)
             if end + len(rec) > self.max_bytes:
                 raise OSError(
@@ -120,9 +138,11 @@ class RecordFile:
             os.close(fd)
         return f"{rid:016x}"
 
-    def _scan(self, fd: int) -> Iterator[tuple[int, Record]]:
+    def _scan(self, fd: int, start: int = 0) -> Iterator[tuple[int, Record]]:
+        """(offset, record) of every live record from ``start``; ``self.end``
+        is then where the valid records stop."""
         size = os.fstat(fd).st_size
-        raw = os.pread(fd, size, 0) if size else b""
+        raw = os.pread(fd, size - start, start) if size > start else b""
         off = 0
         while off + _REC.size <= len(raw):
             magic, live, n, crc = _REC.unpack_from(raw, off)
@@ -132,18 +152,74 @@ class RecordFile:
             body = raw[body_at : body_at + n]
             if live and n >= _ID.size and zlib.crc32(body) == crc:
                 (rid,) = _ID.unpack_from(body)
-                yield off, (f"{rid:016x}", bytes(body[_ID.size :]))
+                yield start + off, (f"{rid:016x}", bytes(body[_ID.size :]))
             off = body_at + n
+        self.end = start + off
 
     def records(self) -> list[Record]:
-        fd = self._open(False)
+        fd = self._locked(False)
         if fd is None:
             return []
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
             return [r for _, r in self._scan(fd)]
         finally:
             os.close(fd)
+
+    def scan_from(self, start: int) -> tuple[list[tuple[int, Record]], int]:
+        """Live records appended at or after offset ``start`` (with their
+        offsets), and the offset where the next scan starts."""
+        fd = self._locked(False)
+        if fd is None:
+            return [], 0
+        try:
+            found = list(self._scan(fd, start))
+            return found, self.end
+        finally:
+            os.close(fd)
+
+    def kill(self, offsets: Iterable[int]) -> bool:
+        """Tombstone the records at ``offsets``; True when nothing live is left
+        and the file was emptied (later records start at offset 0 again)."""
+        fd = self._locked(True)
+        if fd is None:
+            return True
+        try:
+            for off in offsets:
+                os.pwrite(fd, b"\0", off + 4)
+            if not any(True for _ in self._scan(fd)):
+                os.ftruncate(fd, 0)
+                return True
+            return False
+        finally:
+            os.close(fd)
+
+    def compact(self) -> None:
+        """Rewrite the file with its live records only (a new file renamed
+        over the old: a crash leaves one or the other whole)."""
+        fd = self._locked(True)
+        if fd is None:
+            return
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        try:
+            live = [r for _, r in self._scan(fd)]
+            out = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                for rid, data in live:
+                    body = _ID.pack(int(rid, 16)) + data
+                    os.write(out, _REC.pack(_MAGIC, 1, len(body), zlib.crc32(body)) + body)
+            finally:
+                os.close(out)
+            os.rename(tmp, self.path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            os.close(fd)
+
+    def size(self) -> int:
+        try:
+            return os.stat(self.path, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return 0
 
     def __len__(self) -> int:
         return len(self.records())
@@ -156,12 +232,11 @@ class RecordFile:
         """Remove the selected records (all when ``ids`` is None) and return
         them; ``handle`` runs on each before its tombstone is written."""
         want = None if ids is None else {i.lower().removeprefix("0x").zfill(16) for i in ids}
-        fd = self._open(True)
+        fd = self._locked(True)
         if fd is None:
             return []
         taken: list[Record] = []
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
             for off, r in list(self._scan(fd)):
                 if want is not None and r[0] not in want:
                     continue

@@ -35,6 +35,7 @@ from ringbus.errors import RingClosed, RingError, TransportClosed
 from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
 from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
+from ringbus.transport.shm_time import ShmTime
 
 __all__ = ["ShmTransport"]
 
@@ -63,7 +64,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ShmTransport(Transport):
+class ShmTransport(ShmTime, Transport):
     """Shared-memory rings (``ringbus.Queue``); see the module docstring."""
 
     def __init__(
@@ -115,6 +116,7 @@ class ShmTransport(Transport):
         self._in: Queue | None = None
         self._owned_tasks: Queue | None = None
         self._in_ident: tuple[int, int] | None = None
+        self._reset_time()
         self._interrupted = False
         self._reply: Queue | None = None
         self._reply_addr = b""
@@ -469,6 +471,7 @@ class ShmTransport(Transport):
                 q.close()
         if owned is not None:
             owned.close()  # the owner removes the name
+        self._close_time()
 
     def users(self) -> list[int]:
         """Pids of the other live processes that map the task ring."""
@@ -488,6 +491,7 @@ class ShmTransport(Transport):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._records().destroy()
+        self._destroy_time()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+(\.spill)?$")
         try:
             names = os.listdir(_names.SHM_DIR)
