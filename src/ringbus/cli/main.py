@@ -324,6 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ringbus.cli.dead_letters import register as register_dead
 
     register_dead(sub)
+    from ringbus.cli.doctor import register as register_doctor
+
+    register_doctor(sub)
     for cmd in sub.choices.values():  # `ringbus worker -v ...` as well as `ringbus -v worker ...`
         cmd.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
