@@ -327,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ringbus.cli.doctor import register as register_doctor
 
     register_doctor(sub)
+    from ringbus.cli.top import register as register_top
+
+    register_top(sub)
     for cmd in sub.choices.values():  # `ringbus worker -v ...` as well as `ringbus -v worker ...`
         cmd.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
