@@ -7,9 +7,9 @@ each checked here with what to change:
 - ``/dev/shm`` missing, not tmpfs, read-only, or small (Docker gives a
   container 64 MiB unless ``--shm-size``), or with less free room than a
   pool reserves (its pool-state segment reserves every page up front);
-- another IPC, PID or mount namespace than PID 1 (a container, systemd's
-  ``PrivateDevices=``/``PrivateTmp=``): processes outside it see another
-  ``/dev/shm`` or other pids;
+- another pid namespace than PID 1 (processes outside it see other pids),
+  or another ``/dev/shm`` than PID 1's (a tmpfs mounted over it in one
+  container or unit);
 - systemd-logind's ``RemoveIPC=yes`` (the default), which deletes a
   non-system user's ``/dev/shm`` files when that user's last session ends;
 - segments left behind by dead processes (``ringbus gc``).
@@ -161,23 +161,30 @@ def _ns(pid: str, kind: str) -> str | None:
 def check_namespaces(shm: str) -> list[Finding]:
     out: list[Finding] = []
     advice = {
-        "ipc": "run the web and worker processes in one IPC namespace (docker: --ipc=shareable "
-        "and --ipc=container:NAME; a pod's containers share it)",
+        "ipc": "another IPC namespace alone does not hide /dev/shm (a mount), but Docker "
+        "gives each IPC namespace its own /dev/shm: share it (--ipc=shareable and "
+        "--ipc=container:NAME)",
         "pid": "ringbus judges liveness by pid: processes in other pid namespaces look dead or "
         "alive by mistake; share the pid namespace (docker --pid=container:NAME, "
         "shareProcessNamespace: true) or see docs/deploy.md",
-        "mnt": "processes in other mount namespaces may see another /dev/shm (systemd "
-        "PrivateDevices=/PrivateTmp=, containers): give them the same one",
+        "mnt": "another mount namespace (systemd PrivateTmp=/PrivateDevices=, a container) "
+        "keeps the host's /dev/shm unless something mounts over it",
     }
+    # Another pid namespace misleads liveness checks: a problem.  Other IPC or
+    # mount namespaces matter only if /dev/shm differs, judged below when
+    # PID 1's root can be read.
     unreadable = []
     for kind in ("ipc", "pid", "mnt"):
         mine, init = _ns("self", kind), _ns("1", kind)
         if mine is None or init is None:
             unreadable.append(kind)
         elif mine != init:
-            out.append(
-                Finding(WARN, "namespace", f"another {kind} namespace than PID 1", advice[kind])
-            )
+            level = WARN if kind == "pid" else NOTE
+            text = f"another {kind} namespace than PID 1"
+            if level == WARN:
+                out.append(Finding(level, "namespace", text, advice[kind]))
+            else:
+                out.append(Finding(level, "namespace", f"{text}: {advice[kind]}"))
     if unreadable:
         out.append(
             Finding(
@@ -197,8 +204,9 @@ def check_namespaces(shm: str) -> list[Finding]:
                 Finding(
                     WARN,
                     "namespace",
-                    f"this process sees another {shm} than PID 1 (a private /dev or mount)",
-                    advice["mnt"],
+                    f"this process sees another {shm} than PID 1 (a private mount over it)",
+                    "give every process of the deployment the same /dev/shm: no tmpfs mounted "
+                    "over it in one unit or container only (docs/deploy.md)",
                 )
             )
     container = [p for p in ("/.dockerenv", "/run/.containerenv") if os.path.exists(p)]
