@@ -377,7 +377,7 @@ def _workers(text: str) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    findings = run_checks(args.workers, args.user)
+    findings = run_checks(args.workers, args.user, args.prefix)
     if args.json:
         print(json.dumps([asdict(f) for f in findings], indent=2))
     else:
@@ -412,6 +412,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=os.geteuid(),
         metavar="USER",
         help="the user the workers run as, for the RemoveIPC check (default: this one)",
+    )
+    p.add_argument(
+        "--prefix",
+        default="",
+        help="look for leftover segments only among names that start with this",
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
