@@ -61,6 +61,14 @@ def _err(cmd: str, text: str) -> None:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
+    if getattr(args, "check", False):
+        from ringbus.cli.check import cmd_check
+
+        return cmd_check(args)
+    if getattr(args, "format", None) == "prometheus":
+        return _stats_prometheus(args)
+    if getattr(args, "format", None) == "json":
+        args.json = True
     url = getattr(args, "transport", None)
     if url:
         # A bus on a broker: the queue lives there; worker states are the pool
@@ -101,6 +109,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _stats_prometheus(args: argparse.Namespace) -> int:
+    """``--format prometheus``: the metrics of the bus once (see ``ringbus.cli.metrics``)."""
+    try:
+        from ringbus.cli.metrics import cmd_stats_prometheus
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "prometheus_client":
+            raise
+        _err("stats", "--format prometheus needs prometheus_client: pip install 'ringbus[metrics]'")
+        return EXIT_USAGE
+    return cmd_stats_prometheus(args)
 
 
 def _watch(
@@ -387,7 +407,9 @@ def register(subparsers: Any) -> None:
             "  ringbus stats /ringbus-shop-tasks --watch --interval 0.5\n"
             "  ringbus stats /my-ring --json | jq .rates.puts_per_s\n"
             "  ringbus stats shop --watch --json      # one JSON document per line\n"
-            "  ringbus stats shop --transport redis://10.0.0.5:6379/0"
+            "  ringbus stats shop --transport redis://10.0.0.5:6379/0\n"
+            "  ringbus stats shop --format prometheus   # the metrics once\n"
+            "  ringbus stats shop --check --min-workers 2 --max-depth 10000 --max-age 60"
         ),
         formatter_class=fmt,
     )
@@ -410,11 +432,21 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument(
+        "--format",
+        choices=("table", "json", "prometheus"),
+        default="table",
+        help="table (default), json (as --json) or prometheus: a bus's metrics once, "
+        "in the Prometheus exposition format (needs prometheus_client)",
+    )
+    p.add_argument(
         "--transport",
         default=None,
         metavar="URL",
         help="a bus on a broker (redis://...): its queue and dead letters from there",
     )
+    from ringbus.cli.check import add_arguments as add_check_arguments
+
+    add_check_arguments(p)
     p.set_defaults(func=_guard(cmd_stats))
 
     p = subparsers.add_parser(

@@ -19,6 +19,9 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ringbus.cli.config import EnvOption, apply_env, choice, env_help
+from ringbus.cli.logs import LEVELS, setup_logging
+
 if TYPE_CHECKING:
     from ringbus.tasks.bus import TaskBus
 
@@ -62,6 +65,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         except (ValueError, ConnectionError) as exc:
             print(f"ringbus worker: --transport {args.transport!r}: {exc}", file=sys.stderr)
             return 2
+    announce = _announcer(args.log_format)
     server = TaskServer(
         bus,
         args.workers,
@@ -87,13 +91,19 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[int(sig)] = signal.signal(sig, on_signal)
+    httpd: Any = None
     try:
+        if args.metrics_port:
+            httpd = _serve_metrics(server, args.metrics_host, args.metrics_port)
+            if httpd is None:
+                return 2
+            announce(
+                f"ringbus worker: metrics at http://{args.metrics_host}:{args.metrics_port}/metrics"
+            )
         server.start()
-        print(
+        announce(
             f"ringbus worker: serving bus {bus.name!r} with {args.workers} workers "
-            f"(pid {os.getpid()})",
-            file=sys.stderr,
-            flush=True,
+            f"(pid {os.getpid()})"
         )
         while not stop.wait(1.0):
             pass
@@ -101,11 +111,42 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     finally:
         if server.running:
             server.kill()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         bus.close()
-    print("ringbus worker: stopped", file=sys.stderr, flush=True)
+    announce("ringbus worker: stopped")
     return 0
+
+
+def _announcer(log_format: str) -> Callable[[str], None]:
+    """Lines scripts wait for ("serving bus"): on stderr as they are, or as
+    log records when the log is JSON (every line of it stays an object)."""
+    if log_format == "json":
+        return log.info
+    return lambda text: print(text, file=sys.stderr, flush=True)
+
+
+def _serve_metrics(server: Any, host: str, port: int) -> Any:
+    """The /metrics endpoint of ``server``, or None (said why on stderr)."""
+    try:
+        from ringbus.cli.metrics import serve
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] != "prometheus_client":
+            raise
+        print(
+            "ringbus worker: --metrics-port needs prometheus_client "
+            "(pip install 'ringbus[metrics]')",
+            file=sys.stderr,
+        )
+        return None
+    try:
+        return serve(server, port, host)
+    except OSError as exc:
+        print(f"ringbus worker: cannot serve metrics on {host}:{port}: {exc}", file=sys.stderr)
+        return None
 
 
 def _on_transport(bus: TaskBus, spec: str) -> TaskBus:
@@ -125,23 +166,61 @@ examples:
   ringbus worker app.tasks:bus -w 4 --max-tasks-per-child 1000 --task-timeout 30
   ringbus worker app.tasks:bus --drain-timeout 10     # stop waits 10 s, then kills
   ringbus worker app.tasks:bus --transport redis://10.0.0.5:6379/0   # a pool on Redis
+  ringbus worker app.tasks:bus --metrics-port 9191 --log-format json
+  RINGBUS_WORKERS=8 RINGBUS_METRICS_PORT=9191 ringbus worker app.tasks:bus
+
+every option also comes from RINGBUS_<OPTION> (shown with each); a flag wins over it
 
 exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could not be loaded
 """
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
     return value
 
 
 def _positive_float(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
     return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port 0..65535, not {value}")
+    return value
+
+
+START_METHODS = ("fork", "spawn", "forkserver")
+
+WORKER_ENV = [
+    EnvOption("workers", _positive_int, os.cpu_count() or 1),
+    EnvOption("concurrency", _positive_int, 1),
+    EnvOption("max_tasks_per_child", _positive_int),
+    EnvOption("task_timeout", _positive_float),
+    EnvOption("drain_timeout", _positive_float),
+    EnvOption("start_method", choice(*START_METHODS), "fork"),
+    EnvOption("transport", str),
+    EnvOption("metrics_port", _port, 0),
+    EnvOption("metrics_host", str, "127.0.0.1"),
+    EnvOption("log_level", choice(*LEVELS)),
+    EnvOption("log_format", choice("text", "json"), "text"),
+]
+"""Options of ``ringbus worker`` that also come from ``RINGBUS_<DEST>``."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,38 +240,111 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w.add_argument("target", help="the bus to serve, as module:attribute (e.g. app.tasks:bus)")
-    w.add_argument("-w", "--workers", type=_positive_int, default=os.cpu_count() or 1)
+    w.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help=env_help("worker processes", "workers", "the number of CPUs"),
+    )
     w.add_argument(
         "-c",
         "--concurrency",
         type=_positive_int,
-        default=1,
-        help="tasks each worker runs at once: async handlers on its event loop, "
-        "plain ones in a thread pool of that size (default 1)",
+        default=None,
+        metavar="N",
+        help=env_help(
+            "tasks each worker runs at once: async handlers on its event loop, plain ones "
+            "in a thread pool of that size",
+            "concurrency",
+            1,
+        ),
     )
-    w.add_argument("--max-tasks-per-child", type=_positive_int, default=None)
-    w.add_argument("--task-timeout", type=_positive_float, default=None, metavar="SECONDS")
+    w.add_argument(
+        "--max-tasks-per-child",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=env_help("replace a worker after N tasks", "max_tasks_per_child"),
+    )
+    w.add_argument(
+        "--task-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help=env_help("kill a worker whose task runs longer", "task_timeout"),
+    )
     w.add_argument(
         "--drain-timeout",
         type=_positive_float,
         default=None,
         metavar="SECONDS",
-        help="on SIGTERM/SIGINT, kill workers still busy after this long (default: wait)",
+        help=env_help(
+            "on SIGTERM/SIGINT, kill workers still busy after this long (default: wait)",
+            "drain_timeout",
+        ),
     )
-    w.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork")
+    w.add_argument(
+        "--start-method",
+        type=choice(*START_METHODS),
+        default=None,
+        metavar="{" + ",".join(START_METHODS) + "}",
+        help=env_help("how workers are started", "start_method", "fork"),
+    )
     w.add_argument(
         "--transport",
         default=None,
         metavar="URL",
-        help="serve the bus over this transport instead of its own (redis://, rediss://, shm)",
+        help=env_help(
+            "serve the bus over this transport instead of its own (redis://, rediss://, shm)",
+            "transport",
+        ),
     )
-    w.set_defaults(func=_cmd_worker)
+    w.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=None,
+        metavar="PORT",
+        help=env_help(
+            "serve Prometheus metrics at http://HOST:PORT/metrics (0: off; needs "
+            "prometheus_client)",
+            "metrics_port",
+            0,
+        ),
+    )
+    w.add_argument(
+        "--metrics-host",
+        default=None,
+        metavar="HOST",
+        help=env_help("address the metrics endpoint binds", "metrics_host", "127.0.0.1"),
+    )
+    w.add_argument(
+        "--log-level",
+        type=choice(*LEVELS),
+        default=None,
+        metavar="{" + ",".join(LEVELS) + "}",
+        help=env_help("log level (-v: debug)", "log_level", "info"),
+    )
+    w.add_argument(
+        "--log-format",
+        type=choice("text", "json"),
+        default=None,
+        metavar="{text,json}",
+        help=env_help("json: one JSON object per line", "log_format", "text"),
+    )
+    w.set_defaults(func=_cmd_worker, env_error=w.error)
     from ringbus.cli.admin import register
 
     register(sub)  # stats, ls, rm, gc, recover
     from ringbus.cli.dead_letters import register as register_dead
 
     register_dead(sub)
+    from ringbus.cli.doctor import register as register_doctor
+
+    register_doctor(sub)
+    from ringbus.cli.top import register as register_top
+
+    register_top(sub)
     for cmd in sub.choices.values():  # `ringbus worker -v ...` as well as `ringbus -v worker ...`
         cmd.add_argument(
             "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
@@ -229,10 +381,7 @@ def _own_parser_command(argv: list[str]) -> tuple[str, bool] | None:
 
 
 def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging("debug" if verbose else "info")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -250,7 +399,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return demo_main(argv)
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    if args.func is _cmd_worker:
+        if args.verbose and args.log_level is None:
+            args.log_level = "debug"  # a flag: wins over RINGBUS_LOG_LEVEL
+        apply_env(args, WORKER_ENV, args.env_error)
+        setup_logging(args.log_level or "info", args.log_format)
+    else:
+        _setup_logging(args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
     return func(args)
 
