@@ -13,6 +13,8 @@ shadow the standard library's ``inspect``.)
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import time
@@ -337,6 +339,7 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
         "reply_rings": replies,
         "totals": totals,
         "dead_letters": dead,
+        "time": time_snapshot(shm),
     }
     if errors:  # skipped, never read: a crafted header must not hang stats
         out["unreadable_pools"] = [{"path": p, "error": e} for p, e in sorted(errors.items())]
@@ -424,6 +427,19 @@ def broker_snapshot(url: str, bus: str) -> dict[str, Any]:
             "transport": t.describe(),
             "pending_tasks": t.pending_tasks(),
             "dead_letters": len(DeadLetterStore(t)),
+            "time": time_snapshot(t),
         }
     finally:
         t.close()
+
+
+def time_snapshot(t: Any) -> dict[str, Any]:
+    """Delayed tasks (count, next due), who leads the bus's scheduler, and
+    the periodic schedules' last and next runs (Unix seconds)."""
+    count, next_due = t.scheduled()
+    schedules: dict[str, Any] = {}
+    raw = t.read_schedule_state()
+    if raw:
+        with contextlib.suppress(ValueError, AttributeError):
+            schedules = json.loads(raw).get("schedules", {})
+    return {"scheduled": count, "next_due": next_due, "leader": t.leader(), "schedules": schedules}

@@ -7,6 +7,7 @@ out; ``--json`` output never passes through here.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -82,6 +83,8 @@ def render_stats(doc: dict[str, Any]) -> Any:
         t.add_column("dead letters")
         t.add_row(f"{broker['pending_tasks']:,}", f"{broker['dead_letters']:,}")
         parts.append(t)
+        if broker.get("time"):
+            parts.extend(render_time(broker["time"]))
     ring = doc.get("ring")
     if ring is not None:
         parts.extend(_render_ring(doc, ring))
@@ -220,6 +223,34 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
             title_justify="left",
         )
         t.add_column("")
+        parts.append(t)
+    if bus.get("time"):
+        parts.extend(render_time(bus["time"]))
+    return parts
+
+
+def render_time(doc: dict[str, Any]) -> list[Any]:
+    """Delayed tasks, the leader and the periodic schedules."""
+    from rich.table import Table
+
+    now = time.time()
+
+    def when(t: float | None) -> str:
+        return "-" if t is None else f"{fmt_age(abs(t - now))} {'ago' if t < now else 'from now'}"
+
+    parts: list[Any] = []
+    if doc.get("scheduled") or doc.get("leader"):
+        t = Table(title="scheduler", title_justify="left")
+        for col in ("delayed tasks", "next due", "leader pid"):
+            t.add_column(col)
+        t.add_row(str(doc["scheduled"]), when(doc.get("next_due")), plain(doc.get("leader") or "-"))
+        parts.append(t)
+    if doc.get("schedules"):
+        t = Table(title="periodic schedules", title_justify="left")
+        for col in ("name", "last run", "next run"):
+            t.add_column(col)
+        for name, sch in sorted(doc["schedules"].items()):
+            t.add_row(plain(name), when(sch.get("last")), when(sch.get("next")))
         parts.append(t)
     return parts
 

@@ -69,7 +69,10 @@ class Scheduler:
             log.exception("ringbus: the scheduler of bus %r failed", self.bus.name)
         finally:
             self.leading = False
-            transport.resign()
+            try:
+                transport.retire(keep_state=bool(self.bus.schedules))
+            except Exception:
+                log.exception("ringbus: the scheduler of bus %r could not retire", self.bus.name)
 
     def _lead_once(self, book: ScheduleBook) -> float:
         """Move what is due, fire what is due; returns when to look again."""

@@ -181,6 +181,11 @@ class Transport(abc.ABC):
     def resign(self) -> None:  # noqa: B027 - optional hook
         """Stop leading (another process may take over at once)."""
 
+    def retire(self, keep_state: bool) -> None:
+        """A server stops: resign, and remove what only a running scheduler
+        needs (``keep_state``: the schedule state, for the next leader)."""
+        self.resign()
+
     def leader(self) -> str | None:
         """Who leads now (a pid, or a broker's token), if anyone does."""
         return None

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 
 from ringbus import _names
+from ringbus._proc import mapped_pids
 from ringbus.errors import RingError
 from ringbus.queue import Queue
 from ringbus.transport.record_file import RecordFile
@@ -271,6 +272,28 @@ class ShmTime:
 
     def read_schedule_state(self) -> bytes | None:
         return read_small_file(_names.schedule_path(self.bus_name))
+
+    def retire(self, keep_state: bool) -> None:
+        """A server stops: leave no leader file, bell or empty timer file of its
+        own behind (other servers make them anew when they need them)."""
+        lock = self._lead
+        if lock is not None and lock.held:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock.path)  # still ours: we hold the flock
+            lock.release()
+        timers = _names.timers_path(self.bus_name)
+        with contextlib.suppress(OSError):
+            if os.stat(timers).st_size == 0:
+                os.unlink(timers)
+        bell = _names.bell_name(self.bus_name)
+        if self._timers is not None:
+            self._timers.bell.close()
+        if not mapped_pids(_names.SHM_DIR).get(bell):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_names.shm_path(bell))
+        if not keep_state:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(_names.schedule_path(self.bus_name))
 
     def _close_time(self) -> None:
         if self._timers is not None:

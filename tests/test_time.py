@@ -1,0 +1,198 @@
+"""Scope: delayed tasks, periodic schedules with one leader per bus, and
+retries that wait in the timer store instead of a worker.  Real servers in
+process groups of their own, real SIGKILL; times are only compared with
+bounds far from what the defects produced."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401
+from _tasks_time import FailOnce, Stamp, lines, make_bus
+from ringbus import TaskBus, TaskServer
+from ringbus._proc import pid_alive
+
+ctx = mp.get_context("fork")
+
+
+@pytest.fixture
+def tbus(bus_name: str) -> Any:
+    bus = make_bus(bus_name)
+    yield bus
+    bus.destroy(force=True)
+
+
+def _server_group(bus_name: str, ready: Any, periodic_log: str = "") -> None:
+    os.setsid()  # its workers share its fate: SIGKILL the group
+    bus = make_bus(bus_name)
+    if periodic_log:
+        # The key records which process fired it: the leader.
+        bus.periodic(lambda: Stamp(periodic_log, os.getpid()), every=0.2, name="stamp")
+    TaskServer(bus, workers=1).start()
+    ready.set()
+    while True:
+        time.sleep(1)
+
+
+def _start_group(bus_name: str, periodic_log: str = "") -> mp.process.BaseProcess:
+    ready = ctx.Event()
+    p = ctx.Process(target=_server_group, args=(bus_name, ready, periodic_log))
+    p.start()
+    assert ready.wait(30)
+    return p
+
+
+def _kill_group(p: mp.process.BaseProcess) -> None:
+    if p.pid is not None:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.join(10)
+
+
+def test_a_delayed_task_waits_its_delay(
+    tbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    servers.append(TaskServer(tbus, workers=1).start())
+    t0 = time.time()
+    ran = tbus.dispatch(Stamp(str(tmp_path / "log")), delay=0.5).result(timeout=30)
+    assert ran >= t0 + 0.5
+    t1 = time.time()
+    eta = datetime.now(timezone.utc) + timedelta(seconds=0.3)
+    assert tbus.dispatch(Stamp(str(tmp_path / "log")), eta=eta).result(timeout=30) >= t1 + 0.29
+
+
+def test_delayed_tasks_survive_a_killed_server_and_run_once(
+    tbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    group = _start_group(tbus.name)
+    log = tmp_path / "log"
+    try:
+        futs = [tbus.dispatch(Stamp(str(log), i), delay=1.5) for i in range(100)]
+        assert tbus.transport.scheduled()[0] == 100
+    finally:
+        _kill_group(group)  # before any is due
+    assert lines(log) == []
+    servers.append(TaskServer(tbus, workers=2).start())
+    assert len([f.result(timeout=60) for f in futs]) == 100
+    keys = sorted(int(k) for _, k, _ in lines(log))
+    assert keys == list(range(100))  # every one, exactly once
+
+
+def test_a_periodic_task_fires_once_per_due_time_with_two_servers(
+    bus_name: str, tmp_path: Path
+) -> None:
+    log = tmp_path / "periodic"
+    groups = [_start_group(bus_name, str(log)), _start_group(bus_name, str(log))]
+    try:
+        time.sleep(2.0)
+        runs = lines(log)
+        assert 5 <= len(runs) <= 14, runs  # every 0.2 s for 2 s: about 10, not 20
+        assert len({k for _, k, _ in runs}) == 1, runs  # one leader fired them all
+        leader_pid = int(Path(f"/dev/shm/ringbus-{bus_name}-leader").read_text())
+        leader = next(g for g in groups if g.pid == os.getpgid(leader_pid))
+        _kill_group(leader)
+        killed_at = time.time()
+        wait_for(lambda: not pid_alive(leader_pid), 10, "the leader to die")
+        wait_for(lambda: any(float(t) > killed_at + 0.5 for t, _, _ in lines(log)), 10)
+        after = sorted(float(t) for t, _, _ in lines(log) if float(t) > killed_at)
+        assert after[0] - killed_at < 2.0  # taken over within a second or so
+    finally:
+        for g in groups:
+            _kill_group(g)
+        make_bus(bus_name).destroy(force=True)
+
+
+def test_a_retry_waits_in_the_timer_not_in_a_worker(
+    tbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    servers.append(TaskServer(tbus, workers=1).start())
+    retry = tbus.dispatch(FailOnce(str(tmp_path / "mark")))
+    wait_for((tmp_path / "mark").exists, 30, "the first attempt")
+    others = [tbus.dispatch(Stamp(str(tmp_path / "log"), i)) for i in range(100)]
+    assert len([f.result(timeout=30) for f in others]) == 100
+    assert not retry.done()  # its 2 s backoff holds no worker
+    assert retry.result(timeout=30) == "second attempt"
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"delay": 1, "eta": datetime.now(timezone.utc)}, "not both"),
+        ({"eta": datetime(2030, 1, 1)}, "timezone-aware"),
+        ({"delay": -1}, "negative"),
+        ({"delay": "soon"}, "seconds or a timedelta"),
+    ],
+)
+def test_bad_times_are_refused_and_nothing_is_queued(
+    tbus: TaskBus, kwargs: dict[str, Any], message: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        tbus.dispatch(Stamp(str(tmp_path / "log")), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        tbus.send(Stamp(str(tmp_path / "log")), **kwargs)
+    assert tbus.transport.scheduled()[0] == 0 and tbus.pending_tasks() == 0
+
+
+def test_bad_schedules_are_refused(tbus: TaskBus, tmp_path: Path) -> None:
+    task = Stamp(str(tmp_path / "log"))
+    with pytest.raises(ValueError, match="exactly one"):
+        tbus.periodic(task)
+    with pytest.raises(ValueError, match="exactly one"):
+        tbus.periodic(task, every=1, cron="* * * * *")
+    with pytest.raises(ValueError, match="positive"):
+        tbus.periodic(task, every=0)
+    with pytest.raises(ValueError, match="invalid cron"):
+        tbus.periodic(task, cron="61 * * * *")
+    tbus.periodic(task, every=timedelta(minutes=5))
+    with pytest.raises(ValueError, match="exists"):
+        tbus.periodic(task, every=60)
+
+    @tbus.periodic(cron="0 7 * * mon-fri")
+    def digest() -> Stamp:
+        return task
+
+    assert set(tbus.schedules) == {"Stamp", "test_bad_schedules_are_refused.<locals>.digest"}
+
+
+def test_stats_shows_delayed_tasks_and_schedules(bus_name: str, tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    log = tmp_path / "periodic"
+    group = _start_group(bus_name, str(log))
+    bus = make_bus(bus_name)
+    try:
+        bus.send(Stamp(str(tmp_path / "later")), delay=60)
+        wait_for(lambda: len(lines(log)) >= 2, 30, "two periodic runs")
+        out = subprocess.run(
+            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--json", "--interval", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        t = json.loads(out.stdout)["bus"]["time"]
+        assert t["scheduled"] == 1 and t["next_due"] > time.time() + 30
+        assert t["leader"] is not None and int(t["leader"]) != os.getpid()
+        assert t["schedules"]["stamp"]["last"] is not None
+        text = subprocess.run(
+            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--interval", "0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert "periodic schedules" in text.stdout and "delayed tasks" in text.stdout
+    finally:
+        _kill_group(group)
+        bus.destroy(force=True)
