@@ -59,10 +59,10 @@ class Ring(_RingHandle):
         maxsize: int,
         slot_size: int,
         max_message_size: int | None,
-        serializer: Serializer | None,
+        serializer: Serializer | str | None,
     ) -> None: ...
     @property
-    def serializer(self) -> Serializer | None: ...
+    def serializer(self) -> Serializer | str | None: ...
     def put(self, obj: Any, block: bool = True, timeout: float | None = None) -> None: ...
     def get(self, block: bool = True, timeout: float | None = None) -> Any: ...
     def put_nowait(self, obj: Any) -> None: ...
@@ -94,6 +94,12 @@ class Ring(_RingHandle):
     def get_bytes_many(
         self, max_items: int, block: bool = True, timeout: float | None = None
     ) -> list[bytes]: ...
+
+def _encode(obj: Any) -> bytes:
+    """The default serializer's message for obj (tag byte format: _codec.pxi)."""
+
+def _decode(data: bytes | bytearray | memoryview) -> Any:
+    """Decode a message of the default serializer; RingError for an unknown tag."""
 
 def unlink(name: str) -> None:
     """Remove a ring's name (mappings that exist stay valid). RingError if missing."""

@@ -23,6 +23,7 @@ import pickle
 import queue
 import weakref
 
+from ringbus._serializers import resolve_serializer
 from ringbus.errors import MessageTooLarge, RingClosed, RingError
 
 LAYOUT_VERSION = RING_LAYOUT_VERSION
@@ -153,6 +154,9 @@ cdef inline int64_t _deadline(object timeout) except -2:
     return ring_deadline_after(float(timeout))
 
 
+include "_codec.pxi"
+
+
 cdef class _Buffers:
     """Pins the bytes of a list of objects for one ring_put call."""
     cdef ring_iov_t *iov
@@ -160,9 +164,11 @@ cdef class _Buffers:
     cdef Py_ssize_t n
     cdef Py_ssize_t nviews
     cdef list keep
+    cdef unsigned char *arena
 
     def __cinit__(self):
         self.iov = NULL
+        self.arena = NULL
         self.views = NULL
         self.n = 0
         self.nviews = 0
@@ -196,6 +202,46 @@ cdef class _Buffers:
             PyBuffer_Release(&self.views[i])
         free(self.iov)
         free(self.views)
+        free(self.arena)
+
+    cdef int fill_tagged(self, list items, Py_ssize_t limit, str name) except -1:
+        """Encode items with the default serializer: short forms into one
+        arena, the others pickled.  Sizes, then writes, then pickles: no
+        Python code (a __reduce__ could change an item) runs between an
+        item's size and its write."""
+        cdef Py_ssize_t i, k, n = len(items), total = 0
+        cdef unsigned char *d
+        cdef list pickles = [None] * n
+        self.keep = pickles
+        self.iov = <ring_iov_t *>malloc(max(n, 1) * sizeof(ring_iov_t))
+        if self.iov == NULL:
+            raise MemoryError()
+        for i in range(n):
+            k = _fast_size(items[i])
+            self.iov[i].base = NULL  # NULL: pickled in the third pass
+            self.iov[i].len = <size_t>(k if k >= 0 else 0)
+            if k > limit:
+                raise MessageTooLarge(k, limit, name)
+            total += k if k >= 0 else 0
+        self.arena = <unsigned char *>malloc(<size_t>max(total, 1))
+        if self.arena == NULL:
+            raise MemoryError()
+        d = self.arena
+        for i in range(n):
+            if self.iov[i].len:  # a short form (at least its tag byte)
+                _fast_write(items[i], d)
+                self.iov[i].base = d
+                d += self.iov[i].len
+        for i in range(n):
+            if self.iov[i].base == NULL:
+                data = _pdumps(items[i], PROTOCOL)
+                pickles[i] = data
+                self.iov[i].base = PyBytes_AS_STRING(data)
+                self.iov[i].len = <size_t>PyBytes_GET_SIZE(data)
+                if PyBytes_GET_SIZE(data) > limit:
+                    raise MessageTooLarge(PyBytes_GET_SIZE(data), limit, name)
+        self.n = n
+        return 0
 
 
 include "_handle.pxi"
@@ -207,26 +253,21 @@ cdef class Ring(_RingHandle):
     cdef object _serializer
     cdef object _dumps
     cdef object _loads
-    cdef bint _pickle
+    cdef bint _tagged  # the default serializer: _codec.pxi's tagged format
 
     def __cinit__(self, *args, **kwargs):
-        self._pickle = True
+        self._tagged = True
 
     def _open(self, name, int mode, maxsize, slot_size, max_message_size, serializer):
-        # Checked before the ring exists: a bad serializer must not leave a
+        # Resolved before the ring exists: a bad serializer must not leave a
         # created ring behind.
-        if serializer is not None and not (
-            hasattr(serializer, "dumps") and hasattr(serializer, "loads")
-        ):
-            raise TypeError("serializer must have dumps(obj) and loads(data) methods")
+        codec = resolve_serializer(serializer)
         self._open_handle(name, mode, maxsize, slot_size, max_message_size)
         self._serializer = serializer
-        if serializer is None:
-            self._pickle = True
-        else:
-            self._pickle = False
-            self._dumps = serializer.dumps
-            self._loads = serializer.loads
+        self._tagged = codec is None
+        if codec is not None:
+            self._dumps = codec.dumps
+            self._loads = codec.loads
 
     @property
     def serializer(self):
@@ -235,16 +276,41 @@ cdef class Ring(_RingHandle):
     # ------------------------------------------------------------ put
 
     cdef inline object _dump(self, object obj):
-        if self._pickle:
-            return _pdumps(obj, PROTOCOL)
+        if self._tagged:
+            return _encode(obj)
         return self._dumps(obj)
 
     def put(self, obj, block=True, timeout=None):
         """Put obj; returns once its bytes are in shared memory."""
         cdef ring_iov_t iov
-        cdef Py_buffer view
+        cdef unsigned char stack[STACK_BYTES]
+        cdef unsigned char *buf
+        cdef Py_ssize_t n
         _check_timeout(block, timeout)
-        data = self._dump(obj)
+        if self._tagged:
+            n = _fast_size(obj)
+            if n >= 0:
+                # Encoded straight into a buffer that ring_put copies into the
+                # slots: no bytes object, no pickle.
+                if n > self._max_msg:
+                    raise MessageTooLarge(n, self._max_msg, self._name)
+                buf = &stack[0]
+                if n > STACK_BYTES:
+                    buf = <unsigned char *>PyMem_Malloc(<size_t>n)
+                if buf == NULL:
+                    raise MemoryError()
+                _fast_write(obj, buf)
+                iov.base = buf
+                iov.len = <size_t>n
+                try:
+                    self._put_iov(&iov, 1, block, timeout)
+                finally:
+                    if buf != &stack[0]:
+                        PyMem_Free(buf)
+                return
+            data = _pdumps(obj, PROTOCOL)
+        else:
+            data = self._dumps(obj)
         if PyBytes_CheckExact(data):
             iov.base = PyBytes_AS_STRING(data)
             iov.len = <size_t>PyBytes_GET_SIZE(data)
@@ -289,9 +355,15 @@ cdef class Ring(_RingHandle):
     def put_many(self, items, block=True, timeout=None):
         """Serialize every item first (errors leave the queue unchanged), then
         put them in order.  queue.Full carries .done: how many were queued."""
+        cdef _Buffers bufs
         _check_timeout(block, timeout)
-        cdef list datas = [self._dump(o) for o in items]
-        self._put_list(datas, block, timeout)
+        if not self._tagged:
+            self._put_list([self._dumps(o) for o in items], block, timeout)
+            return
+        bufs = _Buffers()
+        bufs.fill_tagged(items if type(items) is list else list(items), self._max_msg, self._name)
+        if bufs.n:
+            self._put_iov(bufs.iov, <size_t>bufs.n, block, timeout)
 
     def put_bytes_many(self, items, block=True, timeout=None):
         """put_many for raw bytes-like items."""
@@ -301,16 +373,9 @@ cdef class Ring(_RingHandle):
     # ------------------------------------------------------------ get
 
     cdef inline object _load(self, const char *p, size_t n):
-        cdef object view
-        if not self._pickle:
-            return self._loads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
-        if <Py_ssize_t>n < ZERO_COPY_FROM:
-            return _ploads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
-        view = PyMemoryView_FromMemory(<char *>p, <Py_ssize_t>n, PyBUF_READ)
-        try:
-            return _ploads(view)
-        finally:
-            view.release()
+        if self._tagged:
+            return _fast_load(p, n)
+        return self._loads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
 
     def get(self, block=True, timeout=None):
         """Remove and return the next object."""
