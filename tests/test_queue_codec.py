@@ -349,3 +349,23 @@ def test_missing_msgspec_names_the_extra(shm_name: str, monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "msgspec", None)  # import fails
     with pytest.raises(ImportError, match=r"pip install 'ringbus\[msgpack\]'"):
         Queue(name=shm_name, serializer="msgpack")
+
+
+class Shrinker:
+    """Pickling it empties the list that holds it (a __reduce__ runs code)."""
+
+    def __init__(self, holder: list[Any]) -> None:
+        self.holder = holder
+
+    def __reduce__(self) -> Any:
+        self.holder.clear()
+        return (int, (5,))
+
+
+def test_put_many_encodes_a_snapshot_of_the_list(shm_name: str) -> None:
+    items: list[Any] = [b"a", (1, "b")]
+    items.append(Shrinker(items))
+    items.append("after")
+    with Queue(name=shm_name) as q:
+        q.put_many(items)
+        assert q.get_many(10) == [b"a", (1, "b"), 5, "after"]

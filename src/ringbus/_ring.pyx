@@ -275,11 +275,6 @@ cdef class Ring(_RingHandle):
 
     # ------------------------------------------------------------ put
 
-    cdef inline object _dump(self, object obj):
-        if self._tagged:
-            return _encode(obj)
-        return self._dumps(obj)
-
     def put(self, obj, block=True, timeout=None):
         """Put obj; returns once its bytes are in shared memory."""
         cdef ring_iov_t iov
@@ -361,7 +356,9 @@ cdef class Ring(_RingHandle):
             self._put_list([self._dumps(o) for o in items], block, timeout)
             return
         bufs = _Buffers()
-        bufs.fill_tagged(items if type(items) is list else list(items), self._max_msg, self._name)
+        # Always a private copy: pickling an item runs Python code, which
+        # must not be able to shrink the list being encoded.
+        bufs.fill_tagged(list(items), self._max_msg, self._name)
         if bufs.n:
             self._put_iov(bufs.iov, <size_t>bufs.n, block, timeout)
 
