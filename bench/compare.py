@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         set_redis_url(url)
         peers = [p for p in PEERS if available(p)]
         if args.tiny:
-            peers = [p for p in peers if p.kind in ("bytes", "obj") and p.payload == "bytes"][:3]
+            peers = [p for p in peers if p.kind in ("bytes", "obj") and not p.variant][:3]
         missing = [p.name for p in PEERS if p not in peers and not args.tiny]
         for size in plan.sizes:
             for nproc in plan.procs:
