@@ -38,6 +38,9 @@ _BUILD_MK = dict(re.findall(r"^(\w+)\s*=\s*(.*)$", _BUILD_MK_TEXT, re.M))
 CORE = ["csrc/" + f for f in _BUILD_MK["RING_SOURCES"].split()]
 HEADERS = ["csrc/" + f for f in _BUILD_MK["RING_HEADERS"].split()]
 STRICT = _BUILD_MK["RING_STRICT"].split()
+# Files _ring.pyx includes: a change to one must rebuild the extension.
+_HERE = Path(__file__).resolve().parent
+PXI = sorted(str(p.relative_to(_HERE)) for p in (_HERE / "src/ringbus").glob("*.pxi"))
 
 debug = os.environ.get("RINGBUS_DEBUG", "") not in ("", "0")
 sanitize = os.environ.get("RINGBUS_SANITIZE", "").strip()
@@ -70,7 +73,7 @@ extension = Extension(
     "ringbus._ring",
     sources=["src/ringbus/_ring.pyx"],
     include_dirs=["csrc"],
-    depends=[*HEADERS, *CORE, "csrc/build.mk", "src/ringbus/_cring.pxd"],
+    depends=[*HEADERS, *CORE, "csrc/build.mk", "src/ringbus/_cring.pxd", *PXI],
     extra_compile_args=opt + san,
     extra_link_args=san,
 )

@@ -18,8 +18,23 @@ STOP = b""
 BATCH = 256
 
 
-def _producer(q: Any, kind: str, n: int, size: int, nproc: int, start: Any) -> None:
-    msg = b"x" * size
+def payload(name: str, size: int) -> Any:
+    """The message a cell sends: bytes of the cell's size, or (the rows of
+    the default serializer's short forms and of a real pickle) a small
+    object of another type; never falsy, which is the consumers' STOP."""
+    return {
+        "bytes": lambda: b"x" * size,
+        "str": lambda: "x" * size,
+        "int": lambda: 1234567,
+        "tuple": lambda: (1, "abc", 2.5),
+        "dict": lambda: {"id": 1, "body": "x" * 40},
+    }[name]()
+
+
+def _producer(
+    q: Any, kind: str, n: int, size: int, nproc: int, start: Any, what: str = "bytes"
+) -> None:
+    msg = payload(what, size)
     if kind == "zmq":
         import zmq
 
@@ -168,7 +183,7 @@ def throughput(peer: Peer, size: int, nproc: int, n: int) -> float:
     per = n // nproc
     cons = [ctx.Process(target=_consumer, args=(q, peer.kind, i, out)) for i in range(nproc)]
     prods = [
-        ctx.Process(target=_producer, args=(q, peer.kind, per, size, nproc, start))
+        ctx.Process(target=_producer, args=(q, peer.kind, per, size, nproc, start, peer.payload))
         for _ in range(nproc)
     ]
     try:
@@ -260,7 +275,7 @@ def pingpong(peer: Peer, rounds: int) -> list[float]:
     else:
         put, get = a.put, b.get
     p.start()
-    msg = b"x" * 64
+    msg = payload(peer.payload, 64)
     lat: list[float] = []
     perf = time.perf_counter_ns
     try:

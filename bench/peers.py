@@ -29,6 +29,9 @@ class Peer:
     per_call: bool = True  # one call per message (else batched)
     pickled: bool = True  # objects through the peer's serializer (else raw bytes)
     needs: str = ""  # module that must import
+    # What producers send (bench.harness.payload); other than bytes: 64 B cells only.
+    payload: str = "bytes"
+    variant: bool = False  # another payload or serializer of a ringbus row (--tiny skips it)
 
 
 def _ringbus_make(size: int) -> Any:
@@ -37,6 +40,16 @@ def _ringbus_make(size: int) -> Any:
     return ringbus.Queue(
         maxsize=max(8192, 8 * 1024 * 1024 // max(size, 256)),
         max_message_size=max(1 << 20, 2 * size + 64),
+    )
+
+
+def _ringbus_msgpack_make(size: int) -> Any:
+    import ringbus
+
+    return ringbus.Queue(
+        maxsize=max(8192, 8 * 1024 * 1024 // max(size, 256)),
+        max_message_size=max(1 << 20, 2 * size + 64),
+        serializer="msgpack",
     )
 
 
@@ -91,6 +104,20 @@ def _redis_make(size: int) -> RedisHandle:
 PEERS = [
     Peer("ringbus put/get (pickled)", _ringbus_make, "obj", True),
     Peer("ringbus put_bytes/get_bytes", _ringbus_make, "bytes", True, pickled=False),
+    Peer("ringbus put/get str", _ringbus_make, "obj", True, payload="str", variant=True),
+    Peer("ringbus put/get int", _ringbus_make, "obj", True, payload="int", variant=True),
+    Peer("ringbus put/get small tuple", _ringbus_make, "obj", True, payload="tuple", variant=True),
+    Peer(
+        "ringbus put/get dict (pickled)", _ringbus_make, "obj", True, payload="dict", variant=True
+    ),
+    Peer(
+        "ringbus put/get msgpack",
+        _ringbus_msgpack_make,
+        "obj",
+        True,
+        needs="msgspec",
+        variant=True,
+    ),
     Peer("ringbus put_many/get_many (pickled)", _ringbus_make, "objmany", True, per_call=False),
     Peer(
         "ringbus put_bytes_many/get_bytes_many",

@@ -24,6 +24,7 @@ import pytest
 
 import ringbus
 from ringbus import JoinableQueue, MessageTooLarge, Queue, RingClosed, RingError
+from ringbus._ring import _encode
 
 SHM = Path("/dev/shm")
 START_METHODS = ["fork", "spawn", "forkserver"]
@@ -454,7 +455,7 @@ def test_message_too_large_names_both_sizes(shm_name: str) -> None:
         assert "1001" in str(info.value) and "1000" in str(info.value)
         assert (info.value.size, info.value.limit) == (1001, 1000)
         blob = "z" * 5000
-        size = len(pickle.dumps(blob, 5))
+        size = len(_encode(blob))  # the default serializer's message
         with pytest.raises(MessageTooLarge, match=f"{size}.*1000"):
             q.put(blob)
         with pytest.raises(MessageTooLarge):

@@ -1,6 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, auto_pickle=False
 """Cython binding of the ring core: one handle class and a few functions.
 
+One extension module in three files: _handle.pxi (the handle under Ring:
+lifecycle, waits, state, recovery), _codec.pxi (the default serializer's
+tagged message format) and this one (Ring's object API, module functions).
+
 Fast paths (a message fits now / one is ready) run with the GIL held and
 make no system call; waits release the GIL and come back every SLICE to
 let Python run signal handlers (Ctrl-C, SIGTERM handlers that raise).
@@ -23,6 +27,7 @@ import pickle
 import queue
 import weakref
 
+from ringbus._serializers import resolve_serializer
 from ringbus.errors import MessageTooLarge, RingClosed, RingError
 
 LAYOUT_VERSION = RING_LAYOUT_VERSION
@@ -54,10 +59,11 @@ _finalizer_pid = 0
 def _unlink_owned():
     """The creating process owns the name: remove it when the process exits."""
     for r in list(_owned):
-        (<Ring>r)._drop_name()
+        (<_RingHandle>r)._drop_name()
 
 
-cdef _own(Ring r):
+
+cdef _own(_RingHandle r):
     # multiprocessing children (fork, forkserver) leave through os._exit:
     # atexit does not run there, multiprocessing's own exit finalizers do.
     global _finalizer_pid
@@ -152,6 +158,9 @@ cdef inline int64_t _deadline(object timeout) except -2:
     return ring_deadline_after(float(timeout))
 
 
+include "_codec.pxi"
+
+
 cdef class _Buffers:
     """Pins the bytes of a list of objects for one ring_put call."""
     cdef ring_iov_t *iov
@@ -159,9 +168,11 @@ cdef class _Buffers:
     cdef Py_ssize_t n
     cdef Py_ssize_t nviews
     cdef list keep
+    cdef unsigned char *arena
 
     def __cinit__(self):
         self.iov = NULL
+        self.arena = NULL
         self.views = NULL
         self.n = 0
         self.nviews = 0
@@ -195,174 +206,110 @@ cdef class _Buffers:
             PyBuffer_Release(&self.views[i])
         free(self.iov)
         free(self.views)
+        free(self.arena)
+
+    cdef int fill_tagged(self, list items, Py_ssize_t limit, str name) except -1:
+        """Encode items with the default serializer: short forms into one
+        arena, the others pickled.  Sizes, then writes, then pickles: no
+        Python code (a __reduce__ could change an item) runs between an
+        item's size and its write."""
+        cdef Py_ssize_t i, k, n = len(items), total = 0
+        cdef unsigned char *d
+        cdef list pickles = [None] * n
+        self.keep = pickles
+        self.iov = <ring_iov_t *>malloc(max(n, 1) * sizeof(ring_iov_t))
+        if self.iov == NULL:
+            raise MemoryError()
+        for i in range(n):
+            k = _fast_size(items[i])
+            self.iov[i].base = NULL  # NULL: pickled in the third pass
+            self.iov[i].len = <size_t>(k if k >= 0 else 0)
+            if k > limit:
+                raise MessageTooLarge(k, limit, name)
+            total += k if k >= 0 else 0
+        self.arena = <unsigned char *>malloc(<size_t>max(total, 1))
+        if self.arena == NULL:
+            raise MemoryError()
+        d = self.arena
+        for i in range(n):
+            if self.iov[i].len:  # a short form (at least its tag byte)
+                _fast_write(items[i], d)
+                self.iov[i].base = d
+                d += self.iov[i].len
+        for i in range(n):
+            if self.iov[i].base == NULL:
+                data = _pdumps(items[i], PROTOCOL)
+                pickles[i] = data
+                self.iov[i].base = PyBytes_AS_STRING(data)
+                self.iov[i].len = <size_t>PyBytes_GET_SIZE(data)
+                if PyBytes_GET_SIZE(data) > limit:
+                    raise MessageTooLarge(PyBytes_GET_SIZE(data), limit, name)
+        self.n = n
+        return 0
 
 
-cdef class Ring:
+include "_handle.pxi"
+
+
+cdef class Ring(_RingHandle):
     """A process-local handle on one shared-memory ring (see ringbus.Queue)."""
 
-    cdef ring_t *_r
-    cdef str _name
     cdef object _serializer
     cdef object _dumps
     cdef object _loads
-    cdef bint _pickle
-    cdef int _owner_pid
-    cdef bint _name_dropped
-    cdef Py_ssize_t _max_msg
-    cdef object __weakref__
+    cdef bint _tagged  # the default serializer: _codec.pxi's tagged format
 
     def __cinit__(self, *args, **kwargs):
-        self._r = NULL
-        self._owner_pid = 0
-        self._pickle = True
-
-    def __dealloc__(self):
-        if self._r != NULL:
-            self._drop_name()
-            ring_detach(self._r)
-            self._r = NULL
+        self._tagged = True
 
     def _open(self, name, int mode, maxsize, slot_size, max_message_size, serializer):
-        cdef char err[256]
-        cdef ring_params_t p
-        cdef ring_t *r = NULL
-        cdef int rc
-        if self._r != NULL:
-            raise RuntimeError("ring handle is already open")
-        if mode != RING_ATTACH:
-            if not isinstance(maxsize, int) or maxsize < 0:
-                raise ValueError(f"maxsize must be a non-negative int, not {maxsize!r}")
-            if maxsize > RING_MAX_CAPACITY:  # also keeps it from overflowing uint64
-                raise ValueError(f"maxsize {maxsize} is too large (at most {RING_MAX_CAPACITY})")
-            if not isinstance(slot_size, int) or slot_size <= 0:
-                raise ValueError(f"slot_size must be a positive int, not {slot_size!r}")
-            if max_message_size is not None and (
-                not isinstance(max_message_size, int) or max_message_size <= 0
-            ):
-                raise ValueError(
-                    f"max_message_size must be a positive int, not {max_message_size!r}"
-                )
-            if slot_size > 0xFFFFFFFF or (max_message_size or 0) > 0xFFFFFFFF:
-                raise ValueError("slot_size and max_message_size must be below 4 GiB")
-        if name is None:
-            if mode != RING_CREATE:
-                raise ValueError("a ring name is required to attach")
-            name = "/ringbus-" + __import__("uuid").uuid4().hex[:20]
-        name = normalize_name(name)
-        memset(&p, 0, sizeof(p))
-        if mode != RING_ATTACH:
-            p.maxsize = maxsize
-            p.slot_size = slot_size
-            p.max_message_size = max_message_size or 0
-        cdef bytes bname = _as_name(name)
-        rc = ring_open(bname, mode, &p, &r, err)
-        if rc != RING_OK:
-            msg = err.decode("utf-8", "replace")
-            if rc == RING_EINVAL and mode != RING_ATTACH and "ring" not in msg:
-                raise ValueError(msg)
-            raise RingError(msg)
-        self._r = r
-        self._name = name
-        self._max_msg = ring_max_message(r)
+        # Resolved before the ring exists: a bad serializer must not leave a
+        # created ring behind.
+        codec = resolve_serializer(serializer)
+        self._open_handle(name, mode, maxsize, slot_size, max_message_size)
         self._serializer = serializer
-        if serializer is None:
-            self._pickle = True
-        else:
-            if not (hasattr(serializer, "dumps") and hasattr(serializer, "loads")):
-                ring_detach(r)
-                self._r = NULL
-                raise TypeError("serializer must have dumps(obj) and loads(data) methods")
-            self._pickle = False
-            self._dumps = serializer.dumps
-            self._loads = serializer.loads
-        if ring_is_owner(r):
-            self._owner_pid = getpid()
-            _own(self)
+        self._tagged = codec is None
+        if codec is not None:
+            self._dumps = codec.dumps
+            self._loads = codec.loads
 
-    cdef int _drop_name(self) except -1:
-        # Only the creating process unlinks; forked children inherit the
-        # handle but not the ownership.
-        cdef char err[256]
-        if self._owner_pid and self._owner_pid == getpid() and not self._name_dropped:
-            self._name_dropped = True
-            ring_unlink(_as_name(self._name), err)
-        return 0
-
-    def unlink_name(self):
-        """Remove this ring's name.  Once this creating handle removed it
-        (here, or by closing), later calls do nothing: they must not remove a
-        new ring that someone created under the same name since."""
-        if self._name_dropped:
-            return
-        unlink(self._name)
-        if self._owner_pid == getpid():
-            self._name_dropped = True
-
-    cdef inline int _ready(self) except -1:
-        if self._r == NULL:
-            raise ValueError("ring handle is not open")
-        if ring_is_closed(self._r):
-            raise RingClosed(f"Queue {self._name} is closed")
-        return 0
-
-    # ------------------------------------------------------------ errors
-
-    cdef int _fail(self, int rc, bint put, size_t done) except -1:
-        cdef object exc
-        if rc == RING_FULL or (rc == RING_TIMEOUT and put):
-            exc = _Full()
-            exc.done = done
-            raise exc
-        if rc == RING_EMPTY or rc == RING_TIMEOUT:
-            raise _Empty()
-        if rc == RING_CLOSED:
-            raise RingClosed(f"Queue {self._name} is closed")
-        if rc == RING_ECORRUPT:
-            raise RingError(
-                f"ring {self._name} is corrupted: a record header, counter or sequence "
-                "word in its shared memory is impossible (recreate the ring)"
-            )
-        raise RingError(f"ring {self._name}: operation failed (status {rc})")
+    @property
+    def serializer(self):
+        return self._serializer
 
     # ------------------------------------------------------------ put
-
-    cdef int _put_iov(self, ring_iov_t *iov, size_t n, object block, object timeout) except -1:
-        cdef size_t done = 0, total = 0
-        cdef int rc
-        cdef int64_t deadline, until
-        self._ready()
-        rc = ring_put(self._r, iov, n, &done, RING_NOWAIT)
-        total = done
-        if rc == RING_OK:
-            return 0
-        if rc != RING_FULL or not block:
-            self._fail(rc, True, total)
-        deadline = _deadline(timeout)
-        while True:
-            until = ring_now() + SLICE_NS
-            if until > deadline:
-                until = deadline
-            with nogil:
-                rc = ring_put(self._r, iov + total, n - total, &done, until)
-            total += done
-            if rc == RING_OK:
-                return 0
-            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
-                PyErr_CheckSignals()
-                continue
-            self._fail(rc, True, total)
-
-    cdef inline object _dump(self, object obj):
-        if self._pickle:
-            return _pdumps(obj, PROTOCOL)
-        return self._dumps(obj)
 
     def put(self, obj, block=True, timeout=None):
         """Put obj; returns once its bytes are in shared memory."""
         cdef ring_iov_t iov
-        cdef Py_buffer view
+        cdef unsigned char stack[STACK_BYTES]
+        cdef unsigned char *buf
+        cdef Py_ssize_t n
         _check_timeout(block, timeout)
-        data = self._dump(obj)
+        if self._tagged:
+            n = _fast_size(obj)
+            if n >= 0:
+                # Encoded straight into a buffer that ring_put copies into the
+                # slots: no bytes object, no pickle.
+                if n > self._max_msg:
+                    raise MessageTooLarge(n, self._max_msg, self._name)
+                buf = &stack[0]
+                if n > STACK_BYTES:
+                    buf = <unsigned char *>PyMem_Malloc(<size_t>n)
+                if buf == NULL:
+                    raise MemoryError()
+                _fast_write(obj, buf)
+                iov.base = buf
+                iov.len = <size_t>n
+                try:
+                    self._put_iov(&iov, 1, block, timeout)
+                finally:
+                    if buf != &stack[0]:
+                        PyMem_Free(buf)
+                return
+            data = _pdumps(obj, PROTOCOL)
+        else:
+            data = self._dumps(obj)
         if PyBytes_CheckExact(data):
             iov.base = PyBytes_AS_STRING(data)
             iov.len = <size_t>PyBytes_GET_SIZE(data)
@@ -407,9 +354,17 @@ cdef class Ring:
     def put_many(self, items, block=True, timeout=None):
         """Serialize every item first (errors leave the queue unchanged), then
         put them in order.  queue.Full carries .done: how many were queued."""
+        cdef _Buffers bufs
         _check_timeout(block, timeout)
-        cdef list datas = [self._dump(o) for o in items]
-        self._put_list(datas, block, timeout)
+        if not self._tagged:
+            self._put_list([self._dumps(o) for o in items], block, timeout)
+            return
+        bufs = _Buffers()
+        # Always a private copy: pickling an item runs Python code, which
+        # must not be able to shrink the list being encoded.
+        bufs.fill_tagged(list(items), self._max_msg, self._name)
+        if bufs.n:
+            self._put_iov(bufs.iov, <size_t>bufs.n, block, timeout)
 
     def put_bytes_many(self, items, block=True, timeout=None):
         """put_many for raw bytes-like items."""
@@ -418,54 +373,10 @@ cdef class Ring:
 
     # ------------------------------------------------------------ get
 
-    cdef int _claim(self, ring_batch_t *b, size_t max_items, object block, object timeout) except -1:
-        cdef int rc
-        cdef int64_t deadline, until
-        self._ready()
-        rc = ring_claim(self._r, max_items, b, RING_NOWAIT)
-        if rc == RING_OK:
-            return 0
-        if rc != RING_EMPTY or not block:
-            self._fail(rc, False, 0)
-        deadline = _deadline(timeout)
-        while True:
-            until = ring_now() + SLICE_NS
-            if until > deadline:
-                until = deadline
-            with nogil:
-                rc = ring_claim(self._r, max_items, b, until)
-            if rc == RING_OK:
-                return 0
-            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
-                PyErr_CheckSignals()
-                continue
-            self._fail(rc, False, 0)
-
-    cdef inline int _next(self, ring_batch_t *b, const void **p, size_t *n) except -1:
-        """ring_next: 1 (a record) or 0 (end); RingError if the record's
-        header became impossible since the claim."""
-        cdef int rc = ring_next(self._r, b, p, n)
-        if rc < 0:
-            self._fail(RING_ECORRUPT, False, 0)
-        return rc
-
-    cdef inline int _next_one(self, ring_batch_t *b, const void **p, size_t *n) except -1:
-        """The one record a claim of max 1 holds."""
-        if self._next(b, p, n) != 1:
-            self._fail(RING_ECORRUPT, False, 0)
-        return 1
-
     cdef inline object _load(self, const char *p, size_t n):
-        cdef object view
-        if not self._pickle:
-            return self._loads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
-        if <Py_ssize_t>n < ZERO_COPY_FROM:
-            return _ploads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
-        view = PyMemoryView_FromMemory(<char *>p, <Py_ssize_t>n, PyBUF_READ)
-        try:
-            return _ploads(view)
-        finally:
-            view.release()
+        if self._tagged:
+            return _fast_load(p, n)
+        return self._loads(PyBytes_FromStringAndSize(p, <Py_ssize_t>n))
 
     def get(self, block=True, timeout=None):
         """Remove and return the next object."""
@@ -594,163 +505,3 @@ cdef class Ring:
         if i != <Py_ssize_t>b.count:  # never expected: do not hand out NULL items
             del out[i:]
         return out
-
-    # ------------------------------------------------------------ state
-
-    def qsize(self):
-        """Messages in the queue now (an instantaneous estimate)."""
-        self._open_or_raise()
-        return ring_qsize(self._r)
-
-    def empty(self):
-        self._open_or_raise()
-        return ring_qsize(self._r) == 0
-
-    def full(self):
-        """True when a one-slot message would not fit now."""
-        self._open_or_raise()
-        return bool(ring_full(self._r))
-
-    cdef inline int _open_or_raise(self) except -1:
-        if self._r == NULL:
-            raise ValueError("ring handle is not open")
-        return 0
-
-    def stats(self):
-        """Header counters and geometry as a dict."""
-        cdef ring_stats_t s
-        self._open_or_raise()
-        ring_get_stats(self._r, &s)
-        return _stats_dict(&s)
-
-    def close(self):
-        """Close this handle: waiters in this process wake with "is closed".
-
-        The creating process also removes the ring's name.  The mapping is
-        released when the handle is garbage-collected.
-        """
-        if self._r == NULL:
-            return
-        if not ring_is_closed(self._r):
-            ring_close(self._r)
-        self._drop_name()
-
-    def set_spin(self, int64_t spin_ns):
-        """How long a waiter spins before it sleeps (default 20 µs)."""
-        self._open_or_raise()
-        ring_set_spin(self._r, spin_ns)
-
-    @property
-    def name(self):
-        return self._name
-
-    @property
-    def maxsize(self):
-        self._open_or_raise()
-        return ring_limit(self._r)
-
-    @property
-    def capacity(self):
-        self._open_or_raise()
-        return ring_capacity(self._r)
-
-    @property
-    def slot_size(self):
-        self._open_or_raise()
-        return ring_slot_size(self._r)
-
-    @property
-    def max_message_size(self):
-        self._open_or_raise()
-        return ring_max_message(self._r)
-
-    @property
-    def closed(self):
-        return self._r == NULL or bool(ring_is_closed(self._r))
-
-    @property
-    def owner(self):
-        return self._owner_pid != 0 and self._owner_pid == getpid()
-
-    @property
-    def serializer(self):
-        return self._serializer
-
-    # ------------------------------------------------------------ recovery
-
-    def recover(self, requeue=True):
-        """Repair the ring after processes that died in the middle of a put or
-        a get (kill -9 at any instruction).
-
-        Claims of dead producers become skipped records (counted as
-        abandoned); batches held by dead consumers are freed and their
-        messages put back into the ring (``requeue=True``) or returned in
-        ``"messages"`` for the caller to deliver again.  Waiters run the same
-        repair by themselves when they stay stuck on one ticket.
-        ``"deferred"``: a thread of the 65th and later, which claims without
-        an attach entry, was mid-claim, so nothing was repaired this time.
-        """
-        cdef ring_recovery_t out
-        cdef int rc
-        cdef int flags = RING_RECOVER_ALL | (RING_RECOVER_REQUEUE if requeue else 0)
-        cdef size_t i
-        self._ready()
-        with nogil:
-            rc = ring_recover(self._r, flags, &out)
-        try:
-            messages = [
-                PyBytes_FromStringAndSize(<const char *>out.iov[i].base, <Py_ssize_t>out.iov[i].len)
-                for i in range(out.n)
-            ]
-            if rc == RING_TIMEOUT:
-                raise RingError(f"ring {self._name}: another live process holds the recovery lock")
-            if rc != RING_OK:
-                self._fail(rc, False, 0)
-            return {"abandoned": out.abandoned, "recovered": out.recovered,
-                    "reclaimed": out.reclaimed, "deferred": bool(out.deferred),
-                    "messages": messages}
-        finally:
-            ring_recovery_free(&out)
-
-    def participants(self):
-        """Threads attached to the ring (from the header): pid, tid, alive,
-        and whether each is in the middle of a put or a get."""
-        self._open_or_raise()
-        return _participants(self._r)
-
-    # ------------------------------------------------------------ join
-
-    def _task_add(self, int64_t n):
-        self._open_or_raise()
-        ring_task_add(self._r, n)
-
-    def _task_done(self):
-        self._ready()
-        if ring_task_done(self._r) != RING_OK:
-            raise ValueError("task_done() called too many times")
-
-    def _unfinished(self):
-        self._open_or_raise()
-        return ring_unfinished(self._r)
-
-    def _task_join(self, timeout):
-        """True once every task is done; False if the timeout passed first."""
-        cdef int rc
-        cdef int64_t deadline, until
-        _check_timeout(True, timeout)
-        self._ready()
-        deadline = _deadline(timeout)
-        while True:
-            until = ring_now() + SLICE_NS
-            if until > deadline:
-                until = deadline
-            with nogil:
-                rc = ring_task_join(self._r, until)
-            if rc == RING_OK:
-                return True
-            if rc == RING_EINTR or (rc == RING_TIMEOUT and until < deadline):
-                PyErr_CheckSignals()
-                continue
-            if rc == RING_TIMEOUT:
-                return False
-            self._fail(rc, False, 0)

@@ -42,7 +42,7 @@ def unlink_ring(name: str) -> None:
 _Q = TypeVar("_Q", bound="Queue")
 
 
-def _rebuild(cls: type[Queue], name: str, serializer: Serializer | None) -> Queue:
+def _rebuild(cls: type[Queue], name: str, serializer: Serializer | str | None) -> Queue:
     return cls.attach(name, serializer=serializer)
 
 
@@ -67,12 +67,12 @@ class Queue(Ring):
         name: str | None = None,
         slot_size: int = _ring.DEFAULT_SLOT_SIZE,
         max_message_size: int | None = None,
-        serializer: Serializer | None = None,
+        serializer: Serializer | str | None = None,
     ) -> None:
         self._open(name, _CREATE, maxsize, slot_size, max_message_size, serializer)
 
     @classmethod
-    def attach(cls, name: str, *, serializer: Serializer | None = None) -> Queue:
+    def attach(cls, name: str, *, serializer: Serializer | str | None = None) -> Queue:
         """Attach to an existing ring by name (its geometry comes from its header)."""
         q = cls.__new__(cls)
         q._open(name, _ATTACH, 0, 0, None, serializer)
@@ -86,7 +86,7 @@ class Queue(Ring):
         *,
         slot_size: int = _ring.DEFAULT_SLOT_SIZE,
         max_message_size: int | None = None,
-        serializer: Serializer | None = None,
+        serializer: Serializer | str | None = None,
     ) -> Queue:
         """Attach to ``name``, creating it first if it does not exist.
 
