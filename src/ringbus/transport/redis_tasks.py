@@ -17,6 +17,7 @@ from typing import Any
 
 from ringbus._proc import pid_alive
 from ringbus.errors import BrokerUnavailable, TransportClosed
+from ringbus.transport.base import write_journal
 from ringbus.transport.redis_conn import (
     GROUP,
     NET_ERRORS,
@@ -28,7 +29,7 @@ from ringbus.transport.redis_conn import (
     log,
     redis,
 )
-from ringbus.transport.redis_scripts import DROP_CONSUMER, KEEP
+from ringbus.transport.redis_scripts import CLAIM, DROP_CONSUMER, KEEP
 
 __all__ = ["TaskChannel"]
 
@@ -51,7 +52,6 @@ class TaskChannel(RedisBase):
         self._interrupted = False
         self._opened = False
         self._next_claim = 0.0
-        self._claim_cursor: bytes | str = "0-0"
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
         self._was_consumer = False
@@ -84,11 +84,6 @@ class TaskChannel(RedisBase):
             pipe.execute()
 
         self._once(add, "queueing tasks")
-
-    def _delivered(self, data: bytes, deliveries: int) -> bytes:
-        """Hand out an entry's envelope; ``deliveries`` is read by the taker."""
-        self.deliveries = deliveries
-        return data
 
     def _task_conn(self) -> Any:
         """This process's connection for blocking reads: one we can shut down
@@ -142,13 +137,29 @@ class TaskChannel(RedisBase):
     def _stop_reading(self) -> bool:
         return self._interrupted
 
+    def take_task(self, journal: Any, timeout: float | None = None) -> bytes:
+        """One entry's envelope, recorded in ``journal`` after it was taken
+        (Redis keeps it pending until acknowledged); ``deliveries`` is that
+        entry's own delivery count."""
+        if self._interrupted:
+            raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        with self._tlock:
+            ((data, deliveries),) = self._get_tasks(1, timeout)
+            self.deliveries = deliveries
+        write_journal(journal, data)
+        return data
+
     def get_tasks(self, max_items: int = 1, timeout: float | None = None) -> list[bytes]:
         if self._interrupted:
             raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
         with self._tlock:
-            return self._get_tasks(max_items, timeout)
+            got = self._get_tasks(max_items, timeout)
+            self.deliveries = got[-1][1]
+        return [data for data, _ in got]
 
-    def _get_tasks(self, max_items: int, timeout: float | None) -> list[bytes]:
+    def _get_tasks(self, max_items: int, timeout: float | None) -> list[tuple[bytes, int]]:
+        """(envelope, deliveries) of up to ``max_items`` entries: taken over
+        from dead workers first, else new ones."""
         if not self._opened:
             self._retrying(lambda r: self.open(), "creating the task stream", self._stop_reading)
         self._was_consumer = True
@@ -162,6 +173,9 @@ class TaskChannel(RedisBase):
             now = time.monotonic()
             if now >= self._next_claim and timeout != 0:
                 self._next_claim = now + self._slice
+                # What this worker finished is acknowledged first: else a task
+                # it held past the visibility timeout looks abandoned.
+                self._retrying(self._ack_now, "acknowledging tasks", self._stop_reading)
                 got = self._retrying(
                     lambda r: self._reclaim(r, max_items), "reclaiming tasks", self._stop_reading
                 )
@@ -220,7 +234,7 @@ class TaskChannel(RedisBase):
                 out = []
                 for entry_id, data in entries:
                     self._taken.append(entry_id)
-                    out.append(self._delivered(data, 1))
+                    out.append((data, 1))  # read as new: its first delivery
                 if timeout == 0:
                     # A look without waiting is how a dispatcher takes its own
                     # queued tasks off the channel (cancel; the others are put
@@ -230,22 +244,17 @@ class TaskChannel(RedisBase):
             if timeout == 0:
                 raise queue.Empty
 
-    def _reclaim(self, r: R, count: int) -> list[bytes]:
+    def _reclaim(self, r: R, count: int) -> list[tuple[bytes, int]]:
         """Entries whose worker died: those of dead processes on this host at
         once, the others once idle past the visibility timeout."""
         claimed = self._reclaim_local(r, count)
         if claimed:
             return claimed
         idle_ms = int(self.visibility_timeout * 1000)
-        cursor, got, *_ = r.xautoclaim(
-            self.stream, GROUP, self._consumer, idle_ms, self._claim_cursor, count
-        )
-        self._claim_cursor = cursor or "0-0"
-        return self._deliver_claimed(r, [(i, f) for i, f in got if f], "idle past the timeout")
+        return self._claim(r, idle_ms, count, "", "idle past the timeout")
 
-    def _reclaim_local(self, r: R, count: int) -> list[bytes]:
+    def _reclaim_local(self, r: R, count: int) -> list[tuple[bytes, int]]:
         grace_ms = int(min(self.visibility_timeout, 1.0) * 1000)
-        out: list[bytes] = []
         for c in r.xinfo_consumers(self.stream, GROUP):
             name = as_text(c.get("name", b""))
             host, _, pid_text = name.rpartition(":")
@@ -258,39 +267,35 @@ class TaskChannel(RedisBase):
                 continue
             if int(c.get("idle", 0)) < grace_ms:
                 continue
-            pending = r.xpending_range(self.stream, GROUP, "-", "+", count, name)
-            ids = [p["message_id"] for p in pending]
-            if not ids:
-                continue
-            got = r.xclaim(self.stream, GROUP, self._consumer, grace_ms, ids)
-            out += self._deliver_claimed(
-                r, [(i, f) for i, f in got if f], f"its worker pid {pid_text} died"
-            )
-            if out:
-                break
-        return out
+            got = self._claim(r, grace_ms, count, name, f"its worker pid {pid_text} died")
+            if got:
+                return got
+        return []
 
-    def _deliver_claimed(
-        self, r: R, got: list[tuple[bytes, dict[bytes, bytes]]], why: str
-    ) -> list[bytes]:
-        if not got:
-            return []
-        counts: dict[bytes, int] = {}
-        for p in r.xpending_range(self.stream, GROUP, "-", "+", 10000, self._consumer):
-            counts[p["message_id"]] = int(p["times_delivered"])
-        out: list[bytes] = []
-        for entry_id, fields in got:
-            deliveries = counts.get(entry_id, 2)
+    def _claim(
+        self, r: R, idle_ms: int, count: int, owner: str, why: str
+    ) -> list[tuple[bytes, int]]:
+        """Take over entries idle for ``idle_ms`` (of ``owner`` only, if given),
+        never one this consumer holds: (envelope, its delivery count)."""
+        got = self._script("claim", CLAIM)(
+            keys=[self.stream],
+            args=[GROUP, self._consumer, idle_ms, count, max(100, count), owner],
+            client=r,
+        )
+        out: list[tuple[bytes, int]] = []
+        for entry_id, flat, deliveries in got or ():
+            entry_id = as_bytes(entry_id)
+            fields = dict(zip(flat[::2], flat[1::2], strict=False))
             log.warning(
                 "ringbus: worker %s took over task entry %s of bus %r (%s; delivery %d)",
                 self._consumer,
                 as_text(entry_id),
                 self.bus_name,
                 why,
-                deliveries,
+                int(deliveries),
             )
             self._taken.append(entry_id)
-            out.append(self._delivered(fields[b"d"], deliveries))
+            out.append((fields[b"d"], int(deliveries)))
         return out
 
     def ack_tasks(self, n: int = 1) -> None:
@@ -309,19 +314,21 @@ class TaskChannel(RedisBase):
             except (*NET_ERRORS, redis.ResponseError) as exc:
                 log.debug("ringbus: trimming %s skipped: %s", self.stream, exc)
 
-    def _flush_acks(self) -> None:
+    def _ack_now(self, r: R) -> None:
         acks = list(self._to_ack)
-        if not acks:
-            return
+        if acks:
+            r.xack(self.stream, GROUP, *acks)
+            del self._to_ack[: len(acks)]
+            self._acked(len(acks))
+
+    def _flush_acks(self) -> None:
         try:
-            self._retrying(
-                lambda r: r.xack(self.stream, GROUP, *acks),
-                "acknowledging tasks",
-                patience=self.socket_timeout,
-            )
+            self._retrying(self._ack_now, "acknowledging tasks", patience=self.socket_timeout)
         except BrokerUnavailable as exc:
-            log.warning("ringbus: %d finished task(s) will be delivered again: %s", len(acks), exc)
-        del self._to_ack[: len(acks)]
+            log.warning(
+                "ringbus: %d finished task(s) will be delivered again: %s", len(self._to_ack), exc
+            )
+            self._to_ack.clear()
 
     def _trim(self, r: R) -> None:
         """Drop acknowledged entries once the stream is longer than
@@ -341,7 +348,9 @@ class TaskChannel(RedisBase):
 
     def _start_keeper(self) -> None:
         """A thread that keeps this worker's entries claimed while their tasks
-        run, so XAUTOCLAIM only takes over those of dead or frozen workers."""
+        run, so only those of dead or frozen workers are taken over (and of
+        a worker whose handler holds the GIL past the visibility timeout:
+        this thread cannot run then)."""
         if self._keeper is not None:
             return
         pid = os.getpid()

