@@ -155,3 +155,31 @@ def test_deliveries_is_the_count_of_the_envelope_taken_last(
         assert sorted(got) == [(b"a", 2), (b"b", 4), (b"c", 2), (b"d", 1)]
     finally:
         t.close()
+
+
+# ----------------------------------------------------------- item 10
+
+
+def test_entries_without_an_envelope_are_dead_lettered_not_fatal(
+    redis_server: RedisServer, r: Any, bus_name: str
+) -> None:
+    """One entry without the field ``d`` pending at a worker that died on
+    another host (taken over after the visibility timeout), one new: both
+    end in dead letters, acknowledged, and the workers keep serving."""
+    t = RedisTransport(redis_server.url, visibility_timeout=1)
+    bus = redis_bus(bus_name, t)
+    try:
+        r.xgroup_create(t.stream, GROUP, id="0", mkstream=True)
+        r.xadd(t.stream, {"x": "not an envelope"})
+        r.xreadgroup(GROUP, "elsewhere:1", {t.stream: ">"}, count=1)
+        with TaskServer(bus, workers=2) as server:
+            r.xadd(t.stream, {"y": "nor this"})
+            wait_for(lambda: len(bus.dead_letters()) == 2, 60, "two dead letters")
+            assert all("malformed task envelope" in d.reason for d in bus.dead_letters())
+            assert [
+                f.result(timeout=60)[0] for f in bus.dispatch_many(Double(i) for i in range(20))
+            ] == [2 * i for i in range(20)]
+            wait_for(lambda: not _pending(r, t.stream), 30, "every entry acknowledged")
+            assert server.restarts == 0  # no worker died
+    finally:
+        bus.destroy()

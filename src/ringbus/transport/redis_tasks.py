@@ -132,7 +132,7 @@ class TaskChannel(RedisBase):
         resp = replies[-1]
         if isinstance(resp, Exception):
             raise resp
-        return _stream_entries(resp)
+        return _stream_entries(resp, self.bus_name)
 
     def _stop_reading(self) -> bool:
         return self._interrupted
@@ -295,7 +295,7 @@ class TaskChannel(RedisBase):
                 int(deliveries),
             )
             self._taken.append(entry_id)
-            out.append((fields[b"d"], int(deliveries)))
+            out.append((_envelope(entry_id, fields, self.bus_name), int(deliveries)))
         return out
 
     def ack_tasks(self, n: int = 1) -> None:
@@ -439,7 +439,7 @@ class TaskChannel(RedisBase):
                 tpool.disconnect()
 
 
-def _stream_entries(resp: Any) -> list[tuple[bytes, bytes]]:
+def _stream_entries(resp: Any, bus_name: str) -> list[tuple[bytes, bytes]]:
     """(id, envelope) pairs from a raw XREADGROUP reply (RESP2 list or RESP3 map)."""
     if not resp:
         return []
@@ -449,9 +449,25 @@ def _stream_entries(resp: Any) -> list[tuple[bytes, bytes]]:
         for entry_id, fields in entries:
             if not fields:
                 continue  # deleted meanwhile
-            if isinstance(fields, dict):
-                data = fields.get(b"d", b"")
-            else:
-                data = dict(zip(fields[::2], fields[1::2], strict=False)).get(b"d", b"")
-            out.append((as_bytes(entry_id), data))
+            if not isinstance(fields, dict):
+                fields = dict(zip(fields[::2], fields[1::2], strict=False))
+            out.append((as_bytes(entry_id), _envelope(entry_id, fields, bus_name)))
     return out
+
+
+def _envelope(entry_id: Any, fields: dict[bytes, bytes], bus_name: str) -> bytes:
+    """The envelope an entry carries in its field ``d``.  An entry without
+    one (written by something else) is handed out as an empty envelope, which
+    the task layer dead-letters as malformed, then acknowledged like any
+    other: it never stops a worker."""
+    data = fields.get(b"d")
+    if isinstance(data, bytes):
+        return data
+    log.error(
+        "ringbus: task entry %s of bus %r has no envelope (fields %s); "
+        "handing it out empty, to be dead-lettered",
+        as_text(entry_id),
+        bus_name,
+        sorted(as_text(k) for k in fields)[:8],
+    )
+    return b""
