@@ -6,11 +6,7 @@ cleaned up also when a test fails; no test asserts a timing."""
 
 from __future__ import annotations
 
-import contextlib
-import os
 import queue
-import signal
-import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -18,13 +14,13 @@ from typing import Any
 import pytest
 
 from _redis_support import RedisServer
-from _redis_tasks import Double, Nap, redis_bus
+from _redis_tasks import Double, redis_bus
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskServer
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed")
 
-from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E402
+from ringbus.transport.redis import RedisTransport  # noqa: E402
 
 GROUP = "workers"
 
@@ -183,3 +179,63 @@ def test_entries_without_an_envelope_are_dead_lettered_not_fatal(
             assert server.restarts == 0  # no worker died
     finally:
         bus.destroy()
+
+
+# ----------------------------------------------------------- item 11
+
+
+def _delete_stream(how: str, r: Any, url: str, bus_name: str, stream: str) -> None:
+    if how == "del":
+        r.delete(stream)
+    elif how == "flushdb":
+        r.flushdb()
+    else:  # destroy() from another process's transport object
+        other = RedisTransport(url)
+        other.bind(bus_name)
+        other.destroy()
+
+
+@pytest.mark.parametrize("how", ["del", "destroy"])
+def test_workers_recreate_a_stream_deleted_under_them(
+    redis_server: RedisServer, r: Any, bus_name: str, how: str
+) -> None:
+    t = RedisTransport(redis_server.url, visibility_timeout=5)
+    bus = redis_bus(bus_name, t)
+    try:
+        with TaskServer(bus, workers=2) as server:
+            assert bus.dispatch(Double(1)).result(timeout=60)[0] == 2
+            pids = sorted(server.pids)
+            time.sleep(0.5)  # both workers idle in XREADGROUP BLOCK
+            _delete_stream(how, r, redis_server.url, bus_name, t.stream)
+            futs = [bus.dispatch(Double(i)) for i in range(20)]
+            assert [f.result(timeout=60)[0] for f in futs] == [2 * i for i in range(20)]
+            assert server.restarts == 0 and sorted(server.pids) == pids
+    finally:
+        bus.destroy()
+
+
+def test_a_stream_deleted_before_a_reclaim_is_created_again(
+    redis_server: RedisServer, r: Any, bus_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reclaim path (XINFO CONSUMERS: 'no such key'; the claim: NOGROUP)."""
+    t = _consumer(redis_server.url, bus_name, monkeypatch, 0.4)
+    journal = bytearray(4096)
+    try:
+        t.put_task(b"one")
+        assert t.take_task(journal, timeout=10) == b"one"
+        t.ack_tasks(1)
+        for how in ("missing key", "missing group"):
+            r.delete(t.stream)
+            if how == "missing group":
+                r.xadd(t.stream, {"d": b"ungrouped"})
+            time.sleep(0.3)  # the next take reclaims first
+            t._next_claim = 0.0
+            if how == "missing key":
+                with pytest.raises(queue.Empty):
+                    t.take_task(journal, timeout=0.5)
+            else:
+                assert t.take_task(journal, timeout=10) == b"ungrouped"
+                t.ack_tasks(1)
+            assert r.xinfo_groups(t.stream)[0]["name"] == GROUP.encode()
+    finally:
+        t.close()

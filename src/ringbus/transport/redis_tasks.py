@@ -173,12 +173,18 @@ class TaskChannel(RedisBase):
             now = time.monotonic()
             if now >= self._next_claim and timeout != 0:
                 self._next_claim = now + self._slice
-                # What this worker finished is acknowledged first: else a task
-                # it held past the visibility timeout looks abandoned.
-                self._retrying(self._ack_now, "acknowledging tasks", self._stop_reading)
-                got = self._retrying(
-                    lambda r: self._reclaim(r, max_items), "reclaiming tasks", self._stop_reading
-                )
+                try:
+                    # What this worker finished is acknowledged first: else a
+                    # task it held past the visibility timeout looks abandoned.
+                    self._retrying(self._ack_now, "acknowledging tasks", self._stop_reading)
+                    got = self._retrying(
+                        lambda r: self._reclaim(r, max_items),
+                        "reclaiming tasks",
+                        self._stop_reading,
+                    )
+                except redis.ResponseError as exc:
+                    self._stream_gone(exc)
+                    continue
                 if got:
                     return got
             if end is None:
@@ -211,16 +217,7 @@ class TaskChannel(RedisBase):
                 delay = min(2.0, delay * 2)
                 continue
             except redis.ResponseError as exc:
-                if "NOGROUP" not in str(exc):
-                    raise
-                # The stream was deleted (destroy, or a Redis without persistence
-                # restarted): create it again.
-                log.warning("ringbus: task stream %s is gone; creating it again", self.stream)
-                self._to_ack.clear()
-                self._opened = False
-                self._retrying(
-                    lambda r: self.open(), "creating the task stream", self._stop_reading
-                )
+                self._stream_gone(exc)
                 continue
             if down_since:
                 log.warning(
@@ -243,6 +240,20 @@ class TaskChannel(RedisBase):
                 return out
             if timeout == 0:
                 raise queue.Empty
+
+    def _stream_gone(self, exc: redis.ResponseError) -> None:
+        """The stream or its group was deleted under this worker (DEL,
+        FLUSHDB, destroy() elsewhere, a Redis without persistence restarted):
+        create them again.  Any other error is raised."""
+        text = str(exc)
+        if not any(m in text for m in ("NOGROUP", "UNBLOCKED", "no such key")):
+            raise exc
+        log.warning(
+            "ringbus: task stream %s is gone (%s); creating it again", self.stream, text[:80]
+        )
+        self._to_ack.clear()  # their entries are gone with it
+        self._opened = False
+        self._retrying(lambda r: self.open(), "creating the task stream", self._stop_reading)
 
     def _reclaim(self, r: R, count: int) -> list[tuple[bytes, int]]:
         """Entries whose worker died: those of dead processes on this host at
