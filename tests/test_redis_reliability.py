@@ -6,7 +6,9 @@ cleaned up also when a test fails; no test asserts a timing."""
 
 from __future__ import annotations
 
+import os
 import queue
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import pytest
 
 from _redis_support import RedisServer
-from _redis_tasks import Double, redis_bus
+from _redis_tasks import Double, Nap, redis_bus
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskServer
 
@@ -239,3 +241,93 @@ def test_a_stream_deleted_before_a_reclaim_is_created_again(
             assert r.xinfo_groups(t.stream)[0]["name"] == GROUP.encode()
     finally:
         t.close()
+
+
+# ----------------------------------------------------------- item 3
+
+
+def _free_pid() -> int:
+    """A pid no process of this pid namespace has."""
+    with open("/proc/sys/kernel/pid_max") as f:
+        top = int(f.read())
+    for pid in range(top - 1, 300, -1):
+        if not os.path.exists(f"/proc/{pid}"):
+            return pid
+    raise AssertionError("no free pid")
+
+
+def _local_token() -> str:
+    """``<boot>.<pidns>`` of this host and pid namespace (the consumer name's token)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip().replace("-", "")
+    return f"{boot}.{os.stat('/proc/self/ns/pid').st_ino}"
+
+
+def _start_ticks(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2 :].split()[19].decode()
+
+
+def _taken_by(r: Any, stream: str, names: list[str]) -> None:
+    """Each name: a worker that took one queued entry with XREADGROUP."""
+    for name in names:
+        assert r.xreadgroup(GROUP, name, {stream: ">"}, count=1)
+
+
+def test_a_worker_of_another_pid_namespace_keeps_its_task(
+    redis_server: RedisServer, r: Any, bus_name: str
+) -> None:
+    """Same host name, a pid that does not exist here: an old-style name and a
+    name of another boot / pid namespace.  Neither is provably dead, so their
+    tasks wait for the visibility timeout (they were taken over after 1 s)."""
+    vis = 6.0
+    t = RedisTransport(redis_server.url, visibility_timeout=vis)
+    bus = redis_bus(bus_name, t)
+    host, pid = socket.gethostname(), _free_pid()
+    names = [f"{host}:{pid}", f"{host}:{pid}:{'0' * 32}.4026531836.{12345}"]
+    try:
+        t.open()
+        futs = [bus.dispatch(Nap(0, i)) for i in range(2)]
+        _taken_by(r, t.stream, names)
+        with TaskServer(bus, workers=1):
+            time.sleep(vis / 2)  # well past the same-host grace of 1 s, before the timeout
+            assert sorted(c for c, _ in _pending(r, t.stream)) == sorted(names)
+            assert not any(f.done() for f in futs)
+            # Still served: once idle past the visibility timeout.
+            assert sorted(f.result(timeout=60) for f in futs) == [0, 1]
+    finally:
+        bus.destroy()
+
+
+def test_a_provably_dead_local_worker_loses_its_task_at_once(
+    redis_server: RedisServer, r: Any, bus_name: str
+) -> None:
+    """This boot and pid namespace: a pid that is gone, and a pid that now
+    belongs to another process (another start time) are dead."""
+    t = RedisTransport(redis_server.url, visibility_timeout=600)
+    bus = redis_bus(bus_name, t)
+    host, local = socket.gethostname(), _local_token()
+    me = os.getpid()
+    names = [
+        f"{host}:{_free_pid()}:{local}.{12345}",
+        f"{host}:{me}:{local}.{int(_start_ticks(me)) + 1}",  # pid reused by this process
+    ]
+    try:
+        t.open()
+        futs = [bus.dispatch(Nap(0, i)) for i in range(2)]
+        _taken_by(r, t.stream, names)
+        with TaskServer(bus, workers=1):
+            assert sorted(f.result(timeout=60) for f in futs) == [0, 1]  # not after 600 s
+            wait_for(lambda: not _pending(r, t.stream), 30, "both entries acknowledged")
+    finally:
+        bus.destroy()
+
+
+def test_consumer_names_tell_this_namespace_and_start_time(
+    redis_server: RedisServer, bus_name: str
+) -> None:
+    t = RedisTransport(redis_server.url)
+    t.bind(bus_name)
+    me = os.getpid()
+    assert t._consumer == f"{socket.gethostname()}:{me}:{_local_token()}.{_start_ticks(me)}"

@@ -5,15 +5,17 @@
 Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
 
 - ``ringbus:{<bus>}:tasks``: the task stream, consumer group ``workers``, one
-  consumer per worker process (``host:pid``).  Workers read with XREADGROUP
-  BLOCK and acknowledge (XACK) only after the result was sent, so a task is
-  never lost: a worker that dies leaves its entry pending, and after
-  ``visibility_timeout`` seconds another worker takes it over with
-  XAUTOCLAIM (at once on the same host, where a dead pid is known to be
-  dead).  Its attempt is counted from the entry's delivery count, so the
+  consumer per worker process (``host:pid:boot.pidns.start``, see
+  ``redis_identity``).  Workers read with XREADGROUP BLOCK and acknowledge
+  (XACK) only after the result was sent, so a task is never lost: a worker
+  that dies leaves its entry pending, and after ``visibility_timeout``
+  seconds another worker takes it over (after about a second when the
+  consumer's name proves it ran in this pid namespace of this boot and is
+  gone).  Its attempt is counted from the entry's delivery count, so the
   retry limit and the dead letters work as on shared memory.  A worker
-  running a long task keeps its entries claimed (a thread refreshes them),
-  so only dead workers lose their tasks to others.
+  running a long task keeps its entries claimed (a thread refreshes them
+  while the handler lets Python threads run), and no worker takes over an
+  entry it holds itself or one it has finished.
 - ``ringbus:{<bus>}:reply:<host>:<pid>:<random>``: a list per dispatching
   process, read by its reader with BLMPOP; ``...:alive`` (refreshed by that
   reader, expiring ``reply_ttl`` seconds after the process is gone) tells
@@ -26,7 +28,8 @@ log and retry with exponential backoff, losing nothing.
 
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
 ``redis_conn`` (options, connections, retries), ``redis_scripts`` (Lua),
-``redis_tasks`` (the task stream), ``redis_replies`` (reply lists) and
+``redis_tasks`` (the task stream), ``redis_identity`` (consumer names),
+``redis_replies`` (reply lists) and
 ``redis_records`` (the record store); this module puts them together.
 """
 

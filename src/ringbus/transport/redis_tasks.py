@@ -15,7 +15,6 @@ import time
 from collections import deque
 from typing import Any
 
-from ringbus._proc import pid_alive
 from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.base import write_journal
 from ringbus.transport.redis_conn import (
@@ -29,6 +28,7 @@ from ringbus.transport.redis_conn import (
     log,
     redis,
 )
+from ringbus.transport.redis_identity import Identity
 from ringbus.transport.redis_scripts import CLAIM, DROP_CONSUMER, KEEP
 
 __all__ = ["TaskChannel"]
@@ -41,7 +41,8 @@ class TaskChannel(RedisBase):
 
     def _reset_process_state(self) -> None:
         super()._reset_process_state()
-        self._consumer = f"{self._host}:{os.getpid()}"
+        self._identity = Identity(self._host)
+        self._consumer = self._identity.name
         self._tpool: redis.ConnectionPool | None = None
         self._tconn: Any = None  # redis.Connection of the blocking reads
         self._tsock: socket.socket | None = None
@@ -268,17 +269,15 @@ class TaskChannel(RedisBase):
         grace_ms = int(min(self.visibility_timeout, 1.0) * 1000)
         for c in r.xinfo_consumers(self.stream, GROUP):
             name = as_text(c.get("name", b""))
-            host, _, pid_text = name.rpartition(":")
-            if host != self._host or not pid_text.isdigit() or name == self._consumer:
-                continue
-            if pid_alive(int(pid_text)):
-                continue
+            pid = self._identity.dead_here(name)
+            if not pid:
+                continue  # alive, or not provably dead: the visibility timeout decides
             if not int(c.get("pending", 0)):
                 self._script("drop", DROP_CONSUMER)(keys=[self.stream], args=[GROUP, name])
                 continue
             if int(c.get("idle", 0)) < grace_ms:
                 continue
-            got = self._claim(r, grace_ms, count, name, f"its worker pid {pid_text} died")
+            got = self._claim(r, grace_ms, count, name, f"its worker pid {pid} died")
             if got:
                 return got
         return []
@@ -416,10 +415,7 @@ class TaskChannel(RedisBase):
             r = self._redis()
             for c in r.xinfo_consumers(self.stream, GROUP):
                 name = as_text(c.get("name", b""))
-                host, _, pid_text = name.rpartition(":")
-                if host != self._host or not pid_text.isdigit() or not int(c.get("pending", 0)):
-                    continue
-                if pid_alive(int(pid_text)):
+                if not int(c.get("pending", 0)) or not self._identity.dead_here(name):
                     continue
                 for p in r.xpending_range(self.stream, GROUP, "-", "+", 100, name):
                     found = r.xrange(self.stream, p["message_id"], p["message_id"])
