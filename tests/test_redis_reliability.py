@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import queue
+import signal
 import socket
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from ringbus import TaskServer
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed")
 
-from ringbus.transport.redis import RedisTransport  # noqa: E402
+from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E402
 
 GROUP = "workers"
 
@@ -197,7 +198,7 @@ def _delete_stream(how: str, r: Any, url: str, bus_name: str, stream: str) -> No
         other.destroy()
 
 
-@pytest.mark.parametrize("how", ["del", "destroy"])
+@pytest.mark.parametrize("how", ["del", "flushdb", "destroy"])
 def test_workers_recreate_a_stream_deleted_under_them(
     redis_server: RedisServer, r: Any, bus_name: str, how: str
 ) -> None:
@@ -331,3 +332,63 @@ def test_consumer_names_tell_this_namespace_and_start_time(
     t.bind(bus_name)
     me = os.getpid()
     assert t._consumer == f"{socket.gethostname()}:{me}:{_local_token()}.{_start_ticks(me)}"
+
+
+# ----------------------------------------------------------- item 5
+
+
+def test_results_of_tasks_dispatched_after_a_restart_without_persistence_arrive(
+    bus_name: str,
+) -> None:
+    """The restarted Redis has lost the dispatcher's alive key: the next
+    dispatch sets it again before its task (it used to wait for the reader's
+    refresh, every reply_ttl / 4, and the results were dropped meanwhile)."""
+    server = RedisServer()  # of its own: restarted empty
+    bus = redis_bus(bus_name, RedisTransport(server.url, visibility_timeout=5))
+    try:
+        with TaskServer(bus, workers=1) as pool:
+            assert bus.dispatch(Double(1)).result(timeout=60)[0] == 2
+            server.restart()  # no AOF, no RDB: every key is gone
+            assert bus.dispatch(Double(2)).result(timeout=60)[0] == 4
+            futs = bus.dispatch_many(Double(i) for i in range(10))
+            assert [f.result(timeout=60)[0] for f in futs] == [2 * i for i in range(10)]
+            assert pool.restarts == 0
+    finally:
+        bus.destroy()
+        server.close()
+
+
+# ----------------------------------------------------------- item 12
+
+
+def test_a_dispatch_honours_its_timeout_when_redis_does_not_answer(bus_name: str) -> None:
+    """A frozen redis-server (SIGSTOP) accepts connections and answers
+    nothing: dispatches with a timeout raise well within a few times it (a
+    correctness bound, not a benchmark), on a pooled and on a new connection."""
+    server = RedisServer()
+    bus = redis_bus(bus_name, RedisTransport(server.url))
+    fresh = redis_bus(bus_name, RedisTransport(server.url))
+    assert server.proc is not None
+    pid = server.proc.pid
+    try:
+        bus.dispatch(Nap(0, 0))  # connected, reply key made; stays queued (no worker)
+        calls = [
+            lambda: bus.dispatch(Nap(0, 1), timeout=0.5),
+            lambda: bus.dispatch_many([Nap(0, 2), Nap(0, 3)], timeout=0.5),
+            lambda: bus.send(Nap(0, 4), timeout=0.5),
+            lambda: fresh.dispatch(Nap(0, 5), timeout=0.5),  # first dispatch of a process
+        ]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for call in calls:
+                start = time.monotonic()
+                with pytest.raises((BrokerUnavailable, queue.Full)):
+                    call()
+                assert time.monotonic() - start < 5.0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert bus.transport.pending_tasks() >= 1  # Redis answers again
+    finally:
+        fresh.close()
+        bus.destroy()
+        server.close()

@@ -4,6 +4,7 @@ caller who wants an answer now; retrying, for workers and readers)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -86,6 +87,9 @@ class RedisBase(Transport):
         self._client: redis.Redis | None = None
         self._scripts: dict[str, Any] = {}
         self._host = socket.gethostname()
+        self._dpool: redis.ConnectionPool | None = None
+        self._dconns: list[Any] = []  # idle connections of dispatches
+        self._outages = 0  # how often a retried request found Redis back
 
     @property
     def _prefix(self) -> str:
@@ -149,6 +153,73 @@ class RedisBase(Transport):
                     raise self._unavailable(exc, what) from None
         raise AssertionError("unreachable")
 
+    def _dispatch_commands(self) -> list[tuple[Any, ...]]:
+        """Commands sent ahead of every dispatch (see ReplyChannel)."""
+        return []
+
+    def _call(self, cmds: list[tuple[Any, ...]], what: str, timeout: float | None) -> list[Any]:
+        """Pipelined commands for a caller that wants an answer now (a
+        dispatch), answered within ``timeout`` seconds (None: the socket
+        timeout) or BrokerUnavailable: connecting, the handshake and every
+        read are bounded by the time left.  A connection that broke since its
+        last use (Redis restarted) is replaced once, at once, while time is
+        left; Redis down raises at once."""
+        budget = self.socket_timeout + self._slice if timeout is None else max(timeout, 0.05)
+        end = time.monotonic() + budget
+        for attempt in (1, 2):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._unavailable(TimeoutError(f"no answer within {budget:g} s"), what)
+            conn: Any = None
+            try:
+                conn = self._dispatch_conn(left)
+                conn.send_packed_command(conn.pack_commands(cmds))
+                replies: list[Any] = []
+                for _ in cmds:
+                    try:
+                        replies.append(conn.read_response())
+                    except redis.ResponseError as exc:
+                        replies.append(exc)
+            except NET_ERRORS as exc:
+                if conn is not None:
+                    conn.disconnect()
+                    self._dconns.append(conn)
+                if attempt == 2 or end - time.monotonic() <= 0:
+                    raise self._unavailable(exc, what) from None
+                continue
+            except BaseException:
+                if conn is not None:
+                    conn.disconnect()
+                raise
+            self._dconns.append(conn)
+            for reply in replies:
+                if isinstance(reply, Exception):
+                    raise reply
+            return replies
+        raise AssertionError("unreachable")
+
+    def _dispatch_conn(self, left: float) -> Any:
+        """An idle connection whose connect, handshake and reads wait at most
+        ``left`` seconds."""
+        try:
+            conn = self._dconns.pop()
+        except IndexError:
+            with self._lock:
+                if self._dpool is None:
+                    self._dpool = redis.ConnectionPool.from_url(
+                        self.url, **self._options(self.socket_timeout)
+                    )
+                pool = self._dpool
+            conn = pool.make_connection()
+        conn.socket_timeout = left
+        conn.socket_connect_timeout = min(left, self.socket_timeout, 5.0)
+        sock = getattr(conn, "_sock", None)
+        if sock is None:
+            conn.connect()
+        else:
+            sock.settimeout(left)
+        return conn
+
     def _retrying(
         self,
         fn: Callable[[R], T],
@@ -184,6 +255,7 @@ class RedisBase(Transport):
                 delay = min(2.0, delay * 2)
                 continue
             if down_since:
+                self._outages += 1
                 log.warning(
                     "ringbus: Redis at %s reachable again after %.1f s (%s)",
                     self.where(),
@@ -195,12 +267,15 @@ class RedisBase(Transport):
     def _close_connections(self) -> None:
         with self._lock:
             c, self._client = self._client, None
+            conns, self._dconns = self._dconns, []
+            self._dpool = None
             self._scripts = {}
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
         if c is not None:
-            try:
+            with contextlib.suppress(Exception):  # already broken: nothing to release
                 c.close()
-            except Exception:  # already broken: nothing to release
-                pass
 
 
 def split_options(url: str) -> tuple[str, dict[str, str]]:

@@ -27,21 +27,29 @@ class ReplyChannel(RedisBase):
         self._reply_key = ""
         self._reply_closed = False
         self._alive_at = 0.0
+        self._alive_outages = 0
 
     def reply_address(self) -> bytes:
+        """This process's reply list.  Its ``:alive`` key is set by every
+        dispatch (ahead of the task, in the same round trip: a Redis that
+        lost it, restarted without persistence or flushed, gets it back
+        before the task can answer) and refreshed by the reader."""
         key = self._reply_key
         if key:
             return key.encode()
         with self._lock:
             if not self._reply_key:
                 key = f"{self._prefix}:reply:{self._host}:{os.getpid()}:{secrets.token_hex(4)}"
-                ttl = int(self.reply_ttl)
-                # Alive before the first task can answer (else its result is dropped).
-                self._once(lambda r: r.set(f"{key}:alive", b"1", ex=ttl), "creating a reply key")
-                self._alive_at = time.monotonic()
+                self._alive_at = 0.0  # the reader sets it at once
                 self._reply_closed = False
                 self._reply_key = key
             return self._reply_key.encode()
+
+    def _dispatch_commands(self) -> list[tuple[Any, ...]]:
+        key = self._reply_key
+        if not key or self._reply_closed:
+            return []
+        return [("SET", f"{key}:alive", b"1", "EX", int(self.reply_ttl))]
 
     def _reply_stopped(self) -> bool:
         return self._reply_closed
@@ -56,8 +64,11 @@ class ReplyChannel(RedisBase):
             if self._reply_closed:
                 raise TransportClosed("the reply channel was closed")
             now = time.monotonic()
-            if now - self._alive_at > self.reply_ttl / 4:
+            # Refreshed periodically, and at once after Redis was unreachable
+            # (it may have restarted without its keys).
+            if now - self._alive_at > self.reply_ttl / 4 or self._outages != self._alive_outages:
                 self._alive_at = now
+                self._alive_outages = self._outages
                 self._retrying(
                     lambda r: r.set(f"{key}:alive", b"1", ex=ttl),
                     "refreshing the reply key",

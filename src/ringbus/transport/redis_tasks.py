@@ -72,19 +72,15 @@ class TaskChannel(RedisBase):
         self._opened = True
 
     def put_task(self, data: bytes, timeout: float | None = None) -> None:
-        self._once(lambda r: r.xadd(self.stream, {b"d": data}), "queueing a task")
+        cmds = [*self._dispatch_commands(), ("XADD", self.stream, "*", b"d", data)]
+        self._call(cmds, "queueing a task", timeout)
 
     def put_tasks(self, items: list[bytes], timeout: float | None = None) -> None:
         if not items:
             return
-
-        def add(r: R) -> None:
-            pipe = r.pipeline(transaction=False)
-            for data in items:
-                pipe.xadd(self.stream, {b"d": data})
-            pipe.execute()
-
-        self._once(add, "queueing tasks")
+        cmds = self._dispatch_commands()
+        cmds += [("XADD", self.stream, "*", b"d", data) for data in items]
+        self._call(cmds, "queueing tasks", timeout)
 
     def _task_conn(self) -> Any:
         """This process's connection for blocking reads: one we can shut down
