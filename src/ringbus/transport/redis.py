@@ -23,8 +23,12 @@ Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
 - ``ringbus:{<bus>}:dead``: the record store (dead letters).
 
 Trimming only removes entries that the group has acknowledged.  Connection
-errors: a dispatch raises ``BrokerUnavailable`` at once; workers and readers
-log and retry with exponential backoff, losing nothing.
+errors: a dispatch raises ``BrokerUnavailable`` at once when Redis is down,
+and when no answer came within its ``timeout`` (else ``socket_timeout``);
+workers and readers log and retry with exponential backoff, losing nothing,
+and workers create the task stream again when it was deleted under them.
+Every dispatch sets its process's ``:alive`` key in the same round trip, so
+a Redis restarted without persistence drops no result of a later task.
 
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
 ``redis_conn`` (options, connections, retries), ``redis_scripts`` (Lua),
@@ -66,8 +70,9 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
     (never pending or undelivered ones).  ``visibility_timeout``: seconds
     after which a task taken by a worker that stopped answering is delivered
     to another worker; a task may thus run twice if a worker is frozen (not
-    dead) for longer than that.  ``reply_ttl``: seconds after which the reply
-    key of a vanished dispatcher expires.
+    dead) for longer than that, or if its handler holds the GIL that long
+    (the thread that keeps its claims fresh cannot run).  ``reply_ttl``:
+    seconds after which the reply key of a vanished dispatcher expires.
     """
 
     redelivers_lost_tasks = True
