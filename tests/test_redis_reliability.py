@@ -282,7 +282,7 @@ def test_a_worker_of_another_pid_namespace_keeps_its_task(
     """Same host name, a pid that does not exist here: an old-style name and a
     name of another boot / pid namespace.  Neither is provably dead, so their
     tasks wait for the visibility timeout (they were taken over after 1 s)."""
-    vis = 6.0
+    vis = 12.0
     t = RedisTransport(redis_server.url, visibility_timeout=vis)
     bus = redis_bus(bus_name, t)
     host, pid = socket.gethostname(), _free_pid()
@@ -291,8 +291,10 @@ def test_a_worker_of_another_pid_namespace_keeps_its_task(
         t.open()
         futs = [bus.dispatch(Nap(0, i)) for i in range(2)]
         _taken_by(r, t.stream, names)
+        taken_at = time.monotonic()
         with TaskServer(bus, workers=1):
-            time.sleep(vis / 2)  # well past the same-host grace of 1 s, before the timeout
+            # Well past the same-host grace of 1 s, well before the timeout.
+            time.sleep(max(0.0, taken_at + 3.0 - time.monotonic()))
             assert sorted(c for c, _ in _pending(r, t.stream)) == sorted(names)
             assert not any(f.done() for f in futs)
             # Still served: once idle past the visibility timeout.
