@@ -1,0 +1,140 @@
+"""The reply channels of ``RedisTransport``: a list per dispatching process,
+written by workers only while its ``:alive`` key says a reader listens."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import secrets
+import time
+from typing import Any
+
+from ringbus.errors import BrokerUnavailable, TransportClosed
+from ringbus.transport.redis_conn import R, RedisBase, log
+from ringbus.transport.redis_scripts import SEND
+
+__all__ = ["ReplyChannel"]
+
+WAKE = b""  # pushed on a reply list to wake its reader; never handed out
+
+
+class ReplyChannel(RedisBase):
+    """The reply side of ``RedisTransport`` (dispatchers read, workers send)."""
+
+    def _reset_process_state(self) -> None:
+        super()._reset_process_state()
+        self._reply_key = ""
+        self._reply_closed = False
+        self._alive_at = 0.0
+        self._alive_outages = 0
+
+    def reply_address(self) -> bytes:
+        """This process's reply list.  Its ``:alive`` key is set by every
+        dispatch (ahead of the task, in the same round trip: a Redis that
+        lost it, restarted without persistence or flushed, gets it back
+        before the task can answer) and refreshed by the reader."""
+        key = self._reply_key
+        if key:
+            return key.encode()
+        with self._lock:
+            if not self._reply_key:
+                key = f"{self._prefix}:reply:{self._host}:{os.getpid()}:{secrets.token_hex(4)}"
+                self._alive_at = 0.0  # the reader sets it at once
+                self._reply_closed = False
+                self._reply_key = key
+            return self._reply_key.encode()
+
+    def _dispatch_commands(self) -> list[tuple[Any, ...]]:
+        key = self._reply_key
+        if not key or self._reply_closed:
+            return []
+        return [("SET", f"{key}:alive", b"1", "EX", int(self.reply_ttl))]
+
+    def _reply_stopped(self) -> bool:
+        return self._reply_closed
+
+    def recv_replies(self, max_items: int, timeout: float | None = None) -> list[bytes]:
+        key = self._reply_key
+        if not key or self._reply_closed:
+            raise TransportClosed("no reply channel in this process")
+        end = None if timeout is None else time.monotonic() + timeout
+        ttl = int(self.reply_ttl)
+        while True:
+            if self._reply_closed:
+                raise TransportClosed("the reply channel was closed")
+            now = time.monotonic()
+            # Refreshed periodically, and at once after Redis was unreachable
+            # (it may have restarted without its keys).
+            if now - self._alive_at > self.reply_ttl / 4 or self._outages != self._alive_outages:
+                self._alive_at = now
+                self._alive_outages = self._outages
+                self._retrying(
+                    lambda r: r.set(f"{key}:alive", b"1", ex=ttl),
+                    "refreshing the reply key",
+                    self._reply_stopped,
+                )
+            if timeout == 0:
+                wait = 0.0
+            else:
+                wait = self._slice if end is None else min(self._slice, end - now)
+                if wait <= 0:
+                    raise queue.Empty
+                wait = max(wait, 0.001)  # BLMPOP 0 would wait forever
+
+            def pop(r: R, wait: float = wait) -> Any:
+                if wait <= 0:
+                    return r.execute_command("LMPOP", 1, key, "LEFT", "COUNT", max_items)
+                return r.execute_command(
+                    "BLMPOP", f"{wait:.3f}", 1, key, "LEFT", "COUNT", max_items
+                )
+
+            got = self._retrying(pop, "reading results", self._reply_stopped)
+            if got:
+                items = next(iter(got.values())) if isinstance(got, dict) else got[1]
+                out = [d for d in items if d != WAKE]
+                if out or self._reply_closed:
+                    return out
+            if timeout == 0:
+                raise queue.Empty
+
+    def close_replies(self) -> None:
+        with self._lock:
+            key, self._reply_key = self._reply_key, ""
+            self._reply_closed = True
+        if not key:
+            return
+
+        def drop(r: R) -> None:
+            pipe = r.pipeline(transaction=False)
+            pipe.delete(f"{key}:alive")  # workers drop later results at once
+            pipe.rpush(key, WAKE, WAKE)  # wakes readers blocked in BLMPOP
+            pipe.expire(key, 5)
+            pipe.execute()
+
+        with contextlib.suppress(Exception):
+            self._once(drop, "closing the reply key")
+
+    def send_reply(
+        self, address: bytes, pid: int, data: bytes, patience: float | None = None
+    ) -> bool:
+        key = address.decode("utf-8", "replace")
+        if not key.startswith(f"{self._prefix}:reply:"):
+            log.warning("dropping a result: %r is not a reply key of bus %r", key, self.bus_name)
+            return False
+        script = self._script("send", SEND)
+        ttl = int(self.reply_ttl)
+        try:
+            ok = self._retrying(
+                lambda r: script(keys=[key, f"{key}:alive"], args=[data, ttl], client=r),
+                "sending a result",
+                patience=patience,
+            )
+        except BrokerUnavailable as exc:
+            log.warning("dropping a result for %s: %s", key, exc)
+            return False
+        if not ok:
+            if data != WAKE:
+                log.warning("dropping a result: the dispatcher of %s is gone", key)
+            return False
+        return True
