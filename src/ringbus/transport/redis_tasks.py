@@ -143,6 +143,7 @@ class TaskChannel(RedisBase):
         with self._tlock:
             ((data, deliveries),) = self._get_tasks(1, timeout)
             self.deliveries = deliveries
+            self.delivery_tag = self._taken[-1] if self._taken else None
         write_journal(journal, data)
         return data
 
@@ -310,6 +311,15 @@ class TaskChannel(RedisBase):
         same round trip, or at ``close()``."""
         for _ in range(min(n, len(self._taken))):
             self._to_ack.append(self._taken.popleft())
+
+    def ack_task(self, tag: object) -> None:
+        """The entry ``tag`` (a ``delivery_tag``) is finished; tasks of a worker
+        with ``concurrency > 1`` finish in any order."""
+        try:
+            self._taken.remove(tag)  # type: ignore[arg-type]
+        except ValueError:
+            return  # not ours (any more): nothing to acknowledge
+        self._to_ack.append(tag)  # type: ignore[arg-type]
 
     def _acked(self, n: int) -> None:
         self._acks += n
