@@ -19,6 +19,7 @@ from ringbus.server.pool_state import (
     SLOT_COUNTERS_OFF,
     PoolState,
 )
+from ringbus.server.task_tracking import Tracker
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.dead_letters import DeadLetterStore
@@ -65,6 +66,7 @@ class WorkerBase:
         self.send = t.send_reply
         self.dead = DeadLetterStore(t)
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
+        self.tracker = Tracker(t.task_table(), bus.name)  # status records, current_task()
 
     def release(self) -> None:
         self.journal.release()
@@ -112,19 +114,25 @@ class WorkerBase:
             else f"reply address of {rlen} bytes runs past the end",
         )
 
-    def _late(self, flags: int, reply: bytes, dpid: int, tid: int, late: float) -> None:
+    def _late(
+        self, flags: int, reply: bytes, dpid: int, tid: int, late: float, data: bytes = b""
+    ) -> None:
         """The task's deadline passed while it was queued: answer, never run it."""
+        out = env.encode_text(
+            tid,
+            env.TIMEOUT,
+            f"task #{tid} reached its deadline {late:.3f} s before a worker took it; "
+            "it was not run",
+        )
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self.send(
-                reply,
-                dpid,
-                env.encode_text(
-                    tid,
-                    env.TIMEOUT,
-                    f"task #{tid} reached its deadline {late:.3f} s before "
-                    f"a worker took it; it was not run",
-                ),
-            )
+            self.send(reply, dpid, out)
+
+    def _cancelled(self, gid: bytes, flags: int, reply: bytes, dpid: int, tid: int) -> None:
+        """The task was cancelled (``bus.cancel``): its caller's future is cancelled."""
+        self.tracker.cancelled(gid)
+        if flags & FLAG_REPLY:
+            self._reply(reply, dpid, env.encode_text(tid, env.CANCELLED, "cancelled"), tid)
 
     def _too_many_deliveries(
         self, data: bytes, tid: int, flags: int, reply: bytes, dpid: int, attempt: int, *a: Any
@@ -138,8 +146,10 @@ class WorkerBase:
         log.error("ringbus: %s; it goes to dead letters", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        out = env.encode_text(tid, env.LOST, text)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self.send(reply, dpid, env.encode_text(tid, env.LOST, text))
+            self.send(reply, dpid, out)
 
     def _fail(
         self,
@@ -163,8 +173,10 @@ class WorkerBase:
                 type_name,
                 attempt,
             )
+        out = env.encode_error(tid, exc)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
+            self._reply(reply, dpid, out, tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
 
@@ -179,6 +191,7 @@ class WorkerBase:
         except Exception as exc:
             log.warning("ringbus: a retry waits in the worker: the timer store refused it: %s", exc)
             return False
+        self.tracker.later(data, attempt, True)
         return True
 
     def _retry_delay(
@@ -219,5 +232,7 @@ class WorkerBase:
         log.warning("ringbus: %s", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        out = env.encode_text(tid, env.TIMEOUT, text)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_text(tid, env.TIMEOUT, text), tid)
+            self._reply(reply, dpid, out, tid)

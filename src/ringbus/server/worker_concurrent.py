@@ -41,9 +41,11 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
+from ringbus.server.task_tracking import await_cancellable
 from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.context import TaskContext, run_with, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
 
 __all__ = ["ConcurrentWorker"]
@@ -209,11 +211,12 @@ class ConcurrentWorker(WorkerBase):
         thread that overran still uses it)."""
         rec, slot = self.recs[i], self.slots[i]
         try:
-            magic, flags, attempt, dpid, tid, deadline, wall, rlen = env.TASK_HEADER.unpack_from(
-                data
+            magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = (
+                env.TASK_HEADER.unpack_from(data)
             )
         except struct.error:
             magic = rlen = -1
+            gid = env.NO_ID
         start = env.TASK_HEADER_SIZE + rlen if magic == env.TASK_MAGIC else 0
         if magic != env.TASK_MAGIC or start > len(data):
             self._malformed_header(data, magic, rlen)
@@ -224,7 +227,7 @@ class ConcurrentWorker(WorkerBase):
         reply = data[env.TASK_HEADER_SIZE : start]
         now = time.monotonic()
         if deadline and now > deadline:
-            self._late(flags, reply, dpid, tid, now - deadline)
+            self._late(flags, reply, dpid, tid, now - deadline, data)
             return True
         if rlen <= REPLY_MAX:
             rec[REPLY_OFF : REPLY_OFF + rlen] = reply
@@ -244,9 +247,23 @@ class ConcurrentWorker(WorkerBase):
             self._too_many_deliveries(data, tid, flags, reply, dpid, attempt, type_name, max_del)
             return True
         keep = policy.dead_letter
+        ctx = self.tracker.begin(
+            gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
+        )
+        if ctx is None:  # cancelled while it waited: never run
+            self._cancelled(gid, flags, reply, dpid, tid)
+            return True
+        set_current(ctx)  # this asyncio task's own context
         while True:
             try:
-                value = await self._attempt(fn, task, is_async, deadline)
+                value = await self._attempt(fn, task, is_async, deadline, ctx)
+                if ctx.cancelled:  # told to stop: what it returned is not a result
+                    raise asyncio.CancelledError
+            except asyncio.CancelledError:
+                if not ctx.cancelled:
+                    raise  # the worker itself is being torn down
+                self._cancelled(gid, flags, reply, dpid, tid)
+                return True
             except _Overran as over:
                 self._timed_out(data, tid, flags, reply, dpid, attempt, type_name, over.limit)
                 if over.stuck:
@@ -261,6 +278,9 @@ class ConcurrentWorker(WorkerBase):
                     return False
                 return True
             except Exception as exc:
+                if ctx.cancelled:  # told to stop: it stopped
+                    self._cancelled(gid, flags, reply, dpid, tid)
+                    return True
                 delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
                 if delay is None:
                     self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
@@ -273,6 +293,7 @@ class ConcurrentWorker(WorkerBase):
                     rec, SLOT_RUN_OFF, dpid, tid, time.monotonic(), deadline, attempt, flags,
                     rlen, RUNNING,
                 )  # fmt: skip
+                ctx.attempt = attempt
                 await asyncio.sleep(delay)
                 if self.flag.stop:  # stopping: hand the retry to the next worker or server
                     self.transport.put_task(env.with_attempt(data, attempt))
@@ -286,12 +307,17 @@ class ConcurrentWorker(WorkerBase):
             except BaseException as exc:  # SystemExit and the like: not retried
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
-            if flags & FLAG_REPLY:
-                await self._answer(reply, dpid, tid, value)
+            out = await self._answer(reply, dpid, tid, value) if flags & FLAG_REPLY else None
+            self.tracker.done(gid, tid, value, policy.keep_result, out)
             return True
 
     async def _attempt(
-        self, fn: Callable[[Any], Any], task: Any, is_async: bool, deadline: float
+        self,
+        fn: Callable[[Any], Any],
+        task: Any,
+        is_async: bool,
+        deadline: float,
+        ctx: TaskContext | None = None,
     ) -> Any:
         limit = self.task_timeout
         if deadline:
@@ -299,22 +325,22 @@ class ConcurrentWorker(WorkerBase):
             limit = left if limit is None else min(limit, left)
         if is_async:
             try:
-                return await asyncio.wait_for(fn(task), limit)
+                return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit or 0.0, stuck=False) from None
-        fut = self.loop.run_in_executor(self.threads, fn, task)
+        fut = self.loop.run_in_executor(self.threads, run_with, ctx, fn, task)
         try:
             value = await asyncio.wait_for(asyncio.shield(fut), limit)
         except asyncio.TimeoutError:
             raise _Overran(limit or 0.0, stuck=not fut.done()) from None
         if inspect.isawaitable(value):  # a plain function that returned an awaitable
             try:
-                value = await asyncio.wait_for(value, limit)
+                value = await asyncio.wait_for(await_cancellable(ctx, value), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
 
-    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> None:
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> bytes:
         try:
             out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
         except Exception:
@@ -323,7 +349,8 @@ class ConcurrentWorker(WorkerBase):
         if put is not None:
             try:
                 put(out, False)
-                return
+                return out
             except Exception:  # full, too large, closed: the careful way, off the loop
                 pass
         await self.loop.run_in_executor(None, self._reply, reply, dpid, out, tid)
+        return out

@@ -26,9 +26,11 @@ from typing import Any
 from ringbus._names import validate_bus_name
 from ringbus.errors import TaskTimeout
 from ringbus.tasks import envelope as env
+from ringbus.tasks.control import BusAsyncFuture, TaskControl
 from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
+from ringbus.tasks.identity import format_id
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.transport.base import Transport
@@ -38,6 +40,7 @@ __all__ = ["TaskBus"]
 
 _dumps = pickle.dumps
 _encode_task = env.encode_task
+_format_id = format_id
 _monotonic = time.monotonic
 
 _buses: weakref.WeakSet[TaskBus] = weakref.WeakSet()
@@ -57,7 +60,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _DISPATCH_CHUNK = 512  # tasks per transport call in dispatch_many
 
 
-class TaskBus(HandlerRegistry):
+class TaskBus(HandlerRegistry, TaskControl):
     """A named bus: register handlers per task type, dispatch tasks to workers.
 
     ``name`` derives the transport's channels (shared-memory rings
@@ -71,6 +74,9 @@ class TaskBus(HandlerRegistry):
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
+        adopt = getattr(self.transport, "adopt_bus", None)
+        if adopt is not None:  # the inline transport runs this bus's handlers itself
+            adopt(self)
         self._reset_process_state()
         _buses.add(self)
 
@@ -97,6 +103,7 @@ class TaskBus(HandlerRegistry):
         with self._lock:
             if self._st is None:
                 st = ProcState(self.name, self.transport, self.transport.reply_address())
+                st.cancel = self.cancel  # Future.cancel() of a queued task (identity)
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -129,26 +136,30 @@ class TaskBus(HandlerRegistry):
             self.resolve(cls)
         st = self._st or self._state()
         payload = _dumps(task, 5)
-        fut: Future[Any] = BusFuture(st)
+        fut: BusFuture = BusFuture(st)
         tid = next(st.ids)
+        gid = self._new_task(tid, False)
+        fut.task_id = _format_id(gid)
         if timeout is None:
-            data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply)
+            data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, gid=gid)
             st.pending[tid] = fut
             try:
                 self.transport.put_task(data)
             except BaseException:
                 st.pending.pop(tid, None)
+                self._drop_task(gid)
                 raise
             return fut
         deadline = self._deadline(timeout)
         data = _encode_task(
-            payload, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout
+            payload, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout, gid=gid
         )
         st.pending[tid] = fut
         try:
             self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         self._arm(st, deadline, tid, timeout, cls)
         return fut
@@ -187,18 +198,21 @@ class TaskBus(HandlerRegistry):
             self.resolve(cls)
         st = self._st or self._state()
         payload = _dumps(task, 5)
-        afut: asyncio.Future[Any] = loop.create_future()
+        afut = BusAsyncFuture(loop=loop)
         tid = next(st.ids)
         deadline = wall = 0.0
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        gid = self._new_task(tid, False)
+        afut.task_id = _format_id(gid)
+        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall, gid=gid)
         st.pending[tid] = (loop, afut)
         try:
             self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         if timeout is not None:
             self._arm(st, deadline, tid, timeout, cls)
@@ -242,10 +256,16 @@ class TaskBus(HandlerRegistry):
             part = payloads[at : at + _DISPATCH_CHUNK]
             datas: list[bytes] = []
             tids: list[int] = []
+            gids: list[bytes] = []
             for payload in part:
                 tid = next(st.ids)
-                fut: Future[Any] = BusFuture(st)
-                datas.append(_encode_task(payload, tid, FLAG_REPLY, _pid, reply, deadline, wall))
+                fut: BusFuture = BusFuture(st)
+                gid = self._new_task(tid, False)
+                fut.task_id = _format_id(gid)
+                gids.append(gid)
+                datas.append(
+                    _encode_task(payload, tid, FLAG_REPLY, _pid, reply, deadline, wall, gid=gid)
+                )
                 futs.append(fut)
                 tids.append(tid)
                 pending[tid] = fut
@@ -258,6 +278,8 @@ class TaskBus(HandlerRegistry):
                 for tid, fut in zip(tids[done:], futs[at + done :], strict=True):
                     pending.pop(tid, None)
                     fut.set_exception(TaskTimeout(why))
+                for gid in gids[done:]:
+                    self._drop_task(gid)
                 for _ in payloads[at + len(part) :]:
                     fut = BusFuture(st)
                     fut.set_exception(TaskTimeout(why))
@@ -268,6 +290,8 @@ class TaskBus(HandlerRegistry):
             except BaseException:
                 for tid in tids:  # earlier chunks are queued: their results still come
                     pending.pop(tid, None)
+                for gid in gids:
+                    self._drop_task(gid)
                 raise
             self._arm_all(st, deadline, timeout, tids, tasks[at : at + len(part)])
         return futs
@@ -291,12 +315,13 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
-    ) -> None:
-        """Fire and forget: queue ``task`` with no result path.
+    ) -> str:
+        """Fire and forget: queue ``task`` with no result path; returns its id.
 
-        A handler's exception is only logged by the worker.  ``timeout``
-        drops the task if it is still queued that many seconds from now
-        (from its due time with ``delay``/``eta``).
+        A handler's exception is only logged by the worker (``bus.status`` /
+        ``bus.result`` by id, with ``keep_result``).  ``timeout`` drops the
+        task if it is still queued that many seconds from now (from its due
+        time with ``delay``/``eta``).
         """
         cls = type(task)
         if cls not in self._resolved:
@@ -309,11 +334,18 @@ class TaskBus(HandlerRegistry):
             later = max(0.0, due - time.time()) if due else 0.0
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = _encode_task(_dumps(task, 5), 0, 0, _pid, b"", deadline, wall)
-        if due:
-            self.transport.put_delayed(data, due)
-        else:
-            self.transport.put_task(data, timeout)
+        payload = _dumps(task, 5)
+        gid = self._new_task(0, bool(due))
+        data = _encode_task(payload, 0, 0, _pid, b"", deadline, wall, gid=gid)
+        try:
+            if due:
+                self.transport.put_delayed(data, due)
+            else:
+                self.transport.put_task(data, timeout)
+        except BaseException:
+            self._drop_task(gid)
+            raise
+        return _format_id(gid)
 
     def _later(
         self,
@@ -334,14 +366,16 @@ class TaskBus(HandlerRegistry):
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
-        fut: Future[Any] | asyncio.Future[Any]
+        gid = self._new_task(tid, bool(due))
+        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall, gid=gid)
+        fut: BusFuture | BusAsyncFuture
         if loop is None:
             fut = BusFuture(st)
             st.pending[tid] = fut
         else:
-            fut = loop.create_future()
+            fut = BusAsyncFuture(loop=loop)
             st.pending[tid] = (loop, fut)
+        fut.task_id = _format_id(gid)
         try:
             if due:
                 self.transport.put_delayed(data, due)
@@ -349,6 +383,7 @@ class TaskBus(HandlerRegistry):
                 self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         if timeout is not None:
             self._arm(st, deadline, tid, timeout + later, cls)

@@ -8,21 +8,22 @@ worker side (server) need them.
 Task message::
 
     offset  size  field
-    0       1     magic/version (0xB1)
+    0       1     magic/version (0xB3; 0xB1 was the layout without field 34)
     1       1     flags          (FLAG_REPLY: the dispatcher waits for a result)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
-    8       8     task id        (per-dispatcher counter)
+    8       8     task id        (per-dispatcher counter: matches results to futures)
     16      8     deadline       (time.monotonic(), system-wide on Linux; 0.0 = none)
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
-    34      n     reply address (transport-specific bytes, e.g. a ring name)
-    34+n    ...   pickled task (protocol 5)
+    34      16    global task id (``bus.status(id)``; see tasks/identity.py; zeros = none)
+    50      n     reply address (transport-specific bytes, e.g. a ring name)
+    50+n    ...   pickled task (protocol 5)
 
 Result message::
 
     0       1     magic/version (0xB2)
-    1       1     status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+    1       1     status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED)
     2       8     task id
     10      ...   OK: pickled value; ERROR: pickled (exception, traceback text);
                   FAILED/TIMEOUT/LOST: UTF-8 text
@@ -44,14 +45,19 @@ __all__ = [
     "TaskHeader",
 ]
 
-TASK_MAGIC = 0xB1
+TASK_MAGIC = 0xB3
+_OLD_TASK_MAGIC = 0xB1  # before the global id: still read (dead letters, timers)
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
 
-OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
-STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
+OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED = range(7)
+STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake", "cancelled")
 
-TASK_HEADER = struct.Struct("<BBHIQddH")
+TASK_HEADER = struct.Struct("<BBHIQddH16s")
+_OLD_TASK_HEADER = struct.Struct("<BBHIQddH")
+GID_OFFSET = 34
+"""Byte offset of the 16-byte global task id in a task envelope."""
+NO_ID = bytes(16)
 RESULT_HEADER = struct.Struct("<BBQ")
 TASK_HEADER_SIZE = TASK_HEADER.size
 RESULT_HEADER_SIZE = RESULT_HEADER.size
@@ -78,6 +84,7 @@ class TaskHeader(NamedTuple):
     deadline: float
     wall_deadline: float
     reply_len: int
+    gid: bytes = NO_ID
 
 
 def encode_task(
@@ -89,10 +96,13 @@ def encode_task(
     deadline: float = 0.0,
     wall_deadline: float = 0.0,
     attempt: int = 1,
+    gid: bytes = NO_ID,
 ) -> bytes:
     """Header + reply address + already pickled task."""
     return (
-        _pack_task(TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply))
+        _pack_task(
+            TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply), gid
+        )
         + reply
         + payload
     )
@@ -115,13 +125,25 @@ def set_attempt(buf: Any, offset: int, attempt: int) -> None:
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     """Return (header, reply address, offset of the pickled task)."""
-    if len(data) < TASK_HEADER_SIZE or data[0] != TASK_MAGIC:
+    if len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
+        hdr = TaskHeader._make(_OLD_TASK_HEADER.unpack_from(data))
+        size = _OLD_TASK_HEADER.size
+    elif len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+        hdr = TaskHeader._make(_unpack_task(data))
+        size = TASK_HEADER_SIZE
+    else:
         raise EnvelopeError(f"not a ringbus task envelope ({len(data)} bytes)")
-    hdr = TaskHeader._make(_unpack_task(data))
-    end = TASK_HEADER_SIZE + hdr.reply_len
+    end = size + hdr.reply_len
     if end > len(data):
         raise EnvelopeError("task envelope truncated inside its reply address")
-    return hdr, data[TASK_HEADER_SIZE:end], end
+    return hdr, data[size:end], end
+
+
+def task_gid(data: bytes) -> bytes:
+    """The global task id of an envelope (``NO_ID`` if it has none)."""
+    if len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+        return bytes(data[GID_OFFSET : GID_OFFSET + 16])
+    return NO_ID
 
 
 def requeue_envelope(data: bytes) -> bytes:
@@ -137,6 +159,7 @@ def requeue_envelope(data: bytes) -> bytes:
         0.0,
         0.0,
         1,
+        hdr.gid,
     )
 
 

@@ -34,6 +34,9 @@ class RetryPolicy(NamedTuple):
     dead_letter: bool = True
     """Keep tasks whose last attempt raised in dead letters (worker deaths,
     timeouts and malformed envelopes always are)."""
+    keep_result: float = 0.0
+    """Seconds a finished task's status and result stay for ``bus.status`` /
+    ``bus.result`` (0: dropped when the task ends)."""
 
     @property
     def max_attempts(self) -> int:
@@ -55,7 +58,11 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 def check_policy(
-    retries: int | None, backoff: float, max_backoff: float, dead_letter: bool = True
+    retries: int | None,
+    backoff: float,
+    max_backoff: float,
+    dead_letter: bool = True,
+    keep_result: float = 0.0,
 ) -> RetryPolicy:
     if retries is not None and (
         isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000
@@ -64,7 +71,13 @@ def check_policy(
     for label, v in (("backoff", backoff), ("max_backoff", max_backoff)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 86400:
             raise ValueError(f"{label} must be a number of seconds in [0, 86400), not {v!r}")
-    return RetryPolicy(retries, float(backoff), float(max_backoff), bool(dead_letter))
+    if isinstance(keep_result, bool) or not isinstance(keep_result, (int, float)) or not (
+        0 <= keep_result <= 366 * 86400
+    ):
+        raise ValueError(f"keep_result must be seconds in [0, 1 year], not {keep_result!r}")
+    return RetryPolicy(
+        retries, float(backoff), float(max_backoff), bool(dead_letter), float(keep_result)
+    )
 
 
 class HandlerRegistry:
@@ -88,13 +101,15 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        keep_result: float = 0.0,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
-        ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``retries``/``backoff``/``max_backoff``/``dead_letter``/``keep_result``:
+        see ``RetryPolicy``.
         """
-        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        policy = check_policy(retries, backoff, max_backoff, dead_letter, keep_result)
 
         def deco(fn: F) -> F:
             self._register(task_type, fn, policy)
@@ -111,9 +126,11 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        keep_result: float = 0.0,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
-        self._register(task_type, fn, check_policy(retries, backoff, max_backoff, dead_letter))
+        policy = check_policy(retries, backoff, max_backoff, dead_letter, keep_result)
+        self._register(task_type, fn, policy)
 
     def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
         if not isinstance(task_type, type):

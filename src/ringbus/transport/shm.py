@@ -35,6 +35,7 @@ from ringbus.errors import RingClosed, RingError, TransportClosed
 from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
 from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
+from ringbus.transport.shm_results import DEFAULT_RECORD_SIZE, DEFAULT_SLOTS, ShmTaskTable
 from ringbus.transport.shm_time import ShmTime
 
 __all__ = ["ShmTransport"]
@@ -78,6 +79,8 @@ class ShmTransport(ShmTime, Transport):
         persistent: bool = True,
         record_dir: str | None = None,
         record_max_bytes: int = DEFAULT_MAX_BYTES,
+        task_slots: int = DEFAULT_SLOTS,
+        task_record_size: int = DEFAULT_RECORD_SIZE,
     ) -> None:
         if record_max_bytes < 4096:
             raise ValueError(f"record_max_bytes must be >= 4096, not {record_max_bytes!r}")
@@ -89,6 +92,9 @@ class ShmTransport(ShmTime, Transport):
         self.reply_maxsize = reply_maxsize
         self.reply_max_message_size = reply_max_message_size
         self.persistent = persistent
+        self.task_slots = task_slots  # the task table's geometry (shm_results.py)
+        self.task_record_size = task_record_size
+        self._table: ShmTaskTable | None = None
         self._reset_process_state()
         _live_transports.add(self)
 
@@ -106,6 +112,8 @@ class ShmTransport(ShmTime, Transport):
             "persistent": self.persistent,
             "record_dir": self.record_dir,
             "record_max_bytes": self.record_max_bytes,
+            "task_slots": self.task_slots,
+            "task_record_size": self.task_record_size,
         }
 
     def _reset_process_state(self) -> None:
@@ -458,6 +466,16 @@ class ShmTransport(ShmTime, Transport):
 
     # ------------------------------------------------------------ lifecycle
 
+    def task_table(self) -> ShmTaskTable:
+        t = self._table
+        if t is None:
+            with self._lock:
+                if self._table is None:
+                    path = f"{_names.SHM_DIR}/ringbus-{self.bus_name}-tasktable"
+                    self._table = ShmTaskTable(path, self.task_slots, self.task_record_size)
+                t = self._table
+        return t
+
     def close(self) -> None:
         self.close_replies()
         with self._lock:
@@ -471,6 +489,8 @@ class ShmTransport(ShmTime, Transport):
                 q.close()
         if owned is not None:
             owned.close()  # the owner removes the name
+        if self._table is not None:
+            self._table.close()
         self._close_time()
 
     def users(self) -> list[int]:
@@ -491,6 +511,7 @@ class ShmTransport(ShmTime, Transport):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._records().destroy()
+        self.task_table().destroy()
         self._destroy_time()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+(\.spill)?$")
         try:
