@@ -45,12 +45,12 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
-from ringbus.server.task_tracking import await_cancellable
 from ringbus.server.worker_base import EXIT_INIT_FAILED, EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.context import TaskContext, reset_current, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.tracking import await_cancellable
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 

@@ -19,11 +19,11 @@ from ringbus.server.pool_state import (
     SLOT_COUNTERS_OFF,
     PoolState,
 )
-from ringbus.server.task_tracking import Tracker
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.tracking import Tracker
 from ringbus.transport.base import Transport
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "StopFlag", "WorkerBase"]

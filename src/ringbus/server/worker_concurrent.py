@@ -41,12 +41,12 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
-from ringbus.server.task_tracking import await_cancellable
 from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.context import TaskContext, run_with, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.tracking import await_cancellable
 
 __all__ = ["ConcurrentWorker"]
 

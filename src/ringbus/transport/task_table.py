@@ -137,7 +137,8 @@ class MemoryTaskTable(TaskTable):
             if len(self._recs) >= self.max_records and not self._sweep_locked():
                 raise StoreFull(f"the task table holds {len(self._recs)} tasks not finished")
             self._recs[gid] = TaskRecord(
-                gid, state, dispatcher_pid=dispatcher_pid, counter=counter, queued_at=time.time()
+                gid, state, attempt=1, dispatcher_pid=dispatcher_pid, counter=counter,
+                queued_at=time.time(),
             )
         return gid
 
