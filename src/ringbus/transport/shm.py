@@ -471,7 +471,7 @@ class ShmTransport(ShmTime, Transport):
         if t is None:
             with self._lock:
                 if self._table is None:
-                    path = f"{_names.SHM_DIR}/ringbus-{self.bus_name}-tasktable"
+                    path = _names.task_table_path(self.bus_name)
                     self._table = ShmTaskTable(path, self.task_slots, self.task_record_size)
                 t = self._table
         return t
