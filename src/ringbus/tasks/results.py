@@ -310,6 +310,7 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
             continue
         if status == _CANCELLED:  # bus.cancel from any process: the task stopped
             _cancel_entry(entry)
+            wake = wake or _reads_channel(entry)  # its waiter may block in the channel
             continue
         if status == _OK and len(data) < 4096:
             try:
