@@ -14,7 +14,8 @@ from ringbus.transport.task_table import StoreFull
 
 
 def _bus(name: str, slots: int, record: int = 512) -> TaskBus:
-    return make_identity_bus(name, transport=ShmTransport(task_slots=slots, task_record_size=record))
+    transport = ShmTransport(task_slots=slots, task_record_size=record)
+    return make_identity_bus(name, transport=transport)
 
 
 @pytest.fixture(name="small")
@@ -40,7 +41,7 @@ def test_100k_kept_results_expire(bus_name: str, servers: list[TaskServer]) -> N
         # Kept for 1 s, then gone: no record left, lookups say so.
         wait_for(lambda: table.stats()["kept"] == 0, timeout=60, what="kept results to expire")
         assert bus.status(last.task_id).state == "unknown"
-        with pytest.raises(LookupError, match="not kept|unknown"):
+        with pytest.raises(LookupError, match=r"not kept|unknown"):
             bus.result(last.task_id)
         assert table.stats()["evicted"] == 0
         assert bus.dispatch(Tiny(7)).result(timeout=60) == 7  # expired slots are reused

@@ -122,6 +122,7 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
                 )  # fmt: skip
                 attempt += 1
                 ctx.attempt = attempt
+                tracker.again(gid, attempt)
                 task = env.load_payload(data, start)  # fresh: the handler may mutate it
                 continue
             if ctx.cancelled:

@@ -15,7 +15,15 @@ from typing import Any
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import TaskContext
 from ringbus.tasks.identity import format_id
-from ringbus.transport.task_table import CANCELLED, DONE, FAILED, QUEUED, SCHEDULED, TaskTable
+from ringbus.transport.task_table import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    TaskTable,
+)
 
 __all__ = ["Tracker", "await_cancellable"]
 
@@ -93,6 +101,11 @@ class Tracker:
 
     def cancelled(self, gid: bytes) -> None:
         self._finish(gid, CANCELLED, self.keeps.get(gid, 0.0), None)
+
+    def again(self, gid: bytes, attempt: int) -> None:
+        """The task runs again at once (a retry without the timer store)."""
+        if self.table is not None and gid != _NO_ID:
+            self.table.set_state(gid, RUNNING, attempt)
 
     def later(self, data: bytes, attempt: int, delayed: bool) -> None:
         """The task waits for another attempt (a retry, a redelivery)."""
