@@ -42,7 +42,7 @@ def _dead_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(TESTS)),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path])),
     )
 
 
@@ -215,9 +215,7 @@ def test_a_malformed_envelope_is_dead_lettered_and_the_worker_survives(
     with Queue.attach(f"/ringbus-{rbus.name}-tasks") as q:
         q.put_bytes(b"this is not an envelope")
         q.put_bytes(b"\xb3" + bytes(31) + b"\xff\xff" + bytes(16))  # reply address past the end
-    dead = wait_for(
-        lambda: len(rbus.dead_letters()) == 2 and rbus.dead_letters()
-    )
+    dead = wait_for(lambda: len(rbus.dead_letters()) == 2 and rbus.dead_letters())
     assert dead[0].data == b"this is not an envelope"
     assert all(d.reason.startswith("malformed task envelope") for d in dead)
     assert "runs past the end" in dead[1].reason
