@@ -88,7 +88,7 @@ def test_async_handlers_and_dispatch_async(ibus: TaskBus) -> None:
     assert ibus.dispatch(AJob(3)).result() == f"{__name__}.AJob:3"
 
     async def main() -> str:
-        return await ibus.dispatch_async(AJob(4))  # type: ignore[no-any-return]
+        return await ibus.dispatch_async(AJob(4))
 
     assert asyncio.run(main()) == f"{__name__}.AJob:4"
 

@@ -10,6 +10,7 @@ import pytest
 from _identity_tasks import Report, Tiny, make_identity_bus
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import ShmTransport, TaskBus, TaskServer
+from ringbus.transport.shm_results import ShmTaskTable
 from ringbus.transport.task_table import StoreFull
 
 
@@ -37,6 +38,7 @@ def test_100k_kept_results_expire(bus_name: str, servers: list[TaskServer]) -> N
         last = futs[-1]
         assert last.result(timeout=300) == n - 1
         table = bus.transport.task_table()
+        assert isinstance(table, ShmTaskTable)
         assert table.stats()["live"] == 0
         # Kept for 1 s, then gone: no record left, lookups say so.
         wait_for(lambda: table.stats()["kept"] == 0, timeout=60, what="kept results to expire")
@@ -69,6 +71,7 @@ def test_kept_results_are_evicted_when_full(small: TaskBus, servers: list[TaskSe
     assert fut.result(timeout=60) == 2000
     assert small.result(fut.task_id) == 2000
     table = small.transport.task_table()
+    assert isinstance(table, ShmTaskTable)
     assert table.stats()["evicted"] >= 1
     gone = [f.task_id for f in futs if small.status(f.task_id).state == "unknown"]
     assert 1 <= len(gone) <= 256

@@ -119,8 +119,9 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
-    ) -> Future[Any]:
-        """Queue ``task`` for a worker; its handler's result resolves the future.
+    ) -> BusFuture:
+        """Queue ``task`` for a worker; its handler's result resolves the future
+        (a ``concurrent.futures.Future``; ``fut.task_id`` is the task's id).
 
         ``timeout`` (seconds) sets a deadline: a task still queued then is not
         run, and the future fails with ``TaskTimeout`` when it passes.  Raises
@@ -185,7 +186,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
-    ) -> asyncio.Future[Any]:
+    ) -> BusAsyncFuture:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
         The reader thread resolves it through ``loop.call_soon_threadsafe``.
@@ -225,7 +226,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
-    ) -> list[Future[Any]]:
+    ) -> list[BusFuture]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
         Every task is resolved and pickled before any is queued.  If the
@@ -248,7 +249,7 @@ class TaskBus(HandlerRegistry, TaskControl):
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
         reply, pending = st.reply, st.pending
-        futs: list[Future[Any]] = []
+        futs: list[BusFuture] = []
         # Queued a chunk at a time: workers start on the first tasks while the
         # envelopes and futures of the rest are built (one call for 100,000
         # tasks kept the pool idle that long: 190k against 315k tasks/s).
@@ -353,7 +354,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         timeout: float | None,
         due: float,
         loop: asyncio.AbstractEventLoop | None,
-    ) -> Future[Any] | asyncio.Future[Any]:
+    ) -> BusFuture | BusAsyncFuture:
         """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
         cls = type(task)
         if cls not in self._resolved:

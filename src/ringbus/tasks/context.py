@@ -91,8 +91,10 @@ def reset_current(token: contextvars.Token[TaskContext | None]) -> None:
     _current.reset(token)
 
 
-def run_with(ctx: TaskContext, fn: Callable[[Any], Any], task: Any) -> Any:
+def run_with(ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any) -> Any:
     """``fn(task)`` with ``ctx`` current (in a thread pool's thread too)."""
+    if ctx is None:
+        return fn(task)
     token = _current.set(ctx)
     try:
         return fn(task)

@@ -38,7 +38,7 @@ _POLL_MIN, _POLL_MAX = 0.001, 0.05  # result(): look again after this long, grow
 DEFAULT_GRACE = 5.0
 
 
-class BusAsyncFuture(asyncio.Future):  # type: ignore[type-arg]
+class BusAsyncFuture(asyncio.Future):
     """The asyncio future of ``dispatch_async``, with the task's id."""
 
     task_id = ""

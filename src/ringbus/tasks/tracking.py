@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from ringbus.tasks import envelope as env
@@ -62,17 +62,12 @@ class Tracker:
         table = self.table
         if keep > 0:
             self.keeps[gid] = keep
-        flag, progress = _no_flag, _no_progress
+        flag: Callable[[], int] = _no_flag
+        progress: Callable[[float | None, str], None] = _no_progress
         if table is not None and gid != _NO_ID:
             if not table.start(gid, attempt, self.pid):
                 return None
-            off = getattr(table, "offset_of", lambda g: -1)(gid)
-            if off >= 0:  # shared memory: read and write the record in place
-                flag = lambda: table.cancel_flag_at(off)  # type: ignore[attr-defined]  # noqa: E731
-                progress = lambda f, m: table.write_progress(off, f, m)  # type: ignore[attr-defined]  # noqa: E731
-            else:
-                flag = lambda: table.cancel_flag(gid)  # noqa: E731
-                progress = lambda f, m: table.progress(gid, f, m)  # noqa: E731
+            flag, progress = table.accessors(gid)
         return TaskContext(
             format_id(gid) if gid != _NO_ID else "",
             type_name,

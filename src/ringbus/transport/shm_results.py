@@ -40,6 +40,7 @@ import stat
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from ringbus._proc import pid_alive
 from ringbus.errors import RingError
@@ -422,8 +423,14 @@ class ShmTaskTable(TaskTable):
         mm = self._mm
         return 0 if mm is None else mm[off + 17]
 
-    def offset_of(self, gid: bytes) -> int:
-        return self._mine(gid)
+    def accessors(
+        self, gid: bytes
+    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]]:
+        off = self._mine(gid)
+        if off < 0:
+            return super().accessors(gid)
+        # Bound to the record's offset: a read or a write into the map, no lookup.
+        return (lambda: self.cancel_flag_at(off)), (lambda f, m: self.write_progress(off, f, m))
 
     def stats(self) -> dict[str, int]:
         """Records in use (tasks not finished, kept ones) and evictions."""

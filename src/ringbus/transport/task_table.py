@@ -17,6 +17,7 @@ from __future__ import annotations
 import abc
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from ringbus.errors import RingbusError
@@ -108,6 +109,13 @@ class TaskTable(abc.ABC):
     def cancel_flag(self, gid: bytes) -> int:
         rec = self.get(gid)
         return 0 if rec is None else rec.cancel
+
+    def accessors(
+        self, gid: bytes
+    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]]:
+        """(read the cancel flag, write progress) of a running task, for its
+        handler's ``current_task()`` (a table may bind them to the record)."""
+        return (lambda: self.cancel_flag(gid)), (lambda f, m: self.progress(gid, f, m))
 
     def sweep(self) -> int:
         """Drop expired records now (they are reused lazily anyway); how many."""
