@@ -135,6 +135,8 @@ def wait_for(what: str, check: Any, timeout: float, child: Child | None = None) 
 
 
 def workers_idle(bus_name: str, n: int) -> bool:
+    """Whether the bus's pool shows ``n`` task slots, all idle (a worker with
+    ``--concurrency C`` has C of them)."""
     from ringbus.server.pool_state import read_pool_states
 
     states = [w.state for slots in read_pool_states(bus_name).values() for w in slots]

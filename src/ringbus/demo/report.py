@@ -37,7 +37,9 @@ def table(res: dict[str, Any], n: int) -> Any:
 
     row("inline: SMTP in the handler", res["inline"], f"{res['inline']['mails']}/{n}")
     rb = res["ringbus"]
-    after = f" in {rb['all_mails_after_s']:.1f} s" if rb["all_mails_after_s"] else ""
+    after = ""
+    if rb["all_mails_after_s"]:
+        after = f" in {rb['all_mails_after_s']:.2f} s ({rb['mails_per_s']:,.0f}/s)"
     row("ringbus: bus.send", rb, f"{rb['mails']}/{n}{after}")
     if "report" in res:
         row("report: await dispatch_async", res["report"], "-")
@@ -89,7 +91,8 @@ def plot(res: dict[str, Any], path: Path, args: argparse.Namespace) -> None:
     right.legend()
     fig.suptitle(
         f"ringbus demo: {args.requests} requests, concurrency {args.concurrency}, "
-        f"{args.workers} web workers, {args.task_workers} task workers, "
+        f"{args.workers} web workers, {args.task_workers} task workers x "
+        f"{args.task_concurrency}, "
         f"SMTP delay {args.smtp_delay * 1000:.0f} ms"
     )
     fig.tight_layout()
