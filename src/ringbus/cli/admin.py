@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import textwrap
 import time
@@ -60,6 +61,30 @@ def _err(cmd: str, text: str) -> None:
     print(f"ringbus {cmd}: {text}", file=sys.stderr)
 
 
+def _stats_stacks(args: argparse.Namespace) -> int:
+    """``--stacks``: SIGUSR2 to each live worker (faulthandler prints its stacks)."""
+    import signal
+
+    from ringbus.server.pool_state import read_pool_states
+
+    pids = sorted(
+        {w.worker_pid for slots in read_pool_states(args.name).values() for w in slots} - {0}
+    )
+    asked = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
+            asked.append(pid)
+    if not asked:
+        _err("stats", f"no live worker of bus {args.name!r} on this machine")
+        return EXIT_ERROR
+    print(
+        f"asked {len(asked)} worker(s) of bus {args.name!r} for their stacks: pids "
+        f"{', '.join(map(str, asked))}; they print them on their stderr (the server's log)"
+    )
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     if getattr(args, "check", False):
         from ringbus.cli.check import cmd_check
@@ -67,6 +92,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return cmd_check(args)
     if getattr(args, "format", None) == "prometheus":
         return _stats_prometheus(args)
+    if getattr(args, "stacks", False):
+        return _stats_stacks(args)
     if getattr(args, "format", None) == "json":
         args.json = True
     url = getattr(args, "transport", None)
@@ -443,6 +470,12 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="URL",
         help="a bus on a broker (redis://...): its queue and dead letters from there",
+    )
+    p.add_argument(
+        "--stacks",
+        action="store_true",
+        help="ask every live worker of the bus on this machine to print every thread's "
+        "stack on its stderr (the server's log): for a stuck worker",
     )
     from ringbus.cli.check import add_arguments as add_check_arguments
 

@@ -73,6 +73,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         task_timeout=args.task_timeout,
         start_method=args.start_method,
         concurrency=args.concurrency,
+        max_workers=args.max_workers,
     )
     stop = threading.Event()
     signals_seen = 0
@@ -88,9 +89,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             log.warning("ringbus worker: %s again, killing busy workers", name)
             server.kill(wait=False)  # the main thread is waiting in stop()
 
+    def on_control(signum: int, frame: FrameType | None) -> None:
+        log.info("ringbus worker: %s", signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            server.reload()  # rolling restart with the code on disk
+        elif signum == signal.SIGTTIN:
+            server.add_worker()
+        else:
+            server.remove_worker()
+
     previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[int(sig)] = signal.signal(sig, on_signal)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        previous[int(sig)] = signal.signal(sig, on_control)
     httpd: Any = None
     try:
         if args.metrics_port:
@@ -171,6 +183,10 @@ examples:
 
 every option also comes from RINGBUS_<OPTION> (shown with each); a flag wins over it
 
+signals: TERM/INT drain (a second one kills the busy workers); HUP rolling restart
+(new workers import the code again); TTIN/TTOU one worker more/fewer (up to
+--max-workers); USR2 to a worker prints every thread's stack on its stderr
+
 exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could not be loaded
 """
 
@@ -210,6 +226,7 @@ START_METHODS = ("fork", "spawn", "forkserver")
 WORKER_ENV = [
     EnvOption("workers", _positive_int, os.cpu_count() or 1),
     EnvOption("concurrency", _positive_int, 1),
+    EnvOption("max_workers", _positive_int),
     EnvOption("max_tasks_per_child", _positive_int),
     EnvOption("task_timeout", _positive_float),
     EnvOption("drain_timeout", _positive_float),
@@ -259,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
             "concurrency",
             1,
         ),
+    )
+    w.add_argument(
+        "--max-workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help=env_help("the most workers SIGTTIN may grow the pool to", "max_workers", "--workers"),
     )
     w.add_argument(
         "--max-tasks-per-child",
