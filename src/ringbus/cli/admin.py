@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ringbus.cli.argtypes import float_at_least, int_at_least
 from ringbus.cli.probe import (
     SHM_DIR,
     Segment,
@@ -368,26 +369,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Human-readable output needs rich; say so instead of a traceback."""
 
@@ -444,7 +425,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument(
         "--interval",
-        type=_positive_float,
+        type=float_at_least(0),
         default=1.0,
         metavar="S",
         help="seconds between the two snapshots rates come from (0: no rates), "
@@ -452,7 +433,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--count",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help="with --watch: stop after N refreshes",

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ringbus.cli.argtypes import float_above, int_at_least
 from ringbus.cli.config import EnvOption, apply_env, choice, env_help
 from ringbus.cli.logs import LEVELS, setup_logging
 
@@ -191,26 +192,6 @@ exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could n
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -224,12 +205,12 @@ def _port(text: str) -> int:
 START_METHODS = ("fork", "spawn", "forkserver")
 
 WORKER_ENV = [
-    EnvOption("workers", _positive_int, os.cpu_count() or 1),
-    EnvOption("concurrency", _positive_int, 1),
-    EnvOption("max_workers", _positive_int),
-    EnvOption("max_tasks_per_child", _positive_int),
-    EnvOption("task_timeout", _positive_float),
-    EnvOption("drain_timeout", _positive_float),
+    EnvOption("workers", int_at_least(1), os.cpu_count() or 1),
+    EnvOption("concurrency", int_at_least(1), 1),
+    EnvOption("max_workers", int_at_least(1)),
+    EnvOption("max_tasks_per_child", int_at_least(1)),
+    EnvOption("task_timeout", float_above(0)),
+    EnvOption("drain_timeout", float_above(0)),
     EnvOption("start_method", choice(*START_METHODS), "fork"),
     EnvOption("transport", str),
     EnvOption("metrics_port", _port, 0),
@@ -260,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "-w",
         "--workers",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         help=env_help("worker processes", "workers", "the number of CPUs"),
     )
     w.add_argument(
         "-c",
         "--concurrency",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=env_help(
@@ -279,28 +260,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     w.add_argument(
         "--max-workers",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=env_help("the most workers SIGTTIN may grow the pool to", "max_workers", "--workers"),
     )
     w.add_argument(
         "--max-tasks-per-child",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=env_help("replace a worker after N tasks", "max_tasks_per_child"),
     )
     w.add_argument(
         "--task-timeout",
-        type=_positive_float,
+        type=float_above(0),
         default=None,
         metavar="SECONDS",
         help=env_help("kill a worker whose task runs longer", "task_timeout"),
     )
     w.add_argument(
         "--drain-timeout",
-        type=_positive_float,
+        type=float_above(0),
         default=None,
         metavar="SECONDS",
         help=env_help(
