@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 
 from _identity_tasks import Report, Tiny, make_identity_bus
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import ShmTransport, TaskBus, TaskServer
+from ringbus.tasks.results import BusFuture
 from ringbus.transport.shm_results import ShmTaskTable
 from ringbus.transport.task_table import StoreFull
 
@@ -35,7 +37,7 @@ def test_100k_kept_results_expire(bus_name: str, servers: list[TaskServer]) -> N
         n = 100_000
         futs = bus.dispatch_many(Tiny(i) for i in range(n))  # keep_result=1
         assert [f.result(timeout=300) for f in futs[:: n // 10]] == list(range(0, n, n // 10))
-        last = futs[-1]
+        last = cast(BusFuture, futs[-1])  # dispatch_many's futures carry task_id too
         assert last.result(timeout=300) == n - 1
         table = bus.transport.task_table()
         assert isinstance(table, ShmTaskTable)
