@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 
 from ringbus import _names
 from ringbus._proc import pid_alive
@@ -85,13 +86,20 @@ def bury(
     return kept
 
 
-def answer(transport: Transport, task: LostTask, status: int, text: str) -> None:
-    """Tell the task's caller (if it waits) why it will get no result."""
+def answer(
+    transport: Transport,
+    task: LostTask,
+    status: int,
+    text: str,
+    encode_text: Callable[[int, int, str], bytes] = env.encode_text,
+) -> None:
+    """Tell the task's caller (if it waits) why it will get no result
+    (``encode_text``: the bus codec's, which signs on a signed bus)."""
     if not (task.hdr.flags & FLAG_REPLY and task.reply):
         return
     try:
         transport.send_reply(
-            task.reply, task.hdr.pid, env.encode_text(task.hdr.task_id, status, text), patience=5.0
+            task.reply, task.hdr.pid, encode_text(task.hdr.task_id, status, text), patience=5.0
         )
     except Exception:
         log.exception("ringbus: could not answer %s", task.what)

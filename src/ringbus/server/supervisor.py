@@ -146,6 +146,7 @@ class TaskServer:
 
     def start(self) -> TaskServer:
         """Open the task channel, start the workers and the supervisor."""
+        self.bus.check_serving()  # no unsigned pickle from a network
         with self._lock:
             if self._started:
                 raise RuntimeError("TaskServer already started")
@@ -483,7 +484,7 @@ class TaskServer:
             text = f"{died}, attempt {task.attempt} of at most {task.allowed or task.attempt}"
             log.error("ringbus: %s; it goes to dead letters", text)
         self._bury(record, text, task.type_name, task.attempt)
-        answer(transport, task, status, text)
+        answer(transport, task, status, text, self.bus.codec.encode_text)
 
     def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
         if bury(self.bus.transport, record, reason, type_name, attempt):

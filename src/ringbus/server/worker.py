@@ -18,7 +18,6 @@ import contextlib
 import functools
 import logging
 import os
-import pickle
 import queue
 import signal
 import struct
@@ -125,6 +124,7 @@ class _WorkerLoop:
     __slots__ = (
         "ack",
         "bus",
+        "codec",
         "counters",
         "dead",
         "flag",
@@ -147,6 +147,7 @@ class _WorkerLoop:
         flag: _StopFlag,
     ) -> None:
         self.bus = bus
+        self.codec = bus.codec
         self.pool = pool
         self.slot = slot
         self.rec = rec
@@ -183,7 +184,7 @@ class _WorkerLoop:
         try:
             self.send(reply, dpid, out)
         except MessageTooLarge as big:
-            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
+            self.send(reply, dpid, self.codec.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
         except Exception:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
@@ -216,7 +217,7 @@ class _WorkerLoop:
                 attempt,
             )
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
+            self._reply(reply, dpid, self.codec.encode_error(tid, exc, flags), tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
 
@@ -255,12 +256,10 @@ class _WorkerLoop:
         finish = functools.partial(SLOT_DONE.pack_into, rec, SLOT_DONE_OFF)
         unpack = env.TASK_HEADER.unpack_from
         hsize = env.TASK_HEADER_SIZE
-        loads = pickle.loads
         monotonic = time.monotonic
-        encode_ok, encode_text = env.encode_ok, env.encode_text
-        result_header = env.RESULT_HEADER.pack
-        result_magic, status_ok = env.RESULT_MAGIC, env.OK
-        dumps = pickle.dumps
+        codec = self.codec
+        encode_ok, encode_text = codec.encode_ok, codec.encode_text
+        decode, verify = codec.decode_task, codec.verify_task
         magic_ok = env.TASK_MAGIC
         maxdel_at, maxdel_end = SLOT_MAXDEL_OFF, SLOT_MAXDEL_OFF + 2
         zero2 = _ZERO4[:2]
@@ -297,6 +296,10 @@ class _WorkerLoop:
                 )
                 finish_task()
                 continue
+            if verify is not None and (why := verify(data, flags)) is not None:
+                self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
+                finish_task()
+                continue
             if counts_deliveries:
                 attempt += transport.deliveries - 1
             if wall and wall_clock:  # another host's monotonic clock means nothing here
@@ -325,11 +328,7 @@ class _WorkerLoop:
             run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
             out: bytes | None = None
             try:
-                task = (
-                    loads(data[start:])
-                    if len(data) - start < 4096
-                    else env.load_payload(data, start)
-                )
+                task = decode(data, start, flags, True)  # True: verified above
                 cls = type(task)
                 if cls is not last_type:
                     fn = resolve(cls)
@@ -340,8 +339,8 @@ class _WorkerLoop:
                     pool.set_type(slot, type_name)
                     last_type = cls
             except Exception as exc:
-                # Not retried: unpickling and handler lookup fail the same way again.
-                self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
+                # Not retried: decoding and handler lookup fail the same way again.
+                self._fail(data, tid, flags, reply, dpid, exc, attempt, "")
                 last_type = None
                 finish_task()
                 continue
@@ -391,7 +390,7 @@ class _WorkerLoop:
                         transport.put_task(env.with_attempt(data, attempt))
                         break
                     try:
-                        task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                        task = decode(data, start, flags, True)  # fresh: the handler may mutate it
                     except Exception as uexc:
                         self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                         break
@@ -401,10 +400,7 @@ class _WorkerLoop:
                     break
                 else:
                     if flags & FLAG_REPLY:
-                        try:
-                            out = result_header(result_magic, status_ok, tid) + dumps(value, 5)
-                        except Exception:
-                            out = encode_ok(tid, value)  # makes the pickling error a FAILED result
+                        out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     del value
                     break
             if out is not None:
