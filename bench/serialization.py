@@ -1,0 +1,164 @@
+"""Serializers and signing: task round trip and throughput, in one run.
+
+    python -m bench.serialization [--quick] [--workers 2]
+
+Every row runs ``add(a, b)`` on a shared-memory TaskServer with the same
+workers; only the task's type (tuple, dataclass, msgspec Struct), the bus's
+serializer and whether it signs change.  Ratios are against today's
+default: unsigned pickle, a tuple task for latency and a dataclass task for
+throughput (higher is better).  A second table times the codec alone (no
+transport): encode a task, check and decode it, encode and decode the
+result, per task, which is where signing costs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from bench.tasks import Row, _fmt, _results, round_trip, throughput
+from ringbus import TaskBus, TaskServer
+from ringbus.tasks import envelope as env
+
+SECRET = "bench-secret"
+
+
+@dataclass
+class Add:
+    a: int
+    b: int
+
+
+class AddS(msgspec.Struct):
+    a: int
+    b: int
+
+
+def handle_add(task: Add | AddS) -> int:
+    return task.a + task.b
+
+
+def handle_tuple(task: tuple[int, int]) -> int:
+    return task[0] + task[1]
+
+
+KINDS: dict[str, Any] = {"tuple": lambda a, b: (a, b), "dataclass": Add, "Struct": AddS}
+CASES = [
+    ("pickle", False, "tuple"),
+    ("pickle", False, "dataclass"),
+    ("pickle", False, "Struct"),
+    ("msgpack", False, "tuple"),
+    ("msgpack", False, "dataclass"),
+    ("msgpack", False, "Struct"),
+    ("json", False, "dataclass"),
+    ("pickle", True, "tuple"),
+    ("pickle", True, "dataclass"),
+    ("msgpack", True, "dataclass"),
+    ("msgpack", True, "Struct"),
+]
+
+
+def _bus(serializer: str, signed: bool) -> TaskBus:
+    bus = TaskBus(
+        f"bench-ser-{os.getpid()}-{serializer}-{int(signed)}",
+        serializer=serializer,
+        secret=SECRET if signed else None,
+    )
+    bus.register(Add, handle_add)
+    bus.register(AddS, handle_add)
+    bus.register(tuple, handle_tuple)
+    return bus
+
+
+def _label(serializer: str, signed: bool, kind: str) -> str:
+    return f"{serializer}{' signed' if signed else ''}, {kind} task"
+
+
+def bench_round_trips(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]:
+    rows = []
+    by_bus: dict[tuple[str, bool], list[str]] = {}
+    for ser, signed, kind in CASES:
+        by_bus.setdefault((ser, signed), []).append(kind)
+    for (ser, signed), kinds in by_bus.items():
+        bus = _bus(ser, signed)
+        try:
+            with TaskServer(bus, workers=workers):
+                d = bus.dispatch
+                for kind in kinds:
+                    make = KINDS[kind]
+                    p = round_trip(lambda i, make=make, d=d: d(make(i, 1)).result(), n_lat, warmup)
+                    rate = throughput(
+                        lambda n, make=make, d=d: [d(make(i, 1)) for i in range(n)], _results, n_tp
+                    )
+                    rows.append(Row(_label(ser, signed, kind), *p, rate))
+        finally:
+            bus.destroy()
+    order = {_label(*c): i for i, c in enumerate(CASES)}
+    return sorted(rows, key=lambda r: order[r.name])
+
+
+def bench_codec(n: int) -> list[tuple[str, float]]:
+    """µs per task for the codec's whole path, without a transport."""
+    out = []
+    for ser, signed, kind in CASES:
+        bus = _bus(ser, signed)
+        codec = bus.codec
+        task = KINDS[kind](3, 4)
+        hsize = env.TASK_HEADER_SIZE
+        t0 = time.perf_counter()
+        for i in range(n):
+            data = codec.encode_task(task, i, env.FLAG_REPLY, 1, b"/r")
+            flags = data[1]
+            if codec.verify_task is not None and codec.verify_task(data, flags):
+                raise AssertionError("tag did not verify")
+            t = codec.decode_task(data, hsize + 2, flags, True)
+            res = codec.encode_ok(i, 7, flags)
+            codec.decode_result(res, res[1])
+        out.append((_label(ser, signed, kind), (time.perf_counter() - t0) / n * 1e6))
+        del t
+        bus.destroy()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="fewer iterations")
+    args = parser.parse_args(argv)
+    n_lat, n_tp, warmup = (2_000, 20_000, 200) if args.quick else (20_000, 100_000, 2_000)
+    rows = bench_round_trips(args.workers, n_lat, n_tp, warmup)
+    base_lat = rows[0]  # pickle, tuple: today's fastest round trip
+    base_rate = rows[1]  # pickle, dataclass: today's dataclass throughput
+    print(
+        f"\nSerializers and signing, shared memory, {args.workers} workers, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, msgspec "
+        f"{msgspec.__version__}\n"
+    )
+    print(
+        "| bus, task | p50 µs | p99 µs | tasks/s | p50 vs pickle tuple | "
+        "tasks/s vs pickle dataclass |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r.name} | {_fmt(r.p50)} | {_fmt(r.p99)} | {r.rate:,.0f} | "
+            f"{base_lat.p50 / r.p50:.2f}x | {r.rate / base_rate.rate:.2f}x |"
+        )
+    codec = bench_codec(20_000 if args.quick else 200_000)
+    base = codec[0][1]
+    print("\nCodec alone (encode task, verify + decode it, encode + decode the result)\n")
+    print("| bus, task | µs per task | vs pickle tuple |")
+    print("|---|---:|---:|")
+    for name, us in codec:
+        print(f"| {name} | {us:.2f} | {us / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
