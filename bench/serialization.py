@@ -17,6 +17,8 @@ import argparse
 import os
 import platform
 import time
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +82,18 @@ def _label(serializer: str, signed: bool, kind: str) -> str:
     return f"{serializer}{' signed' if signed else ''}, {kind} task"
 
 
+def _measure(
+    d: Callable[[Any], Future[Any]], make: Any, n_lat: int, n_tp: int, warmup: int
+) -> tuple[tuple[float, float, float], float]:
+    def call(i: int) -> Any:
+        return d(make(i, 1)).result()
+
+    def submit_all(n: int) -> list[Future[Any]]:
+        return [d(make(i, 1)) for i in range(n)]
+
+    return round_trip(call, n_lat, warmup), throughput(submit_all, _results, n_tp)
+
+
 def bench_round_trips(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]:
     rows = []
     by_bus: dict[tuple[str, bool], list[str]] = {}
@@ -91,11 +105,7 @@ def bench_round_trips(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[
             with TaskServer(bus, workers=workers):
                 d = bus.dispatch
                 for kind in kinds:
-                    make = KINDS[kind]
-                    p = round_trip(lambda i, make=make, d=d: d(make(i, 1)).result(), n_lat, warmup)
-                    rate = throughput(
-                        lambda n, make=make, d=d: [d(make(i, 1)) for i in range(n)], _results, n_tp
-                    )
+                    p, rate = _measure(d, KINDS[kind], n_lat, n_tp, warmup)
                     rows.append(Row(_label(ser, signed, kind), *p, rate))
         finally:
             bus.destroy()
