@@ -123,13 +123,28 @@ class Codec:
                 "allow_unsigned_pickle=True for a private broker."
             )
         plain = self.kind == SER_PICKLE and self.signer is None
-        # The reader may unpickle an OK result without asking (results.py).
-        self.fast_results = self.signer is None and self.pickle_trusted
+        # Envelopes in the bus's own serializer take the short paths below.
+        self._own_ser = self.kind << env.SER_SHIFT
+        self._own_ok = _OK | self._result_bits
+        self._tag_len = TAG_SIZE if self.signer else 0
+        self._fmt_encode = self._fmt.encode_task
+        self._fmt_decode = self._fmt.decode_task
+        self._value_encode = self._fmt.encode_value
+        self.fast_ok_status = -1
+        """Status byte of the OK results the reader may decode at once with
+        ``fast_ok_decode`` (unsigned, in a serializer this bus trusts)."""
+        self.fast_ok_decode: Callable[[bytes], Any] = _loads
+        if self.signer is None and (self.kind != SER_PICKLE or self.pickle_trusted):
+            self.fast_ok_status = self._own_ok
+            if isinstance(self._fmt, MsgspecFormat):
+                self.fast_ok_decode = self._fmt.decode_bytes
         self.encode_task = (
             self._refuse if self.refusal else _encode_plain if plain else self._encode_task
         )
-        self.decode_task = self._decode_plain if plain else self._decode_task
-        self.encode_ok = self._encode_ok_plain if plain else self._encode_ok
+        self.decode_task = (
+            self._decode_task if self.refusal else self._decode_plain if plain else self._decode_own
+        )
+        self.encode_ok = self._encode_ok_plain if plain else self._encode_ok_own
         self.encode_text = env.encode_text if self.signer is None else self._encode_text
         self.verify_task = self._verify_task if self.signer else None
 
@@ -173,7 +188,7 @@ class Codec:
         deadline: float = 0.0,
         wall: float = 0.0,
     ) -> bytes:
-        body = self._fmt.encode_task(task)
+        body = self._fmt_encode(task)
         head = _pack_task(
             _TASK_MAGIC, flags | self._task_bits, 1, pid, tid, deadline, wall, len(reply)
         )
@@ -193,6 +208,11 @@ class Codec:
         if len(data) - start < 4096:
             return _loads(data[start:])
         return env.load_payload(data, start)
+
+    def _decode_own(self, data: bytes, start: int, flags: int, verified: bool = False) -> Any:
+        if flags & _NOT_PLAIN == self._task_bits and (verified or self.signer is None):
+            return self._fmt_decode(data, start, len(data) - self._tag_len)
+        return self._decode_task(data, start, flags, verified)
 
     def _decode_task(self, data: bytes, start: int, flags: int, verified: bool = False) -> Any:
         end = len(data)
@@ -237,6 +257,16 @@ class Codec:
             return _pack_result(_RESULT_MAGIC, _OK, tid) + _dumps(value, 5)
         except Exception:
             return env.encode_ok(tid, value)  # makes the pickling error a FAILED result
+
+    def _encode_ok_own(self, tid: int, value: Any, flags: int = 0) -> bytes:
+        if flags & _SER_MASK != self._own_ser:
+            return self._encode_ok(tid, value, flags)
+        try:
+            data = _pack_result(_RESULT_MAGIC, self._own_ok, tid) + self._value_encode(value)
+        except Exception:
+            return self._encode_ok(tid, value, flags)  # which makes it a FAILED result
+        signer = self.signer
+        return data if signer is None else data + signer.tag(data)
 
     def _encode_ok(self, tid: int, value: Any, flags: int = 0) -> bytes:
         kind = self._reply_kind(flags)

@@ -72,7 +72,8 @@ class ProcState:
         "closing",
         "codec",
         "cond",
-        "fast_ok",
+        "fast_decode",
+        "fast_status",
         "heap",
         "heap_lock",
         "ids",
@@ -93,8 +94,9 @@ class ProcState:
     ) -> None:
         self.name = name
         self.codec = codec
-        # OK results may be unpickled at once (unsigned pickle this bus trusts).
-        self.fast_ok = codec is None or codec.fast_results
+        # OK results with this status byte are decoded at once (see Codec).
+        self.fast_status = _OK if codec is None else codec.fast_ok_status
+        self.fast_decode = _loads if codec is None else codec.fast_ok_decode
         self.transport = transport
         self.pid = os.getpid()
         self.ids = itertools.count(1)
@@ -288,7 +290,7 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
     plain: list[tuple[Any, bool, Any]] | None = [] if _PLAIN_FUTURE else None
     wake = False
     unmatched = wakes = 0
-    fast_ok = st.fast_ok
+    fast_status, fast_decode = st.fast_status, st.fast_decode
     decode = env.decode_result if st.codec is None else st.codec.decode_result
     for data in batch:
         try:
@@ -305,9 +307,9 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
         if entry is None:  # timed out, or answered already (e.g. WorkerLost after)
             unmatched += 1
             continue
-        if status == _OK and fast_ok and len(data) < 4096:
+        if status == fast_status and len(data) < 4096:
             try:
-                ok, value = True, _loads(data[_RESULT_HEADER_SIZE:])
+                ok, value = True, fast_decode(data[_RESULT_HEADER_SIZE:])
             except Exception:
                 ok, value = decode(data, status)
         else:

@@ -209,6 +209,10 @@ class MsgspecFormat:
     def decode_value(self, data: bytes, start: int, end: int) -> Any:
         return self._any(_view(data, start, end))
 
+    def decode_bytes(self, data: bytes) -> Any:
+        """A whole document (the reader's fast path for OK results)."""
+        return self._any(data)
+
     def encode_error(self, exc: BaseException, tb: str) -> bytes:
         cls = type(exc)
         try:

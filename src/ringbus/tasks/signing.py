@@ -25,6 +25,7 @@ from collections.abc import Sequence
 __all__ = ["TAG_SIZE", "Signer", "load_secret"]
 
 TAG_SIZE = 32
+_VIEW_FROM = 4096  # below it a bytes slice (a small copy) is cheaper than a memoryview
 SECRET_ENV = "RINGBUS_SECRET"
 
 Secret = str | bytes | Sequence[str | bytes]
@@ -61,31 +62,32 @@ class Signer:
         self._bases = [hashlib.blake2b(key=k, digest_size=TAG_SIZE) for k in keys]
         self._sign = self._bases[0]
 
-    def _tag(self, base: hashlib.blake2b, data: bytes, end: int, skip: bool) -> bytes:
-        h = base.copy()
-        if skip:  # a task: leave out the attempt field
-            h.update(data[:2])
-            h.update(memoryview(data)[4:end] if end > 4096 else data[4:end])
-        else:
-            h.update(memoryview(data)[:end] if end > 4096 else data[:end])
-        return h.digest()
-
     def tag_task(self, data: bytes) -> bytes:
         """The tag to append to a task envelope ``data`` (without a tag)."""
-        return self._tag(self._sign, data, len(data), True)
+        h = self._sign.copy()
+        h.update(data[:2])  # the attempt field (bytes 2-3) is left out
+        h.update(data[4:] if len(data) < _VIEW_FROM else memoryview(data)[4:])
+        return h.digest()
 
     def tag(self, data: bytes) -> bytes:
         """The tag to append to a result or a record ``data``."""
-        return self._tag(self._sign, data, len(data), False)
+        h = self._sign.copy()
+        h.update(data)
+        return h.digest()
 
     def verify(self, data: bytes, task: bool) -> bool:
-        """Whether ``data`` ends with a tag that one of the keys made."""
+        """Whether ``data`` ends with a tag that one of the keys made
+        (``task``: a task envelope, whose attempt field is left out)."""
         end = len(data) - TAG_SIZE
-        if end < 2:
+        if end < 4:
             return False
+        body = data if end < _VIEW_FROM else memoryview(data)
+        parts = (data[:2], body[4:end]) if task else (body[:end],)
         tag = data[end:]
-        compare = hmac.compare_digest
         for base in self._bases:
-            if compare(self._tag(base, data, end, task), tag):
+            h = base.copy()
+            for part in parts:
+                h.update(part)
+            if hmac.compare_digest(h.digest(), tag):
                 return True
         return False
