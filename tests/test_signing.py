@@ -8,6 +8,8 @@ import hashlib
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -203,3 +205,19 @@ def test_signed_dead_letters_are_checked_before_a_retry(
         again = wait_for(lambda: len(bus.dead_letters()) == 2 and bus.dead_letters()[1])
     assert again.id != genuine.id and "IsADirectoryError" in again.reason
     assert not marker.exists()
+
+
+def test_ringbus_worker_refuses_unsigned_pickle_over_redis(redis_server: RedisServer) -> None:
+    tests = Path(__file__).resolve().parent
+    env_ = {k: v for k, v in os.environ.items() if k != "RINGBUS_SECRET"}
+    env_["PYTHONPATH"] = os.pathsep.join([str(tests), *sys.path])
+    url = redis_server.url
+    proc = subprocess.run(
+        [sys.executable, "-m", "ringbus.cli", "worker", "_redis_tasks:bus", "--transport", url],
+        env=env_,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "no secret" in proc.stderr and "Traceback" not in proc.stderr
