@@ -141,8 +141,12 @@ class Codec:
         self.encode_task = (
             self._refuse if self.refusal else _encode_plain if plain else self._encode_task
         )
-        if isinstance(self._fmt, MsgspecFormat) and self.signer is None:
-            self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
+        if isinstance(self._fmt, MsgspecFormat):
+            if self.signer is None:
+                self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
+            self.decode_task = self._fmt.task_decoder(
+                self._task_bits, self._tag_len, self._decode_task, self.signer is None
+            )
         self.decode_task = (
             self._decode_task if self.refusal else self._decode_plain if plain else self._decode_own
         )
