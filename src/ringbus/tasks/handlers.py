@@ -77,6 +77,8 @@ class HandlerRegistry:
         self._policies: dict[type, RetryPolicy] = {}
         self._resolved: dict[type, Callable[[Any], Any]] = {}
         self._resolved_policy: dict[type, RetryPolicy] = {}
+        # Names under which task types travel on msgpack/JSON buses.
+        self._type_names: dict[type, str] = {}
 
     # ------------------------------------------------------------ handlers
 
@@ -88,16 +90,19 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        name: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
         ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``name``: the type's name on msgpack/JSON buses (default
+        ``module.QualName``), e.g. for producers in other languages.
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy)
+            self._register(task_type, fn, policy, name)
             return fn
 
         return deco
@@ -111,19 +116,46 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        name: str | None = None,
     ) -> None:
-        """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
-        self._register(task_type, fn, check_policy(retries, backoff, max_backoff, dead_letter))
+        """Register ``fn`` for tasks of ``task_type`` (a class or an ABC);
+        ``name``: see ``handler``."""
+        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        self._register(task_type, fn, policy, name)
 
-    def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
+    def _register(
+        self,
+        task_type: type,
+        fn: Callable[[Any], Any],
+        policy: RetryPolicy,
+        name: str | None = None,
+    ) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
         if not callable(fn):
             raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
+        if name is not None and (
+            not isinstance(name, str) or not 0 < len(name.encode()) < 256 or " " in name
+        ):
+            raise ValueError(f"a task type name must be 1-255 UTF-8 bytes, no spaces: {name!r}")
         self._handlers[task_type] = fn
         self._policies[task_type] = policy
+        if name is not None:
+            self._type_names[task_type] = name
         self._resolved.clear()
         self._resolved_policy.clear()
+        self._registry_changed()
+
+    def _registry_changed(self) -> None:
+        """Hook: a handler was registered (a bus drops what it cached)."""
+
+    def type_name(self, task_type: type) -> str:
+        """The name ``task_type`` travels under on msgpack/JSON buses."""
+        return self._type_names.get(task_type) or f"{task_type.__module__}.{task_type.__qualname__}"
+
+    def registered_type(self, task_type: type) -> type:
+        """The registered type whose handler serves ``task_type``."""
+        return self._lookup(task_type)
 
     def policy(self, task_type: type) -> RetryPolicy:
         """The retry policy of the handler that serves ``task_type``."""
