@@ -93,7 +93,8 @@ def worker_main(
         die_with_parent(parent_pid, signal.SIGTERM)
     # `ringbus stats NAME --stacks`: every thread's stack to stderr, even while a
     # handler holds the GIL (faulthandler writes from the signal handler, in C).
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    # fd 2, not sys.stderr: that may be a capture object with no descriptor.
+    faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)
     pool = PoolState.attach(pool_path)
     slots = pool.worker_slots(worker)
     for slot in slots:
