@@ -50,6 +50,7 @@ typedef struct {
     alignas(128) _Atomic int64_t tat; /* +384 */
     _Atomic uint64_t rate_granted;    /* +392 */
     _Atomic uint64_t rate_refused;    /* +400 */
+    _Atomic int64_t horizon;          /* +408 */
     alignas(128) _Atomic int64_t reclaim_at; /* +512 */
     _Atomic uint64_t permits_taken;          /* +520 */
     _Atomic uint64_t permits_refused;        /* +528 */
@@ -59,6 +60,7 @@ typedef struct {
 
 _Static_assert(sizeof(lheader_t) == 64, "limits header drawn in ring_limits.h");
 _Static_assert(offsetof(lslot_t, tat) == LIMITS_OFF_SLOT_TAT, "tat at +384");
+_Static_assert(offsetof(lslot_t, horizon) == 408, "horizon at +408");
 _Static_assert(offsetof(lslot_t, reclaim_at) == 512, "reclaim_at at +512");
 _Static_assert(offsetof(lslot_t, holder) == LIMITS_HOLDERS_OFFSET, "holders at +1024");
 _Static_assert(sizeof(lslot_t) == LIMITS_SLOT_SIZE, "slot size drawn in ring_limits.h");
@@ -355,6 +357,24 @@ void limits_configure(limits_t *l, int slot, uint64_t interval_ns, uint64_t burs
 /* ------------------------------------------------------------------ */
 /* the token bucket                                                    */
 
+/* When a refused caller should try again: the next token's time for the
+ * first one refused, one interval later for each one refused after it, so
+ * that refused tasks come back spread like the tokens instead of all at the
+ * next one.  Not a reservation: a token goes to whoever asks first. */
+static int64_t retry_at(lslot_t *s, int64_t now, int64_t wait, int64_t interval)
+{
+    /* relaxed: the horizon publishes nothing but itself; the CAS hands out
+     * distinct times (pairs with the other refused callers' CASes). */
+    int64_t h = atomic_load_explicit(&s->horizon, memory_order_relaxed), at;
+    do {
+        at = now + wait;
+        if (h > at && h - at <= LIMITS_MAX_SPREAD_NS)
+            at = h;
+    } while (!atomic_compare_exchange_weak_explicit(&s->horizon, &h, at + interval,
+                                                    memory_order_relaxed, memory_order_relaxed));
+    return at;
+}
+
 int64_t limits_rate_acquire(limits_t *l, int slot, uint64_t interval_ns, uint64_t burst)
 {
     lslot_t *s = &l->slot[slot];
@@ -368,7 +388,7 @@ int64_t limits_rate_acquire(limits_t *l, int slot, uint64_t interval_ns, uint64_
         if (base - now > allow) {
             /* relaxed: a statistic. */
             atomic_fetch_add_explicit(&s->rate_refused, 1, memory_order_relaxed);
-            return base - now - allow;
+            return retry_at(s, now, base - now - allow, (int64_t)interval_ns) - now;
         }
         /* relaxed both ways: see the load above; a failed CAS reloads tat. */
         if (atomic_compare_exchange_weak_explicit(&s->tat, &tat, base + (int64_t)interval_ns,

@@ -33,6 +33,9 @@
  *    +384     8  tat: the token bucket, one word (GCRA: the theoretical
  *                arrival time of the next token, CLOCK_MONOTONIC ns)
  *    +392     8  rate_granted  +400  8  rate_refused   (statistics)
+ *    +408     8  horizon: when the next refused start is told to come back
+ *                (CLOCK_MONOTONIC ns; refused starts are spread one interval
+ *                apart, never more than LIMITS_MAX_SPREAD_NS past their token)
  *    +512     8  reclaim_at (CLOCK_MONOTONIC ns before which nobody scans
  *                the holders for dead ones again)
  *    +520     8  permits_taken  +528 8  permits_refused  +536 8  reclaimed
@@ -49,8 +52,10 @@
  * one CAS: a process killed anywhere either took its token or did not.
  * That is a bucket of B tokens refilled one every T ns: over any window of
  * t ns at most B + t / T starts, and T >= P / N (rounded up) never lets
- * through more than N per period on average.  A refusal returns the exact
- * wait until the next token.
+ * through more than N per period on average.  A refusal returns when to
+ * try again: the next token's time for the first start refused, and one
+ * interval later for each further one (the horizon), so that a crowd of
+ * refused tasks comes back spread like the tokens, not all at once.
  *
  * The concurrency cap C: permits are the holder entries 0..C-1 (each caller
  * passes its own C), so at most C are ever held.  Giving one back clears the
@@ -84,6 +89,7 @@ extern "C" {
 #define LIMITS_NAME_MAX 239
 #define LIMITS_OFF_SLOT_TAT 384
 #define LIMITS_RECLAIM_EVERY_NS 50000000
+#define LIMITS_MAX_SPREAD_NS 10000000000
 
 typedef struct limits limits_t;
 
@@ -105,8 +111,8 @@ int limits_slot(limits_t *l, const char *key, size_t len, char *errbuf);
 /* Record the configuration this process registered (for tools only). */
 void limits_configure(limits_t *l, int slot, uint64_t interval_ns, uint64_t burst,
                       uint32_t cap);
-/* One start through the bucket: 0 = granted, else the nanoseconds until the
- * next token.  Lock-free, no system call (the clock is the vDSO's). */
+/* One start through the bucket: 0 = granted, else the nanoseconds after
+ * which to try again (the next token's, spread: see the horizon).  Lock-free, no system call (the clock is the vDSO's). */
 int64_t limits_rate_acquire(limits_t *l, int slot, uint64_t interval_ns, uint64_t burst);
 /* A permit among the first `cap` holder entries: its number (>= 1), or 0
  * when all are held by live processes. */
