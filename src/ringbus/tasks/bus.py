@@ -29,6 +29,7 @@ from ringbus.tasks import envelope as env
 from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
+from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.transport.base import Transport
@@ -82,7 +83,13 @@ class TaskBus(HandlerRegistry):
         # For spawn/forkserver workers: handlers travel by reference.
         return (
             _rebuild_bus,
-            (self.name, self.transport, dict(self._handlers), dict(self._policies)),
+            (
+                self.name,
+                self.transport,
+                dict(self._handlers),
+                dict(self._policies),
+                dict(self._limits),  # rate_limit / max_concurrency
+            ),
         )
 
     def __repr__(self) -> str:
@@ -468,8 +475,9 @@ def _rebuild_bus(
     transport: Transport,
     handlers: dict[type, Callable[[Any], Any]],
     policies: dict[type, RetryPolicy] | None = None,
+    limits: dict[type, HandlerLimits] | None = None,
 ) -> TaskBus:
     bus = TaskBus(name, transport=transport)
     for t, fn in handlers.items():
-        bus._register(t, fn, (policies or {}).get(t, DEFAULT_POLICY))
+        bus._register(t, fn, (policies or {}).get(t, DEFAULT_POLICY), (limits or {}).get(t))
     return bus

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
 from ringbus.errors import NoHandlerError
+from ringbus.tasks.limits import HandlerLimits, check_limits, limit_key
 
 __all__ = ["DEFAULT_REDELIVERIES", "HandlerRegistry", "RetryPolicy"]
 
@@ -77,6 +78,7 @@ class HandlerRegistry:
         self._policies: dict[type, RetryPolicy] = {}
         self._resolved: dict[type, Callable[[Any], Any]] = {}
         self._resolved_policy: dict[type, RetryPolicy] = {}
+        self._limits: dict[type, HandlerLimits] = {}  # rate_limit / max_concurrency (limits.py)
 
     # ------------------------------------------------------------ handlers
 
@@ -88,16 +90,21 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
         ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``) and ``max_concurrency``:
+        machine-wide limits of this handler's starts (see ``tasks/limits.py``).
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        limits = check_limits(rate_limit, max_concurrency)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy)
+            self._register(task_type, fn, policy, limits)
             return fn
 
         return deco
@@ -111,17 +118,34 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
-        self._register(task_type, fn, check_policy(retries, backoff, max_backoff, dead_letter))
+        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        self._register(task_type, fn, policy, check_limits(rate_limit, max_concurrency))
 
-    def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
+    def _register(
+        self,
+        task_type: type,
+        fn: Callable[[Any], Any],
+        policy: RetryPolicy,
+        limits: HandlerLimits | None = None,
+    ) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
         if not callable(fn):
             raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
+        if limits is not None:
+            limit_key(task_type)  # a name too long to key the limit: ValueError now
         self._handlers[task_type] = fn
         self._policies[task_type] = policy
+        # -- limits (rate_limit / max_concurrency)
+        if limits is None:
+            self._limits.pop(task_type, None)
+        else:
+            self._limits[task_type] = limits
+        # -- end limits
         self._resolved.clear()
         self._resolved_policy.clear()
 
@@ -132,6 +156,13 @@ class HandlerRegistry:
             p = self._policies.get(self._lookup(task_type), DEFAULT_POLICY)
             self._resolved_policy[task_type] = p
         return p
+
+    def limits_of(self, task_type: type) -> tuple[type, HandlerLimits] | None:
+        """(the registered type, its limits) of the handler that serves
+        ``task_type``, or None when that handler is not limited."""
+        found = self._lookup(task_type)
+        lim = self._limits.get(found)
+        return None if lim is None else (found, lim)
 
     def resolve(self, task_type: type) -> Callable[[Any], Any]:
         """The handler for ``task_type``: the first class of its MRO that has
