@@ -169,15 +169,15 @@ static int attach_segment(limits_t *l, char *errbuf)
         int creating = st.st_size == 0 || (st.st_size == LIMITS_SEGMENT_SIZE &&
                                           (magic == 0 || magic == LINIT_MAGIC));
         if (!creating || ring_now() > give_up) {
-            if (st.st_size != 0 && st.st_size < (off_t)LIMITS_SEGMENT_SIZE)
-                seterr(errbuf, "limits segment %s is truncated: %lld bytes, a limits segment "
-                       "has %d", l->name, (long long)st.st_size, LIMITS_SEGMENT_SIZE);
-            else if (creating)
-                seterr(errbuf, "limits segment %s was never initialized (its creator died "
-                       "while creating it)", l->name);
-            else
+            if (magic != 0 && magic != LINIT_MAGIC)
                 seterr(errbuf, "segment %s is foreign: not a ringbus limits segment (bad "
                        "magic)", l->name);
+            else if (st.st_size != 0 && st.st_size < (off_t)LIMITS_SEGMENT_SIZE)
+                seterr(errbuf, "limits segment %s is truncated: %lld bytes, a limits segment "
+                       "has %d", l->name, (long long)st.st_size, LIMITS_SEGMENT_SIZE);
+            else
+                seterr(errbuf, "limits segment %s was never initialized (its creator died "
+                       "while creating it)", l->name);
             goto fail;
         }
         usleep(1000);

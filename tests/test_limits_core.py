@@ -38,11 +38,11 @@ def seg() -> Iterator[str]:
                          ids=["plain", "asan"])
 def test_c_tests(tmp_path: Path, flags: tuple[str, ...]) -> None:
     exe = tmp_path / "limits_test"
-    subprocess.run(["gcc", *STRICT_FLAGS, "-pthread", *flags, *map(str, SOURCES),
-                    str(CSRC / "tests" / "limits_test.c"), "-o", str(exe)], check=True)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1 halt_on_error=1",
            "UBSAN_OPTIONS": "halt_on_error=1"}
-    env.pop("LD_PRELOAD", None)
+    env.pop("LD_PRELOAD", None)  # the CI's ASan run preloads it for Python: not for these
+    subprocess.run(["gcc", *STRICT_FLAGS, "-pthread", *flags, *map(str, SOURCES),
+                    str(CSRC / "tests" / "limits_test.c"), "-o", str(exe)], check=True, env=env)
     proc = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300, env=env)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
