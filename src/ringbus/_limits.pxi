@@ -77,6 +77,12 @@ cdef class Limits:
         """Give a permit back; False if it was no longer this process's."""
         return limits_permit_release(self._h(), self._slot(slot), permit) == 0
 
+    def gate(self, int slot, uint64_t interval_ns, uint64_t burst, uint32_t cap,
+             int64_t cap_retry_ns):
+        """A ``Gate`` on ``slot``: its bucket (interval_ns 0: none) and its
+        first ``cap`` permits (0: no cap)."""
+        return Gate(self, self._slot(slot), interval_ns, burst, cap, cap_retry_ns)
+
     def reclaim(self, int slot):
         """Free the permits of dead holders now; returns how many."""
         return limits_reclaim(self._h(), self._slot(slot))
@@ -98,6 +104,62 @@ cdef class Limits:
         cdef bytes b = _as_name(normalize_name(name))
         if limits_unlink(b, err) != RING_OK:
             raise RingError(err.decode("utf-8", "replace"))
+
+
+cdef class Gate:
+    """One handler's limits through one ``Limits`` handle, as a worker asks
+    them: ``try_start()`` then ``finish(permit)``.  One Python call each."""
+
+    cdef Limits _owner
+    cdef int _slot
+    cdef uint64_t _interval, _burst
+    cdef uint32_t _cap
+    cdef int64_t _cap_retry
+    cdef uint64_t _rng
+
+    def __cinit__(self, Limits owner, int slot, uint64_t interval_ns, uint64_t burst,
+                  uint32_t cap, int64_t cap_retry_ns):
+        if interval_ns and (burst == 0 or burst > _MAX_WINDOW // interval_ns):
+            raise ValueError(f"invalid bucket: interval_ns={interval_ns}, burst={burst}")
+        if cap > <uint32_t>LIMITS_HOLDERS:
+            raise ValueError(f"cap {cap} out of range 0..{LIMITS_HOLDERS}")
+        if cap_retry_ns < 1:
+            raise ValueError("cap_retry_ns must be positive")
+        self._owner = owner
+        self._slot = slot
+        self._interval = interval_ns
+        self._burst = burst
+        self._cap = cap
+        self._cap_retry = cap_retry_ns
+        self._rng = <uint64_t>ring_now() | 1
+
+    def try_start(self):
+        """``>= 0``: start (a permit to give back, 0 for none); ``< 0``: not
+        now, try again in ``-n`` ns (a full cap: ``cap_retry_ns`` plus up to
+        as much again, at random)."""
+        cdef limits_t *l = self._owner._h()
+        cdef int permit = 0
+        cdef int64_t wait
+        if self._cap:
+            permit = limits_permit_acquire(l, self._slot, self._cap)
+            if permit == 0:
+                self._rng ^= self._rng << 13
+                self._rng ^= self._rng >> 7
+                self._rng ^= self._rng << 17
+                return -(self._cap_retry + <int64_t>(self._rng % <uint64_t>self._cap_retry))
+        if self._interval:
+            wait = limits_rate_acquire(l, self._slot, self._interval, self._burst)
+            if wait:
+                if permit:
+                    limits_permit_release(l, self._slot, permit)
+                return -wait
+        return permit
+
+    def finish(self, int permit):
+        """Give ``permit`` back (nothing for 0); False if it was no longer ours."""
+        if permit <= 0:
+            return True
+        return limits_permit_release(self._owner._h(), self._slot, permit) == 0
 
 
 LIMITS_MAX_HOLDERS = LIMITS_HOLDERS

@@ -68,8 +68,10 @@ class Limiter:
         """May a task of type ``cls`` start now?  A permit (``> 0``) to give
         back with ``release``, 0 (yes, nothing to give back), or ``REFUSED``
         (``retry_after`` then says when to try again)."""
-        gates = self._gates
-        gate = gates[cls] if cls in gates else gates.setdefault(cls, self._gate(cls))
+        try:
+            gate = self._gates[cls]
+        except KeyError:
+            gate = self._gates[cls] = self._gate(cls)
         if gate is None:
             return 0
         answer = gate.try_start()
@@ -82,8 +84,12 @@ class Limiter:
         """The task started with ``permit`` is done."""
         if permit > 0:
             gate = self._gates.get(cls)
-            if gate is not None:
-                gate.finish(permit)
+            if gate is not None and not gate.finish(permit):
+                log.warning(
+                    "ringbus: a permit of %s was taken back before this worker gave it "
+                    "(judged dead from another pid namespace?)",
+                    cls.__qualname__,
+                )
 
     def hand_back(self, transport: Transport, data: bytes, attempt: int) -> None:
         """Queue a refused task again for ``retry_after`` seconds from now (the

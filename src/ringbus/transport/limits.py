@@ -21,8 +21,10 @@ class LimitGate(Protocol):
         with ``finish``, 0 for none); ``< 0``: not now, try again in ``-n``
         nanoseconds.  Never blocks."""
 
-    def finish(self, permit: int) -> None:
-        """The task started with ``permit`` (> 0) is done: give the permit back."""
+    def finish(self, permit: int) -> bool:
+        """The task started with ``permit`` (> 0) is done: give the permit
+        back.  False when it was no longer this process's (taken back by a
+        recoverer that judged it dead)."""
 
 
 class LimitsBackend(Protocol):

@@ -12,62 +12,17 @@ finds the cap full.
 from __future__ import annotations
 
 import contextlib
-import logging
-import random
 import threading
-from typing import TYPE_CHECKING
 
 from ringbus import _names
 from ringbus.errors import RingError
 from ringbus.transport.limits import LimitGate
 
-if TYPE_CHECKING:
-    from ringbus._ring import Limits
-
-__all__ = ["CAP_RETRY_NS", "ShmGate", "ShmLimits", "ShmLimitsMixin"]
-
-log = logging.getLogger("ringbus.transport")
+__all__ = ["CAP_RETRY_NS", "ShmLimits", "ShmLimitsMixin"]
 
 CAP_RETRY_NS = 20_000_000
 """A start refused by a full cap is tried again after 20-40 ms (jittered:
 when a permit comes back is not known in advance)."""
-
-
-class ShmGate:
-    """One handler's bucket and permit table, through this process's handle."""
-
-    __slots__ = ("_burst", "_cap", "_interval", "_release", "_slot", "_try_permit", "_try_rate")
-
-    def __init__(self, limits: Limits, slot: int, interval_ns: int, burst: int, cap: int) -> None:
-        self._slot = slot
-        self._interval = interval_ns
-        self._burst = burst
-        self._cap = cap
-        self._try_rate = limits.try_rate
-        self._try_permit = limits.try_permit
-        self._release = limits.release_permit
-
-    def try_start(self) -> int:
-        permit = 0
-        if self._cap:
-            permit = self._try_permit(self._slot, self._cap)
-            if not permit:
-                return -CAP_RETRY_NS - random.randrange(CAP_RETRY_NS)
-        if self._interval:
-            wait: int = self._try_rate(self._slot, self._interval, self._burst)
-            if wait:
-                if permit:
-                    self._release(self._slot, permit)
-                return -wait
-        return permit
-
-    def finish(self, permit: int) -> None:
-        if permit > 0 and not self._release(self._slot, permit):
-            log.warning(
-                "ringbus: a permit of limit slot %d was taken back before this process "
-                "gave it (was it judged dead from another pid namespace?)",
-                self._slot,
-            )
 
 
 class ShmLimits:
@@ -82,7 +37,8 @@ class ShmLimits:
     def gate(self, key: str, interval_ns: int, burst: int, cap: int) -> LimitGate:
         slot = self._limits.slot(key)
         self._limits.configure(slot, interval_ns, burst, cap)
-        return ShmGate(self._limits, slot, interval_ns, burst, cap)
+        # A Gate (_limits.pxi) asks the bucket and the permits in one call.
+        return self._limits.gate(slot, interval_ns, burst, cap, CAP_RETRY_NS)
 
     def stats(self, key: str) -> dict[str, int]:
         return self._limits.stats(self._limits.slot(key))
