@@ -22,12 +22,14 @@ from ringbus.tasks.limits import limit_key
 from ringbus.transport.base import Transport
 from ringbus.transport.limits import LimitGate
 
-__all__ = ["REFUSED", "Limiter"]
+__all__ = ["REFUSED", "UNREACHABLE_RETRY_NS", "Limiter"]
 
 log = logging.getLogger("ringbus.server")
 
 REFUSED = -1
 """``acquire``'s answer when the task may not start now (see ``retry_after``)."""
+UNREACHABLE_RETRY_NS = 1_000_000_000
+"""A task whose limits cannot be asked (a broker down) is tried again in 1 s."""
 
 
 class Limiter:
@@ -74,7 +76,11 @@ class Limiter:
             gate = self._gates[cls] = self._gate(cls)
         if gate is None:
             return 0
-        answer = gate.try_start()
+        try:
+            answer = gate.try_start()
+        except Exception as exc:  # a broker down: never run past the limit
+            log.warning("ringbus: limits of %s unreachable, task handed back: %s", cls, exc)
+            answer = -UNREACHABLE_RETRY_NS
         if answer >= 0:
             return answer
         self.retry_after = -answer / 1e9
@@ -84,7 +90,12 @@ class Limiter:
         """The task started with ``permit`` is done."""
         if permit > 0:
             gate = self._gates.get(cls)
-            if gate is not None and not gate.finish(permit):
+            try:
+                kept = gate is None or gate.finish(permit)
+            except Exception as exc:  # a broker down: its permit expires there
+                log.warning("ringbus: could not give back a permit of %s: %s", cls, exc)
+                return
+            if not kept:
                 log.warning(
                     "ringbus: a permit of %s was taken back before this worker gave it "
                     "(judged dead from another pid namespace?)",

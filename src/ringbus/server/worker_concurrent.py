@@ -205,6 +205,7 @@ class ConcurrentWorker(WorkerBase):
                 policy.max_deliveries,
                 inspect.iscoroutinefunction(fn),
             )
+            self.limiter.limited(cls)  # -- limits: a segment that cannot open fails the task
             self._types[cls] = entry
         return entry
 
