@@ -8,8 +8,9 @@
   ``release``) for a rate limit, a cap, and both; ns per call.
 - end to end, in the same run: tasks/s of a handler with no limit and of the
   same handler with ``rate_limit`` far above the load (and with
-  ``max_concurrency`` as large as allowed), 2 workers, alternating rounds;
-  the per-task overhead is 1/rate(limited) - 1/rate(plain).
+  ``max_concurrency`` as large as allowed), 2 workers, interleaved rounds;
+  the best round of each (noise only slows rounds down) and the median; the
+  per-task overhead is 1/best(limited) - 1/best(plain).
 """
 
 from __future__ import annotations
@@ -112,7 +113,9 @@ def micro(n: int) -> list[tuple[str, float]]:
     return rows
 
 
-def end_to_end(n: int, rounds: int) -> dict[str, float]:
+def end_to_end(n: int, rounds: int) -> dict[str, tuple[float, float]]:
+    """(best, median) tasks/s of each kind: noise on a shared machine only
+    slows a round down, so the best round is the least disturbed."""
     bus = _bus(f"bench-limits-e2e-{os.getpid()}")
     server = TaskServer(bus, workers=2).start()
     rates: dict[str, list[float]] = {"Plain": [], "Rated": [], "Both": []}
@@ -120,13 +123,15 @@ def end_to_end(n: int, rounds: int) -> dict[str, float]:
         for cls in (Plain, Rated, Both):  # warm up: handlers resolved, segment open
             for f in bus.dispatch_many(cls((i, 1)) for i in range(2000)):
                 f.result(timeout=120)
+        order: list[type[Plain | Rated | Both]] = [Plain, Rated, Both]
         for _ in range(rounds):
-            for cls in (Plain, Rated, Both):
-                tasks = [cls((i, 1)) for i in range(n)]
+            order.reverse()  # ABC CBA ...: no kind always runs first after a pause
+            for kind in order:
+                tasks = [kind((i, 1)) for i in range(n)]
                 t0 = time.perf_counter()
                 for f in bus.dispatch_many(tasks):
                     f.result(timeout=300)
-                rates[cls.__name__].append(n / (time.perf_counter() - t0))
+                rates[kind.__name__].append(n / (time.perf_counter() - t0))
         stats = Limits(f"/ringbus-{bus.name}-limits")
         granted = stats.stats(stats.slot(limit_key(Rated)))["rate_granted"]
         stats.close()
@@ -134,7 +139,7 @@ def end_to_end(n: int, rounds: int) -> dict[str, float]:
     finally:
         server.stop(timeout=30)
         bus.destroy(force=True)
-    return {k: statistics.median(v) for k, v in rates.items()}
+    return {k: (max(v), statistics.median(v)) for k, v in rates.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,21 +147,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer calls and tasks (seconds)")
     args = p.parse_args(argv)
     n_calls = 200_000 if args.quick else 2_000_000
-    n_tasks, rounds = (5_000, 2) if args.quick else (50_000, 5)
+    n_tasks, rounds = (5_000, 2) if args.quick else (30_000, 9)
     rows = micro(n_calls)
     print(f"\n## Acquire, one process, tight loop ({n_calls:,} calls, best of 5)\n")
     print("| call | ns per call |\n|---|---:|")
     for label, ns in rows:
         print(f"| {label} | {ns:,.0f} |")
     e2e = end_to_end(n_tasks, rounds)
-    plain = e2e["Plain"]
-    print(f"\n## End to end ({n_tasks:,} tasks x {rounds} rounds, 2 workers, median)\n")
-    print("| handler | tasks/s | overhead per task |\n|---|---:|---:|")
+    plain = e2e["Plain"][0]
+    print(f"\n## End to end ({n_tasks:,} tasks x {rounds} rounds, 2 workers, interleaved)\n")
+    print("| handler | best tasks/s | median tasks/s | overhead per task (best) |")
+    print("|---|---:|---:|---:|")
     for key, label in (("Plain", "no limit"), ("Rated", f'rate_limit="{FAR}"'),
                        ("Both", f'rate_limit="{FAR}", max_concurrency=512')):
-        rate = e2e[key]
-        extra = (1 / rate - 1 / plain) * 1e6
-        print(f"| {label} | {rate:,.0f} | {extra:+.2f} us |")
+        best, median = e2e[key]
+        extra = (1 / best - 1 / plain) * 1e6
+        print(f"| {label} | {best:,.0f} | {median:,.0f} | {extra:+.2f} us |")
     return 0
 
 
