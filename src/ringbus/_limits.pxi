@@ -13,9 +13,11 @@ cdef class Limits:
     cdef limits_t *_l
     cdef readonly str name
 
-    def __cinit__(self, str name):
+    def __init__(self, str name):
         cdef char err[256]
         cdef bytes b = _as_name(normalize_name(name))
+        if self._l != NULL:
+            raise RingError("Limits handle already open")
         cdef int rc = limits_open(b, &self._l, err)
         if rc != RING_OK:
             self._l = NULL
@@ -117,7 +119,7 @@ cdef class Gate:
     cdef int64_t _cap_retry
     cdef uint64_t _rng
 
-    def __cinit__(self, Limits owner, int slot, uint64_t interval_ns, uint64_t burst,
+    def __init__(self, Limits owner, int slot, uint64_t interval_ns, uint64_t burst,
                   uint32_t cap, int64_t cap_retry_ns):
         if interval_ns and (burst == 0 or burst > _MAX_WINDOW // interval_ns):
             raise ValueError(f"invalid bucket: interval_ns={interval_ns}, burst={burst}")

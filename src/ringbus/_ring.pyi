@@ -116,7 +116,8 @@ LIMITS_MAX_NAME: int
 class Limits:
     """A process-local handle on one limits segment (csrc/ring_limits.h)."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
     def __init__(self, name: str) -> None: ...
     def close(self) -> None: ...
     @property
