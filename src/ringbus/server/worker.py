@@ -218,6 +218,8 @@ class _WorkerLoop(WorkerBase):
         policy = None
         max_del = 0
         max_del_packed = b"\0\0"
+        limiter = self.limiter
+        gated = False  # the current type's handler has a rate_limit / max_concurrency
         done = 0
         while not flag.stop:
             try:
@@ -268,6 +270,7 @@ class _WorkerLoop(WorkerBase):
                     max_del_packed = pack_u16(max_del)
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
+                    gated = limiter.limited(cls)
                     last_type = cls
             except Exception as exc:
                 # Not retried: decoding and handler lookup fail the same way again.
@@ -284,6 +287,15 @@ class _WorkerLoop(WorkerBase):
                 )
                 finish_task()
                 continue
+            # -- limits: a task its handler's limit refuses now goes back to the
+            # timer store and this worker takes the next one (server/limiter.py).
+            permit = limiter.acquire(cls) if gated else 0
+            if permit < 0:
+                limiter.hand_back(transport, data, attempt)
+                finish_task()
+                finish(IDLE, done)
+                continue
+            # -- end limits
             while True:
                 try:
                     value = fn(task)
@@ -319,6 +331,8 @@ class _WorkerLoop(WorkerBase):
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     del value
                     break
+            if permit:  # -- limits: the handler is done with its permit
+                limiter.release(cls, permit)
             if out is not None:
                 if reply != put_addr:
                     put_reply, put_addr = reply_putter(reply), reply
