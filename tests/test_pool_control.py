@@ -21,7 +21,7 @@ from _tasks_support import bus_name_fixture, wait_for  # noqa: F401
 from ringbus import TaskBus
 from ringbus.server.pool_state import read_pool_states
 
-APP = '''
+APP = """
 import os, time
 from ringbus import TaskBus
 
@@ -35,7 +35,7 @@ def run(task):
     if task[1]:
         time.sleep(task[1])
     return VERSION
-'''
+"""
 
 
 class Worker:

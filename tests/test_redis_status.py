@@ -32,7 +32,9 @@ class _WiredRedis(RedisTransport):
 
 @pytest.fixture(name="rbus")
 def rbus_fixture(bus_name: str, redis_server: Any) -> Iterator[TaskBus]:
-    bus = make_identity_bus(bus_name, transport=_WiredRedis(redis_server.url, visibility_timeout=5))
+    # Signed: a broker bus refuses unsigned pickle (the cancel answers are signed too).
+    transport = _WiredRedis(redis_server.url, visibility_timeout=5)
+    bus = make_identity_bus(bus_name, transport=transport, secret="identity-test-secret")
     try:
         yield bus
     finally:

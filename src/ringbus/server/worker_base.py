@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ringbus.errors import MessageTooLarge, Unrecoverable
+from ringbus.server.limiter import Limiter
 from ringbus.server.pool_state import (
     JOURNAL_OFF,
     SLOT_COUNTERS,
@@ -59,14 +60,17 @@ class WorkerBase:
         self.rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
         self.journal = self.rec[JOURNAL_OFF:]
         self.transport: Transport = bus.transport
+        self.codec = bus.codec  # the bus's serializer and signer: answers are encoded by it
         t = self.transport
         # Acknowledging is a no-op on shared memory: skip the call.
         no_ack = type(t).ack_task is Transport.ack_task and type(t).ack_tasks is Transport.ack_tasks
         self.ack = None if no_ack else t.ack_task
         self.send = t.send_reply
         self.dead = DeadLetterStore(t)
+        self.limiter = Limiter(bus)  # rate_limit / max_concurrency of handlers
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
-        self.tracker = Tracker(t.task_table(), bus.name)  # status records, current_task()
+        # Status records, current_task(); kept results are encoded by the codec.
+        self.tracker = Tracker(t.task_table(), bus.name, bus.codec)
 
     def release(self) -> None:
         self.journal.release()
@@ -96,7 +100,7 @@ class WorkerBase:
         try:
             self.send(reply, dpid, out)
         except MessageTooLarge as big:
-            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
+            self.send(reply, dpid, self.codec.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
         except Exception:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
@@ -118,7 +122,7 @@ class WorkerBase:
         self, flags: int, reply: bytes, dpid: int, tid: int, late: float, data: bytes = b""
     ) -> None:
         """The task's deadline passed while it was queued: answer, never run it."""
-        out = env.encode_text(
+        out = self.codec.encode_text(
             tid,
             env.TIMEOUT,
             f"task #{tid} reached its deadline {late:.3f} s before a worker took it; "
@@ -132,7 +136,7 @@ class WorkerBase:
         """The task was cancelled (``bus.cancel``): its caller's future is cancelled."""
         self.tracker.cancelled(gid)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_text(tid, env.CANCELLED, "cancelled"), tid)
+            self._reply(reply, dpid, self.codec.encode_text(tid, env.CANCELLED, "cancelled"), tid)
 
     def _too_many_deliveries(
         self, data: bytes, tid: int, flags: int, reply: bytes, dpid: int, attempt: int, *a: Any
@@ -146,7 +150,7 @@ class WorkerBase:
         log.error("ringbus: %s; it goes to dead letters", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
-        out = env.encode_text(tid, env.LOST, text)
+        out = self.codec.encode_text(tid, env.LOST, text)
         self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
             self.send(reply, dpid, out)
@@ -173,7 +177,7 @@ class WorkerBase:
                 type_name,
                 attempt,
             )
-        out = env.encode_error(tid, exc)
+        out = self.codec.encode_error(tid, exc, flags)
         self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
             self._reply(reply, dpid, out, tid)
@@ -232,7 +236,7 @@ class WorkerBase:
         log.warning("ringbus: %s", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
-        out = env.encode_text(tid, env.TIMEOUT, text)
+        out = self.codec.encode_text(tid, env.TIMEOUT, text)
         self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
             self._reply(reply, dpid, out, tid)

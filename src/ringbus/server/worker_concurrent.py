@@ -20,7 +20,6 @@ import collections
 import inspect
 import logging
 import os
-import pickle
 import queue
 import struct
 import threading
@@ -103,6 +102,7 @@ class ConcurrentWorker(WorkerBase):
         self._drain_due = False
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
+        self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
 
     # -------------------------------------------------------- lifecycle
 
@@ -193,6 +193,9 @@ class ConcurrentWorker(WorkerBase):
         except BaseException:
             log.exception("ringbus worker %d: a task failed outside its handler", os.getpid())
         finally:
+            held, self._permits[i] = self._permits[i], None
+            if held is not None and release:  # -- limits (a stuck thread keeps its permit)
+                self.limiter.release(*held)
             rec = self.recs[i]
             self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
             if self.ack is not None:
@@ -218,6 +221,7 @@ class ConcurrentWorker(WorkerBase):
                 policy.max_deliveries,
                 inspect.iscoroutinefunction(fn),
             )
+            self.limiter.limited(cls)  # -- limits: a segment that cannot open fails the task
             self._types[cls] = entry
         return entry
 
@@ -236,6 +240,10 @@ class ConcurrentWorker(WorkerBase):
         if magic != env.TASK_MAGIC or start > len(data):
             self._malformed_header(data, magic, rlen)
             return True
+        verify = self.codec.verify_task
+        if verify is not None and (why := verify(data, flags)) is not None:
+            self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
+            return True
         attempt += deliveries - 1
         if wall and self.transport.spans_hosts:
             deadline = wall - time.time() + time.monotonic()
@@ -251,7 +259,7 @@ class ConcurrentWorker(WorkerBase):
         )
         type_name = ""
         try:
-            task = env.load_payload(data, start)
+            task = self.codec.decode_task(data, start, flags, True)  # True: verified above
             fn, policy, type_name, max_del, is_async = self._handler(type(task))
         except Exception as exc:
             self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
@@ -261,6 +269,15 @@ class ConcurrentWorker(WorkerBase):
         if attempt > max_del:
             self._too_many_deliveries(data, tid, flags, reply, dpid, attempt, type_name, max_del)
             return True
+        # -- limits: refused now -> back to the timer store (server/limiter.py)
+        permit = self.limiter.acquire(type(task))
+        if permit < 0:
+            self.limiter.hand_back(self.transport, data, attempt)
+            self.tracker.later(data, attempt, True)
+            return True
+        if permit:
+            self._permits[i] = (type(task), permit)  # given back by _run
+        # -- end limits
         keep = policy.dead_letter
         ctx = self.tracker.begin(
             gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
@@ -314,7 +331,7 @@ class ConcurrentWorker(WorkerBase):
                     self.transport.put_task(env.with_attempt(data, attempt))
                     return True
                 try:
-                    task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                    task = self.codec.decode_task(data, start, flags, True)  # fresh copy
                 except Exception as uexc:
                     self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                     return True
@@ -322,7 +339,9 @@ class ConcurrentWorker(WorkerBase):
             except BaseException as exc:  # SystemExit and the like: not retried
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
-            out = await self._answer(reply, dpid, tid, value) if flags & FLAG_REPLY else None
+            out = (
+                await self._answer(reply, dpid, tid, value, flags) if flags & FLAG_REPLY else None
+            )
             self.tracker.done(gid, tid, value, policy.keep_result, out)
             return True
 
@@ -360,11 +379,8 @@ class ConcurrentWorker(WorkerBase):
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
 
-    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> bytes:
-        try:
-            out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
-        except Exception:
-            out = env.encode_ok(tid, value)  # makes the pickling error a FAILED result
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> bytes:
+        out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result
         if reply != self._put_addr:  # the same dispatcher as last time: its handle is kept
             self._put, self._put_addr = self.transport.reply_putter(reply), reply
         put = self._put

@@ -14,7 +14,6 @@ import time
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
-from ringbus.tasks import envelope as env
 from ringbus.tasks.identity import new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
@@ -29,6 +28,7 @@ from ringbus.transport.task_table import (
 )
 
 if TYPE_CHECKING:
+    from ringbus.tasks.codec import Codec
     from ringbus.tasks.results import ProcState
     from ringbus.transport.base import Transport
 
@@ -49,6 +49,7 @@ class TaskControl:
 
     transport: Transport
     name: str
+    codec: Codec
     _st: ProcState | None
 
     def _table(self) -> TaskTable | None:
@@ -100,8 +101,7 @@ class TaskControl:
                 f"task {task_id} finished ({'done' if rec.state == DONE else 'failed'}) "
                 f"but its result is not kept: {rec.result_dropped or 'no result stored'}"
             )
-        status, _ = env.result_header(rec.result)
-        ok, value = env.decode_result(rec.result, status)
+        ok, value = self.codec.decode_result(rec.result, rec.result[1])  # signed or not
         if ok:
             return value
         raise value

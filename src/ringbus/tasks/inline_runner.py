@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 from ringbus.errors import EnvelopeError, Unrecoverable
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import TaskContext, reset_current, set_current
-from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.identity import format_id
 from ringbus.tasks.tracking import Tracker, await_cancellable
@@ -51,10 +50,15 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
     try:
         hdr, reply, start = env.decode_task_header(data)
     except EnvelopeError as exc:
-        DeadLetterStore(transport).add(data, f"malformed task envelope: {exc}")
+        bus.dead_letter_store.add(data, f"malformed task envelope: {exc}")
         return
     tid, gid, attempt, flags = hdr.task_id, hdr.gid, hdr.attempt, hdr.flags
-    tracker = Tracker(transport.task_table(), bus.name)
+    codec = bus.codec  # the bus's serializer and signer, as on a worker
+    tracker = Tracker(transport.task_table(), bus.name, codec)
+    verify = codec.verify_task
+    if verify is not None and (why := verify(data, flags)) is not None:
+        bus.dead_letter_store.add(data, f"malformed task envelope: {why}")
+        return
 
     def answer(out: bytes) -> None:
         if flags & FLAG_REPLY:
@@ -62,24 +66,24 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
 
     def fail(exc: BaseException, type_name: str, keep: bool = True) -> None:
         if keep:
-            DeadLetterStore(transport).add(
+            bus.dead_letter_store.add(
                 env.with_attempt(data, attempt),
                 f"{type(exc).__name__}: {exc} (attempt {attempt})",
                 type_name,
                 attempt,
             )
-        out = env.encode_error(tid, exc)
+        out = codec.encode_error(tid, exc, flags)
         tracker.failed(data, out)
         answer(out)
 
     if hdr.deadline and time.monotonic() > hdr.deadline:
-        out = env.encode_text(tid, env.TIMEOUT, f"task #{tid} reached its deadline; not run")
+        out = codec.encode_text(tid, env.TIMEOUT, f"task #{tid} reached its deadline; not run")
         tracker.failed(data, out)
         answer(out)
         return
     type_name = ""
     try:
-        task = env.load_payload(data, start)
+        task = codec.decode_task(data, start, flags, True)
         cls = type(task)
         type_name = f"{cls.__module__}.{cls.__qualname__}"
         fn = bus.resolve(cls)
@@ -92,7 +96,7 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
     )
     if ctx is None:
         tracker.cancelled(gid)
-        answer(env.encode_text(tid, env.CANCELLED, "cancelled"))
+        answer(codec.encode_text(tid, env.CANCELLED, "cancelled"))
         return
     token = set_current(ctx)
     try:
@@ -104,7 +108,7 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
             except BaseException as exc:
                 if ctx.cancelled:
                     tracker.cancelled(gid)
-                    answer(env.encode_text(tid, env.CANCELLED, "cancelled"))
+                    answer(codec.encode_text(tid, env.CANCELLED, "cancelled"))
                     return
                 if not isinstance(exc, Exception) or isinstance(exc, Unrecoverable):
                     fail(exc, type_name, policy.dead_letter)
@@ -123,13 +127,13 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
                 attempt += 1
                 ctx.attempt = attempt
                 tracker.again(gid, attempt)
-                task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                task = codec.decode_task(data, start, flags, True)  # fresh: it may be mutated
                 continue
             if ctx.cancelled:
                 tracker.cancelled(gid)
-                answer(env.encode_text(tid, env.CANCELLED, "cancelled"))
+                answer(codec.encode_text(tid, env.CANCELLED, "cancelled"))
                 return
-            out = env.encode_ok(tid, value)
+            out = codec.encode_ok(tid, value, flags)
             tracker.done(gid, tid, value, policy.keep_result, out)
             answer(out)
             return

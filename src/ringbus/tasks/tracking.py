@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import TaskContext
@@ -24,6 +24,9 @@ from ringbus.transport.task_table import (
     SCHEDULED,
     TaskTable,
 )
+
+if TYPE_CHECKING:
+    from ringbus.tasks.codec import Codec
 
 __all__ = ["Tracker", "await_cancellable"]
 
@@ -43,9 +46,10 @@ def _no_progress(fraction: float | None, message: str) -> None:
 class Tracker:
     """Status records of the tasks a worker runs (see the module docstring)."""
 
-    def __init__(self, table: TaskTable | None, queue: str) -> None:
+    def __init__(self, table: TaskTable | None, queue: str, codec: Codec) -> None:
         self.table = table
         self.queue = queue
+        self.codec = codec  # encodes a kept result the caller did not ask for
         self.pid = os.getpid()
         self.keeps: dict[bytes, float] = {}  # keep_result of the tasks begun
 
@@ -87,7 +91,7 @@ class Tracker:
     def done(self, gid: bytes, tid: int, value: Any, keep: float, out: bytes | None) -> None:
         """Success; ``out`` is the result message if one was made for the caller."""
         if keep > 0 and out is None:
-            out = env.encode_ok(tid, value)
+            out = self.codec.encode_ok(tid, value)
         self._finish(gid, DONE, keep, out)
 
     def failed(self, data: bytes, out: bytes | None) -> None:

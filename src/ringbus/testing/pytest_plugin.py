@@ -27,11 +27,13 @@ __all__ = ["clone_bus", "ringbus_inline_bus", "ringbus_pool"]
 
 
 def clone_bus(app_bus: TaskBus, name: str, transport: Any = None) -> TaskBus:
-    """A bus named ``name`` with ``app_bus``'s handlers and their policies."""
-    bus = TaskBus(name, transport=transport)
-    for task_type, fn in app_bus._handlers.items():
-        bus._register(task_type, fn, app_bus._policies[task_type])
-    return bus
+    """A bus named ``name`` over ``transport`` with ``app_bus``'s handlers,
+    policies, limits, type names and codec (serializer, secret): what a
+    spawned worker rebuilds (``TaskBus.__reduce__``)."""
+    from ringbus.transport.registry import make_transport
+
+    rebuild, args = app_bus.__reduce__()[:2]
+    return rebuild(name, make_transport(transport), *args[2:])
 
 
 def _unique(app_bus: TaskBus | None) -> str:

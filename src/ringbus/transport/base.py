@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ringbus._names import validate_bus_name
 from ringbus.errors import TransportClosed
+from ringbus.transport.limits import LimitsBackend
 
 if TYPE_CHECKING:
     from ringbus.transport.task_table import TaskTable
@@ -198,6 +199,13 @@ class Transport(abc.ABC):
         for ``ringbus stats``."""
 
     def read_schedule_state(self) -> bytes | None:
+        return None
+
+    # ------------------------------------------------------------ limits
+
+    def limits(self) -> LimitsBackend | None:
+        """Where handlers' ``rate_limit``/``max_concurrency`` are kept, shared
+        by every consumer of the bus (None: this transport enforces none)."""
         return None
 
     # ------------------------------------------------------------ replies
