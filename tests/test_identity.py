@@ -191,3 +191,21 @@ def test_cancel_of_a_finished_task_is_false(ibus: TaskBus, servers: list[TaskSer
     assert fut.result(timeout=60) == 2
     assert ibus.cancel(fut.task_id) is False
     assert ibus.status(fut.task_id).state == "done"
+
+
+def test_an_envelope_of_the_layout_before_ids_still_runs(
+    ibus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    import pickle
+    import struct
+
+    from ringbus import Queue
+
+    marker = tmp_path / "ran"
+    head = struct.pack("<BBHIQddH", 0xB1, 0, 1, os.getpid(), 0, 0.0, 0.0, 0)  # no reply, no id
+    ibus.transport.open()
+    with Queue.attach(f"/ringbus-{ibus.name}-tasks") as q:
+        q.put_bytes(head + pickle.dumps(Ran(str(marker)), 5))
+    servers.append(TaskServer(ibus, workers=1).start())
+    wait_for(marker.exists, what="the old-layout task to run")
+    assert ibus.dead_letters() == []

@@ -216,6 +216,7 @@ class _WorkerLoop(WorkerBase):
         max_tasks = self.max_tasks
         tracker = self.tracker
         no_id = env.NO_ID
+        legacy = bytes((env.LEGACY_TASK_MAGIC,))
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -235,6 +236,8 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
+            if data[:1] == legacy:  # the layout before task ids (other producers)
+                data = self._legacy(data)
             try:
                 magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = unpack(data)
             except struct.error:

@@ -54,6 +54,7 @@ log = logging.getLogger("ringbus.server")
 
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
+_LEGACY = bytes((env.LEGACY_TASK_MAGIC,))
 
 
 class _Overran(Exception):
@@ -229,6 +230,8 @@ class ConcurrentWorker(WorkerBase):
         """One task in slot ``i``; False when its slot must stay taken (a
         thread that overran still uses it)."""
         rec, slot = self.recs[i], self.slots[i]
+        if data[:1] == _LEGACY:  # the layout before task ids (other producers)
+            data = self._legacy(data)
         try:
             magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = (
                 env.TASK_HEADER.unpack_from(data)

@@ -163,6 +163,28 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     return hdr, data[size:end], end
 
 
+LEGACY_TASK_MAGIC = _OLD_TASK_MAGIC
+
+
+def from_legacy(data: bytes, signer: Any = None) -> bytes:
+    """A 0xB1 envelope (no global id: older versions, producers in other
+    languages) in this layout, with a zero id (it runs untracked).  A signed
+    one is upgraded only if its tag verifies, and is signed anew; otherwise
+    (or when it is too short) ``data`` comes back unchanged, and the worker
+    refuses it as it refuses any malformed envelope."""
+    if len(data) < _OLD_TASK_HEADER.size or data[0] != _OLD_TASK_MAGIC:
+        return data
+    end = len(data)
+    signed = data[1] & FLAG_SIGNED
+    if signed:
+        if signer is None or not signer.verify(data, True):
+            return data
+        end -= TAG_SIZE
+    at = _OLD_TASK_HEADER.size
+    out = bytes((TASK_MAGIC,)) + bytes(data[1:at]) + NO_ID + bytes(data[at:end])
+    return out + signer.tag_task(out) if signed else out
+
+
 def task_gid(data: bytes) -> bytes:
     """The global task id of an envelope (``NO_ID`` if it has none)."""
     if len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:

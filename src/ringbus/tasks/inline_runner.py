@@ -47,6 +47,7 @@ def _await(ctx: TaskContext, value: Any) -> Any:
 
 
 def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
+    data = env.from_legacy(data, bus.codec.signer)  # the layout before task ids
     try:
         hdr, reply, start = env.decode_task_header(data)
     except EnvelopeError as exc:
