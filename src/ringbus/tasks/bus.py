@@ -30,6 +30,7 @@ from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
+from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.transport.base import Transport
 from ringbus.transport.registry import make_transport
@@ -71,6 +72,7 @@ class TaskBus(HandlerRegistry):
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
+        self.transport.router = env.route_of  # due delayed tasks go back to their queue
         self._reset_process_state()
         _buses.add(self)
 
@@ -82,7 +84,13 @@ class TaskBus(HandlerRegistry):
         # For spawn/forkserver workers: handlers travel by reference.
         return (
             _rebuild_bus,
-            (self.name, self.transport, dict(self._handlers), dict(self._policies)),
+            (
+                self.name,
+                self.transport,
+                dict(self._handlers),
+                dict(self._policies),
+                dict(self._queues),
+            ),
         )
 
     def __repr__(self) -> str:
@@ -112,6 +120,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> Future[Any]:
         """Queue ``task`` for a worker; its handler's result resolves the future.
 
@@ -121,9 +130,11 @@ class TaskBus(HandlerRegistry):
         ``queue.Full`` if the task channel stays full until the deadline.
         ``delay`` (seconds or a timedelta) or ``eta`` (an aware datetime) hold
         the task until then, durably; ``timeout`` then counts from that time.
+        ``priority`` (0..9, higher first) orders tasks within their queue.
         """
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), None)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, None, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -135,7 +146,10 @@ class TaskBus(HandlerRegistry):
             data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply)
             st.pending[tid] = fut
             try:
-                self.transport.put_task(data)
+                if priority or cls in self._off_default:
+                    put_for(self, cls, priority, data, None)
+                else:
+                    self.transport.put_task(data)
             except BaseException:
                 st.pending.pop(tid, None)
                 raise
@@ -146,7 +160,10 @@ class TaskBus(HandlerRegistry):
         )
         st.pending[tid] = fut
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -174,6 +191,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> asyncio.Future[Any]:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
@@ -181,7 +199,8 @@ class TaskBus(HandlerRegistry):
         """
         loop = asyncio.get_running_loop()
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), loop)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, loop, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -196,7 +215,10 @@ class TaskBus(HandlerRegistry):
         data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
         st.pending[tid] = (loop, afut)
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -211,6 +233,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> list[Future[Any]]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
@@ -223,10 +246,13 @@ class TaskBus(HandlerRegistry):
             due = check_due(delay, eta, time.time())
             for t in tasks:
                 self.resolve(type(t))
-            return [self._later(t, timeout, due, None) for t in tasks]  # type: ignore[misc]
+            return [self._later(t, timeout, due, None, priority) for t in tasks]  # type: ignore[misc]
         for t in tasks:
             if type(t) not in self._resolved:
                 self.resolve(type(t))
+        chans = None  # channels of the tasks, when any is not the default one
+        if priority or any(type(t) in self._off_default for t in tasks):
+            chans = [route_for(self, type(t), priority) for t in tasks]
         payloads = [_dumps(t, 5) for t in tasks]
         st = self._st or self._state()
         deadline = wall = 0.0
@@ -251,7 +277,10 @@ class TaskBus(HandlerRegistry):
                 pending[tid] = fut
             left = None if timeout is None else max(0.0, deadline - _monotonic())
             try:
-                self.transport.put_tasks(datas, left)
+                if chans is None:
+                    self.transport.put_tasks(datas, left)
+                else:
+                    put_routed_many(self.transport, chans[at : at + len(part)], datas, left)
             except queue.Full as exc:
                 done = getattr(exc, "done", 0)
                 why = "not queued: the task channel stayed full"
@@ -291,6 +320,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> None:
         """Fire and forget: queue ``task`` with no result path.
 
@@ -311,7 +341,9 @@ class TaskBus(HandlerRegistry):
             wall = time.time() + later + timeout
         data = _encode_task(_dumps(task, 5), 0, 0, _pid, b"", deadline, wall)
         if due:
-            self.transport.put_delayed(data, due)
+            self.transport.put_delayed(routed(self, cls, priority, data), due)
+        elif priority or cls in self._off_default:
+            put_for(self, cls, priority, data, timeout)
         else:
             self.transport.put_task(data, timeout)
 
@@ -321,6 +353,7 @@ class TaskBus(HandlerRegistry):
         timeout: float | None,
         due: float,
         loop: asyncio.AbstractEventLoop | None,
+        priority: int = 0,
     ) -> Future[Any] | asyncio.Future[Any]:
         """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
         cls = type(task)
@@ -334,7 +367,9 @@ class TaskBus(HandlerRegistry):
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        data = routed(self, cls, priority, _encode_task(
+            payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall
+        ))  # fmt: skip
         fut: Future[Any] | asyncio.Future[Any]
         if loop is None:
             fut = BusFuture(st)
@@ -346,7 +381,7 @@ class TaskBus(HandlerRegistry):
             if due:
                 self.transport.put_delayed(data, due)
             else:
-                self.transport.put_task(data, timeout)
+                put_envelope(self.transport, data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -468,8 +503,10 @@ def _rebuild_bus(
     transport: Transport,
     handlers: dict[type, Callable[[Any], Any]],
     policies: dict[type, RetryPolicy] | None = None,
+    queues: dict[type, str] | None = None,
 ) -> TaskBus:
     bus = TaskBus(name, transport=transport)
     for t, fn in handlers.items():
-        bus._register(t, fn, (policies or {}).get(t, DEFAULT_POLICY))
+        policy = (policies or {}).get(t, DEFAULT_POLICY)
+        bus._register(t, fn, policy, (queues or {}).get(t, "default"))
     return bus

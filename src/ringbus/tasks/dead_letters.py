@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from ringbus.tasks.envelope import describe_envelope, requeue_envelope
+from ringbus.tasks.routing import put_envelope
 from ringbus.transport.base import Record, Transport
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
@@ -108,7 +109,7 @@ class DeadLetterStore:
         reply); returns how many."""
 
         def requeue(d: DeadLetter) -> None:
-            self.transport.put_task(requeue_envelope(d.data))
+            put_envelope(self.transport, requeue_envelope(d.data))  # to its own queue
 
         return len(self.take(ids, requeue))
 

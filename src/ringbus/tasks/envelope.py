@@ -19,6 +19,15 @@ Task message::
     34      n     reply address (transport-specific bytes, e.g. a ring name)
     34+n    ...   pickled task (protocol 5)
 
+With FLAG_ROUTED the task is not on the default queue at priority 0, and a
+trailer follows the pickle (which ignores bytes after its STOP opcode, so
+no reader of the payload changes; default tasks keep today's bytes)::
+
+    end-3-q q     queue name (ASCII)
+    end-3   1     q
+    end-2   1     priority (0..9)
+    end-1   1     ROUTE_MAGIC (0xB7)
+
 Result message::
 
     0       1     magic/version (0xB2)
@@ -47,6 +56,10 @@ __all__ = [
 TASK_MAGIC = 0xB1
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
+FLAG_ROUTED = 0x02
+"""The envelope ends in a (queue, priority) trailer (see above)."""
+ROUTE_MAGIC = 0xB7
+DEFAULT_ROUTE = ("default", 0)
 
 OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
 STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
@@ -111,6 +124,27 @@ def with_attempt(data: bytes, attempt: int) -> bytes:
 def set_attempt(buf: Any, offset: int, attempt: int) -> None:
     """Set the attempt field of the envelope at ``buf[offset:]`` in place."""
     _ATTEMPT.pack_into(buf, offset + ATTEMPT_OFFSET, min(attempt, 0xFFFF))
+
+
+def route(data: bytes, queue: str, priority: int) -> bytes:
+    """The envelope with its (queue, priority) trailer (not for the default route)."""
+    q = queue.encode("ascii")
+    return (
+        data[:1] + bytes((data[1] | FLAG_ROUTED,)) + data[2:]
+        + q + bytes((len(q), priority, ROUTE_MAGIC))
+    )  # fmt: skip
+
+
+def route_of(data: bytes) -> tuple[str, int]:
+    """(queue, priority) of an envelope: where it is queued again after a
+    worker death, a retry, a delay or from dead letters."""
+    if len(data) < TASK_HEADER_SIZE + 3 or not data[1] & FLAG_ROUTED or data[-1] != ROUTE_MAGIC:
+        return DEFAULT_ROUTE
+    n = data[-3]
+    try:
+        return bytes(data[-3 - n : -3]).decode("ascii"), min(int(data[-2]), 9)
+    except UnicodeDecodeError:
+        return DEFAULT_ROUTE
 
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:

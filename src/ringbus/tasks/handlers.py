@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+from ringbus._names import DEFAULT_QUEUE, validate_queue_name
 from ringbus.errors import NoHandlerError
 
 __all__ = ["DEFAULT_REDELIVERIES", "HandlerRegistry", "RetryPolicy"]
@@ -77,6 +78,11 @@ class HandlerRegistry:
         self._policies: dict[type, RetryPolicy] = {}
         self._resolved: dict[type, Callable[[Any], Any]] = {}
         self._resolved_policy: dict[type, RetryPolicy] = {}
+        # Named queues (issue 16): registered type -> queue; only types that
+        # resolve to another queue than "default" are in _off_default, so a
+        # dispatch of a default task tests one set.
+        self._queues: dict[type, str] = {}
+        self._off_default: dict[type, str] = {}
 
     # ------------------------------------------------------------ handlers
 
@@ -88,16 +94,19 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        queue: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
         ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``queue``: the named queue these tasks go to (default: ``"default"``).
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        q = self._check_queue(queue)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy)
+            self._register(task_type, fn, policy, q)
             return fn
 
         return deco
@@ -111,19 +120,32 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        queue: str | None = None,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
-        self._register(task_type, fn, check_policy(retries, backoff, max_backoff, dead_letter))
+        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        self._register(task_type, fn, policy, self._check_queue(queue))
 
-    def _register(self, task_type: type, fn: Callable[[Any], Any], policy: RetryPolicy) -> None:
+    def _check_queue(self, queue: str | None) -> str:
+        return DEFAULT_QUEUE if queue is None else validate_queue_name(queue, self.name)
+
+    def _register(
+        self,
+        task_type: type,
+        fn: Callable[[Any], Any],
+        policy: RetryPolicy,
+        queue: str = DEFAULT_QUEUE,
+    ) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
         if not callable(fn):
             raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
         self._handlers[task_type] = fn
         self._policies[task_type] = policy
+        self._queues[task_type] = queue
         self._resolved.clear()
         self._resolved_policy.clear()
+        self._off_default.clear()
 
     def policy(self, task_type: type) -> RetryPolicy:
         """The retry policy of the handler that serves ``task_type``."""
@@ -140,9 +162,29 @@ class HandlerRegistry:
         fn = self._resolved.get(task_type)
         if fn is not None:
             return fn
-        fn = self._handlers[self._lookup(task_type)]
+        found = self._lookup(task_type)
+        fn = self._handlers[found]
+        q = self._queues.get(found, DEFAULT_QUEUE)
+        if q != DEFAULT_QUEUE:
+            self._off_default[task_type] = q
         self._resolved[task_type] = fn
         return fn
+
+    def queue_of(self, task_type: type) -> str:
+        """The queue of ``task_type``: that of the handler serving it."""
+        if task_type not in self._resolved:
+            self.resolve(task_type)
+        return self._off_default.get(task_type, DEFAULT_QUEUE)
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue the handlers use, in the order first registered, and
+        ``"default"`` (first) always: what a TaskServer serves by default."""
+        out = [DEFAULT_QUEUE]
+        for q in self._queues.values():
+            if q not in out:
+                out.append(q)
+        return out
 
     def _lookup(self, task_type: type) -> type:
         """The registered type whose handler serves ``task_type``."""
