@@ -73,6 +73,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         task_timeout=args.task_timeout,
         start_method=args.start_method,
         concurrency=args.concurrency,
+        queues=args.queues,
     )
     stop = threading.Event()
     signals_seen = 0
@@ -100,10 +101,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             announce(
                 f"ringbus worker: metrics at http://{args.metrics_host}:{args.metrics_port}/metrics"
             )
-        server.start()
+        try:
+            server.start()
+        except (ValueError, NotImplementedError) as exc:  # e.g. --queues names no queue of the bus
+            print(f"ringbus worker: {exc}", file=sys.stderr)
+            return 2
         announce(
             f"ringbus worker: serving bus {bus.name!r} with {args.workers} workers "
-            f"(pid {os.getpid()})"
+            f"(queues {','.join(server.queues or [])}, pid {os.getpid()})"
         )
         while not stop.wait(1.0):
             pass
@@ -207,6 +212,18 @@ def _port(text: str) -> int:
 
 START_METHODS = ("fork", "spawn", "forkserver")
 
+def _queue_list(text: str) -> list[str]:
+    from ringbus._names import validate_queue_name
+
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one queue")
+    try:
+        return [validate_queue_name(q) for q in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 WORKER_ENV = [
     EnvOption("workers", _positive_int, os.cpu_count() or 1),
     EnvOption("concurrency", _positive_int, 1),
@@ -215,6 +232,7 @@ WORKER_ENV = [
     EnvOption("drain_timeout", _positive_float),
     EnvOption("start_method", choice(*START_METHODS), "fork"),
     EnvOption("transport", str),
+    EnvOption("queues", _queue_list),
     EnvOption("metrics_port", _port, 0),
     EnvOption("metrics_host", str, "127.0.0.1"),
     EnvOption("log_level", choice(*LEVELS)),
@@ -258,6 +276,18 @@ def build_parser() -> argparse.ArgumentParser:
             "in a thread pool of that size",
             "concurrency",
             1,
+        ),
+    )
+    w.add_argument(
+        "-Q",
+        "--queues",
+        type=_queue_list,
+        default=None,
+        metavar="Q1,Q2",
+        help=env_help(
+            "queues to serve, in strict order (the first non-empty one first)",
+            "queues",
+            "every queue of the bus's handlers",
         ),
     )
     w.add_argument(
