@@ -289,3 +289,24 @@ def test_redis_has_no_named_queues_yet(bus_name: str, request: pytest.FixtureReq
             TaskServer(bus, workers=1, queues=["mail"]).start()
     finally:
         bus.destroy()
+
+
+def test_a_default_only_worker_blocks_on_the_task_ring_itself(bus_name: str) -> None:
+    """The hot path stays as it was: the taker of a worker serving only the
+    default queue (no priority rings) is the ring's own take, nothing around it."""
+    from ringbus.transport.shm import ShmTransport
+
+    bus = make_bus(bus_name)
+    try:
+        t = bus.transport
+        assert isinstance(t, ShmTransport)
+        t.serve(["default"])
+        journal = bytearray(1 << 21)
+        take = t.task_taker(journal)
+        assert getattr(take, "func", None) is not None
+        assert take.func.__name__ == "get_bytes_recorded"  # type: ignore[attr-defined]
+        assert take.func.__self__ is t._in  # type: ignore[attr-defined]
+        bus.send(Job("/dev/null"), priority=2)  # a priority ring: now several rings
+        assert getattr(t.task_taker(journal), "func", None) is None
+    finally:
+        bus.destroy(force=True)
