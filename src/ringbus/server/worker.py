@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import inspect
 import logging
@@ -56,9 +57,12 @@ __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 log = logging.getLogger("ringbus.server")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-RESCAN_SIGNAL = signal.SIGUSR2
+STACKS_SIGNAL = signal.SIGUSR2
+RESCAN_SIGNAL = signal.SIGRTMIN + 2
 """From the supervisor: a new (queue, priority) ring of the served queues
-exists; the take in progress wakes and the next one looks for it."""
+exists; the take in progress wakes and the next one looks for it.  (A
+real-time signal: SIGUSR1/2 are taken; its default action kills, so it is
+blocked until the handler is in place.)"""
 BLOCK_AT_FORK = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, RESCAN_SIGNAL}
 
 _U16 = struct.Struct("<H")
@@ -95,6 +99,9 @@ def worker_main(
     if parent_pid:
         # A SIGKILLed server leaves no orphan workers: they get a graceful stop.
         die_with_parent(parent_pid, signal.SIGTERM)
+    # `ringbus stats NAME --stacks`: every thread's stack to stderr, even while a
+    # handler holds the GIL (faulthandler writes from the signal handler, in C).
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     pool = PoolState.attach(pool_path)
     transport.serve(pool.queues)  # the server's queues, in its order
     slots = pool.worker_slots(worker)
