@@ -28,7 +28,7 @@ from _tasks_queues import (
     lines,
     make_bus,
 )
-from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401
+from _tasks_support import TEST_SECRET, bus_name_fixture, servers_fixture, wait_for  # noqa: F401
 from ringbus import TaskBus, TaskServer
 
 SHM = Path("/dev/shm")
@@ -281,7 +281,7 @@ def test_redis_has_no_named_queues_yet(bus_name: str, request: pytest.FixtureReq
     from ringbus.transport.redis import RedisTransport
 
     server = request.getfixturevalue("redis_server")
-    bus = make_bus(bus_name, transport=RedisTransport(server.url))
+    bus = make_bus(bus_name, transport=RedisTransport(server.url), secret=TEST_SECRET)
     try:
         with pytest.raises(NotImplementedError, match="named queues"):
             bus.send(Mail("/dev/null"))
@@ -308,5 +308,35 @@ def test_a_default_only_worker_blocks_on_the_task_ring_itself(bus_name: str) -> 
         assert take.func.__self__ is t._in  # type: ignore[attr-defined]
         bus.send(Job("/dev/null"), priority=2)  # a priority ring: now several rings
         assert getattr(t.task_taker(journal), "func", None) is None
+    finally:
+        bus.destroy(force=True)
+
+
+@pytest.mark.parametrize("codec", ["signed pickle", "msgpack", "signed json"])
+def test_routes_with_every_codec(
+    bus_name: str, servers: list[TaskServer], tmp_path: Path, codec: str
+) -> None:
+    """The route trailer sits before a signature's tag (which covers it) and
+    is no part of a msgpack/JSON document."""
+    pytest.importorskip("msgspec")
+    kwargs: dict[str, Any] = {}
+    if "signed" in codec:
+        kwargs["secret"] = TEST_SECRET
+    if codec != "signed pickle":
+        kwargs["serializer"] = codec.split()[-1]
+    bus = make_bus(bus_name, **kwargs)
+    try:
+        log = str(tmp_path / "log")
+        mailer = TaskServer(bus, workers=1, queues=["mail", "default"]).start()
+        servers.append(mailer)
+        assert bus.dispatch(Mail(log, 1), priority=4).result(timeout=30) in mailer.pids
+        assert bus.dispatch(Job(log, 2), priority=9).result(timeout=30) in mailer.pids
+        assert bus.dispatch(Mail(log, 3), delay=0.1).result(timeout=30) in mailer.pids
+        with pytest.raises(Exception, match="never works"):
+            bus.dispatch(Doomed(), priority=2).result(timeout=30)
+        mailer.stop()
+        assert bus.retry_dead_letters() == 1
+        assert bus.transport.queue_depths()[("mail", 2)] == 1  # signed again, same channel
+        assert sorted(lines(log)) == ["job 2", "mail 1", "mail 3"]
     finally:
         bus.destroy(force=True)

@@ -21,7 +21,6 @@ import functools
 import inspect
 import logging
 import os
-import pickle
 import queue
 import signal
 import struct
@@ -210,12 +209,10 @@ class _WorkerLoop(WorkerBase):
         finish = functools.partial(SLOT_DONE.pack_into, rec, SLOT_DONE_OFF)
         unpack = env.TASK_HEADER.unpack_from
         hsize = env.TASK_HEADER_SIZE
-        loads = pickle.loads
         monotonic = time.monotonic
-        encode_ok = env.encode_ok
-        result_header = env.RESULT_HEADER.pack
-        result_magic, status_ok = env.RESULT_MAGIC, env.OK
-        dumps = pickle.dumps
+        codec = self.codec
+        encode_ok = codec.encode_ok
+        decode, verify = codec.decode_task, codec.verify_task
         magic_ok = env.TASK_MAGIC
         maxdel_at, maxdel_end = SLOT_MAXDEL_OFF, SLOT_MAXDEL_OFF + 2
         zero2 = _ZERO4[:2]
@@ -250,6 +247,10 @@ class _WorkerLoop(WorkerBase):
                 self._malformed_header(data, magic, rlen)
                 finish_task()
                 continue
+            if verify is not None and (why := verify(data, flags)) is not None:
+                self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
+                finish_task()
+                continue
             if counts_deliveries:
                 attempt += transport.deliveries - 1
             if wall and wall_clock:  # another host's monotonic clock means nothing here
@@ -268,11 +269,7 @@ class _WorkerLoop(WorkerBase):
             run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
             out: bytes | None = None
             try:
-                task = (
-                    loads(data[start:])
-                    if len(data) - start < 4096
-                    else env.load_payload(data, start)
-                )
+                task = decode(data, start, flags, True)  # True: verified above
                 cls = type(task)
                 if cls is not last_type:
                     fn = resolve(cls)
@@ -283,8 +280,8 @@ class _WorkerLoop(WorkerBase):
                     pool.set_type(slot, type_name)
                     last_type = cls
             except Exception as exc:
-                # Not retried: unpickling and handler lookup fail the same way again.
-                self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
+                # Not retried: decoding and handler lookup fail the same way again.
+                self._fail(data, tid, flags, reply, dpid, exc, attempt, "")
                 last_type = None
                 finish_task()
                 continue
@@ -319,7 +316,7 @@ class _WorkerLoop(WorkerBase):
                         put_envelope(transport, env.with_attempt(data, attempt))
                         break
                     try:
-                        task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                        task = decode(data, start, flags, True)  # fresh: the handler may mutate it
                     except Exception as uexc:
                         self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                         break
@@ -329,10 +326,7 @@ class _WorkerLoop(WorkerBase):
                     break
                 else:
                     if flags & FLAG_REPLY:
-                        try:
-                            out = result_header(result_magic, status_ok, tid) + dumps(value, 5)
-                        except Exception:
-                            out = encode_ok(tid, value)  # makes the pickling error a FAILED result
+                        out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     del value
                     break
             if out is not None:

@@ -20,7 +20,6 @@ import collections
 import inspect
 import logging
 import os
-import pickle
 import queue
 import struct
 import threading
@@ -238,6 +237,10 @@ class ConcurrentWorker(WorkerBase):
         if magic != env.TASK_MAGIC or start > len(data):
             self._malformed_header(data, magic, rlen)
             return True
+        verify = self.codec.verify_task
+        if verify is not None and (why := verify(data, flags)) is not None:
+            self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
+            return True
         attempt += deliveries - 1
         if wall and self.transport.spans_hosts:
             deadline = wall - time.time() + time.monotonic()
@@ -253,7 +256,7 @@ class ConcurrentWorker(WorkerBase):
         )
         type_name = ""
         try:
-            task = env.load_payload(data, start)
+            task = self.codec.decode_task(data, start, flags, True)  # True: verified above
             fn, policy, type_name, max_del, is_async = self._handler(type(task))
         except Exception as exc:
             self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
@@ -298,7 +301,7 @@ class ConcurrentWorker(WorkerBase):
                     put_envelope(self.transport, env.with_attempt(data, attempt))
                     return True
                 try:
-                    task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                    task = self.codec.decode_task(data, start, flags, True)  # fresh copy
                 except Exception as uexc:
                     self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                     return True
@@ -307,7 +310,7 @@ class ConcurrentWorker(WorkerBase):
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
             if flags & FLAG_REPLY:
-                await self._answer(reply, dpid, tid, value)
+                await self._answer(reply, dpid, tid, value, flags)
             return True
 
     async def _attempt(
@@ -339,11 +342,8 @@ class ConcurrentWorker(WorkerBase):
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
 
-    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> None:
-        try:
-            out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
-        except Exception:
-            out = env.encode_ok(tid, value)  # makes the pickling error a FAILED result
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> None:
+        out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result
         if reply != self._put_addr:  # the same dispatcher as last time: its handle is kept
             self._put, self._put_addr = self.transport.reply_putter(reply), reply
         put = self._put

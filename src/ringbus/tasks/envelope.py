@@ -1,15 +1,20 @@
-"""Task envelopes and results: a packed binary header in front of a pickle.
+"""Task envelopes and results: a packed binary header in front of a payload.
 
 The header is a precompiled ``struct.Struct`` so that wrapping a task costs
 one ``pack`` and one concatenation (no pickled dict of metadata).  Task
 layer exceptions live here too: both the dispatching side (bus) and the
-worker side (server) need them.
+worker side (server) need them.  This module knows the header bytes;
+``serializers.py`` the payload formats, ``signing.py`` the tags, and
+``codec.py`` puts the three together for a bus.  All integers little-endian.
 
 Task message::
 
     offset  size  field
     0       1     magic/version (0xB1)
-    1       1     flags          (FLAG_REPLY: the dispatcher waits for a result)
+    1       1     flags: bit 0 FLAG_REPLY (the dispatcher waits for a result)
+                         bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
+                         bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
+                         bit 4 FLAG_ROUTED (a route trailer ends the payload)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
     8       8     task id        (per-dispatcher counter)
@@ -17,24 +22,36 @@ Task message::
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
     34      n     reply address (transport-specific bytes, e.g. a ring name)
-    34+n    ...   pickled task (protocol 5)
+    34+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
+                  u8 type-name length, type name, document (serializers.py)
+    -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1 and 4..end-32
+                  (the attempt field is left out: retries rewrite it)
 
-With FLAG_ROUTED the task is not on the default queue at priority 0, and a
-trailer follows the pickle (which ignores bytes after its STOP opcode, so
-no reader of the payload changes; default tasks keep today's bytes)::
+With FLAG_ROUTED the task is not on the default queue at priority 0: a
+route trailer ends the payload (before the tag; the tag covers it), so
+whoever queues the envelope again (a supervisor after a worker death, the
+leader when a delay ends, a retry, ``dead-letters --retry``) puts it back
+on its own channel without knowing the task's type.  Tasks on the default
+queue at priority 0 keep the bytes above::
 
-    end-3-q q     queue name (ASCII)
-    end-3   1     q
-    end-2   1     priority (0..9)
-    end-1   1     ROUTE_MAGIC (0xB7)
+    q     queue name (ASCII)
+    1     q
+    1     priority (0..9)
+    1     ROUTE_MAGIC (0xB7)
 
 Result message::
 
     0       1     magic/version (0xB2)
-    1       1     status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+    1       1     bits 0-3 status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+                  bit 4 signed, bits 5-6 serializer (as in a task's flags)
     2       8     task id
-    10      ...   OK: pickled value; ERROR: pickled (exception, traceback text);
+    10      ...   OK: the value; ERROR: pickled (exception, traceback text), or
+                  a msgpack/JSON map {type, message, traceback};
                   FAILED/TIMEOUT/LOST: UTF-8 text
+    -32     32    signed only: keyed BLAKE2b-256 of every byte before it
+
+Unsigned pickle messages have flag bits 1-3 (results: bits 4-6) clear: the
+bytes are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -42,12 +59,14 @@ from __future__ import annotations
 import pickle
 import struct
 import traceback
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ringbus.errors import EnvelopeError, RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
 
 __all__ = [
     "FLAG_REPLY",
+    "FLAG_SIGNED",
     "LOST",
     "EnvelopeError",
     "TaskHeader",
@@ -56,8 +75,15 @@ __all__ = [
 TASK_MAGIC = 0xB1
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
-FLAG_ROUTED = 0x02
-"""The envelope ends in a (queue, priority) trailer (see above)."""
+FLAG_SIGNED = 0x02
+SER_SHIFT = 2
+SER_MASK = 0x0C
+RESULT_STATUS_MASK = 0x0F
+RESULT_SIGNED = 0x10
+RESULT_SER_SHIFT = 5
+RESULT_SER_MASK = 0x60
+TAG_SIZE = 32
+FLAG_ROUTED = 0x10
 ROUTE_MAGIC = 0xB7
 DEFAULT_ROUTE = ("default", 0)
 
@@ -126,23 +152,39 @@ def set_attempt(buf: Any, offset: int, attempt: int) -> None:
     _ATTEMPT.pack_into(buf, offset + ATTEMPT_OFFSET, min(attempt, 0xFFFF))
 
 
-def route(data: bytes, queue: str, priority: int) -> bytes:
-    """The envelope with its (queue, priority) trailer (not for the default route)."""
+def route(
+    data: bytes, queue: str, priority: int, tag_task: Callable[[bytes], bytes] | None = None
+) -> bytes:
+    """The envelope with a route trailer for (``queue``, ``priority``); a
+    signed one is signed again with ``tag_task`` (its flags change)."""
+    signed = data[1] & FLAG_SIGNED
+    if signed and tag_task is None:
+        raise EnvelopeError("routing a signed envelope needs the bus's secret")
+    body = data[:-TAG_SIZE] if signed else data
     q = queue.encode("ascii")
-    return (
-        data[:1] + bytes((data[1] | FLAG_ROUTED,)) + data[2:]
-        + q + bytes((len(q), priority, ROUTE_MAGIC))
-    )  # fmt: skip
+    flags = bytes((body[1] | FLAG_ROUTED,))
+    out = b"".join((body[:1], flags, body[2:], q, bytes((len(q), priority, ROUTE_MAGIC))))
+    return out + tag_task(out) if signed and tag_task is not None else out
+
+
+def route_end(data: bytes, end: int) -> int:
+    """Where the payload of a routed envelope ends, given where the route
+    trailer ends (``len(data)``, or less its tag)."""
+    if end >= 3 and data[end - 1] == ROUTE_MAGIC:
+        return max(0, end - 3 - data[end - 3])
+    return end
 
 
 def route_of(data: bytes) -> tuple[str, int]:
-    """(queue, priority) of an envelope: where it is queued again after a
-    worker death, a retry, a delay or from dead letters."""
-    if len(data) < TASK_HEADER_SIZE + 3 or not data[1] & FLAG_ROUTED or data[-1] != ROUTE_MAGIC:
+    """(queue, priority) of an envelope (see FLAG_ROUTED)."""
+    if len(data) < TASK_HEADER_SIZE + 3 or not data[1] & FLAG_ROUTED:
         return DEFAULT_ROUTE
-    n = data[-3]
+    end = len(data) - (TAG_SIZE if data[1] & FLAG_SIGNED else 0)
+    if end < 3 or data[end - 1] != ROUTE_MAGIC:
+        return DEFAULT_ROUTE
+    n = data[end - 3]
     try:
-        return bytes(data[-3 - n : -3]).decode("ascii"), min(int(data[-2]), 9)
+        return bytes(data[end - 3 - n : end - 3]).decode("ascii"), min(int(data[end - 2]), 9)
     except UnicodeDecodeError:
         return DEFAULT_ROUTE
 
@@ -158,12 +200,20 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     return hdr, data[TASK_HEADER_SIZE:end], end
 
 
-def requeue_envelope(data: bytes) -> bytes:
+def requeue_envelope(data: bytes, tag_task: Callable[[bytes], bytes] | None = None) -> bytes:
     """The envelope to queue again for a retry from dead letters: attempt 1, no
-    deadline, no reply (the original caller's future has already failed)."""
+    deadline, no reply (the original caller's future has already failed).
+
+    A signed envelope is signed again with ``tag_task`` (the caller checked
+    its old tag first: see ``codec.requeue_task``)."""
     hdr, reply, start = decode_task_header(data)
-    return encode_task(
-        bytes(memoryview(data)[start:]),
+    end = len(data)
+    if hdr.flags & FLAG_SIGNED:
+        if tag_task is None:
+            raise EnvelopeError("a signed envelope needs the bus's secret to be queued again")
+        end -= TAG_SIZE
+    out = encode_task(
+        bytes(memoryview(data)[start:end]),
         hdr.task_id,
         hdr.flags & ~FLAG_REPLY,
         hdr.pid,
@@ -172,6 +222,7 @@ def requeue_envelope(data: bytes) -> bytes:
         0.0,
         1,
     )
+    return out + tag_task(out) if tag_task is not None and hdr.flags & FLAG_SIGNED else out
 
 
 def describe_envelope(data: bytes) -> tuple[str, int]:
@@ -181,6 +232,12 @@ def describe_envelope(data: bytes) -> tuple[str, int]:
         hdr, _, start = decode_task_header(data)
     except EnvelopeError:
         return "", 0
+    if hdr.flags & SER_MASK:  # msgpack/JSON: the type name leads the payload
+        if start >= len(data):
+            return "", hdr.attempt
+        n = data[start]
+        name = bytes(data[start + 1 : start + 1 + n]).decode("utf-8", "replace")
+        return name.split(" ")[0], hdr.attempt
     return _pickled_class_name(data, start), hdr.attempt
 
 
@@ -203,12 +260,14 @@ def _pickled_class_name(data: bytes, start: int) -> str:
     return ""
 
 
-def load_payload(data: bytes, offset: int) -> Any:
-    """Unpickle the part of ``data`` from ``offset`` (no copy for large ones)."""
-    if len(data) - offset < _VIEW_FROM:
-        return _loads(data[offset:])
+def load_payload(data: bytes, offset: int, end: int | None = None) -> Any:
+    """Unpickle ``data[offset:end]`` (no copy for large ones)."""
+    if end is None:
+        end = len(data)
+    if end - offset < _VIEW_FROM:
+        return _loads(data[offset:end])
     with memoryview(data) as view:
-        return _loads(view[offset:])
+        return _loads(view[offset:end])
 
 
 # ---------------------------------------------------------------- results

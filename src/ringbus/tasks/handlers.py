@@ -83,6 +83,8 @@ class HandlerRegistry:
         # dispatch of a default task tests one set.
         self._queues: dict[type, str] = {}
         self._off_default: dict[type, str] = {}
+        # Names under which task types travel on msgpack/JSON buses.
+        self._type_names: dict[type, str] = {}
 
     # ------------------------------------------------------------ handlers
 
@@ -94,19 +96,22 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        name: str | None = None,
         queue: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
         ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``name``: the type's name on msgpack/JSON buses (default
+        ``module.QualName``), e.g. for producers in other languages.
         ``queue``: the named queue these tasks go to (default: ``"default"``).
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
         q = self._check_queue(queue)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy, q)
+            self._register(task_type, fn, policy, name, q)
             return fn
 
         return deco
@@ -120,11 +125,13 @@ class HandlerRegistry:
         backoff: float = 0.1,
         max_backoff: float = 30.0,
         dead_letter: bool = True,
+        name: str | None = None,
         queue: str | None = None,
     ) -> None:
-        """Register ``fn`` for tasks of ``task_type`` (a class or an ABC)."""
+        """Register ``fn`` for tasks of ``task_type`` (a class or an ABC);
+        ``name``, ``queue``: see ``handler``."""
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
-        self._register(task_type, fn, policy, self._check_queue(queue))
+        self._register(task_type, fn, policy, name, self._check_queue(queue))
 
     def _check_queue(self, queue: str | None) -> str:
         return DEFAULT_QUEUE if queue is None else validate_queue_name(queue, self.name)
@@ -134,18 +141,37 @@ class HandlerRegistry:
         task_type: type,
         fn: Callable[[Any], Any],
         policy: RetryPolicy,
+        name: str | None = None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
         if not callable(fn):
             raise TypeError(f"handler for {task_type.__qualname__} is not callable: {fn!r}")
+        if name is not None and (
+            not isinstance(name, str) or not 0 < len(name.encode()) < 256 or " " in name
+        ):
+            raise ValueError(f"a task type name must be 1-255 UTF-8 bytes, no spaces: {name!r}")
         self._handlers[task_type] = fn
         self._policies[task_type] = policy
+        if name is not None:
+            self._type_names[task_type] = name
         self._queues[task_type] = queue
         self._resolved.clear()
         self._resolved_policy.clear()
         self._off_default.clear()
+        self._registry_changed()
+
+    def _registry_changed(self) -> None:
+        """Hook: a handler was registered (a bus drops what it cached)."""
+
+    def type_name(self, task_type: type) -> str:
+        """The name ``task_type`` travels under on msgpack/JSON buses."""
+        return self._type_names.get(task_type) or f"{task_type.__module__}.{task_type.__qualname__}"
+
+    def registered_type(self, task_type: type) -> type:
+        """The registered type whose handler serves ``task_type``."""
+        return self._lookup(task_type)
 
     def policy(self, task_type: type) -> RetryPolicy:
         """The retry policy of the handler that serves ``task_type``."""

@@ -19,10 +19,10 @@ from ringbus.tasks import envelope as env
 from ringbus.transport.base import Transport
 
 __all__ = [
+    "add_route",
     "check_priority",
     "put_envelope",
     "put_for",
-    "put_routed",
     "put_routed_many",
     "route_for",
     "routed",
@@ -52,20 +52,23 @@ def put_for(
     if chan is None:
         registry.transport.put_task(data, timeout)
     else:
-        put_routed(registry.transport, chan, data, timeout)
+        registry.transport.put_task_to(chan[0], chan[1], add_route(registry, data, chan), timeout)
 
 
 def routed(registry: Any, cls: type, priority: Any, data: bytes) -> bytes:
     """The envelope with its channel's trailer, where it needs one (delays)."""
     chan = route_for(registry, cls, priority)
-    return data if chan is None else env.route(data, *chan)
+    return data if chan is None else add_route(registry, data, chan)
 
 
-def put_routed(
-    transport: Transport, chan: tuple[str, int], data: bytes, timeout: float | None
-) -> None:
-    """Queue an envelope built for the default route on channel ``chan``."""
-    transport.put_task_to(chan[0], chan[1], env.route(data, *chan), timeout)
+def tagger(registry: Any) -> Any:
+    """The bus's ``tag_task`` (a routed signed envelope is signed again)."""
+    signer = registry.codec.signer
+    return None if signer is None else signer.tag_task
+
+
+def add_route(registry: Any, data: bytes, chan: tuple[str, int]) -> bytes:
+    return env.route(data, chan[0], chan[1], tagger(registry))
 
 
 def put_envelope(transport: Transport, data: bytes, timeout: float | None = None) -> None:
@@ -78,7 +81,7 @@ def put_envelope(transport: Transport, data: bytes, timeout: float | None = None
 
 
 def put_routed_many(
-    transport: Transport,
+    registry: Any,
     chans: list[tuple[str, int] | None],
     datas: list[bytes],
     timeout: float | None,
@@ -86,6 +89,8 @@ def put_routed_many(
     """``put_tasks`` for envelopes of several channels (None: the default
     one), runs of one channel per call, in order; ``queue.Full`` carries
     ``.done`` counted over all of them."""
+    transport: Transport = registry.transport
+    tag_task = tagger(registry)
     done = 0
     at = 0
     while at < len(datas):
@@ -98,7 +103,7 @@ def put_routed_many(
             if chan is None:
                 transport.put_tasks(part, timeout)
             else:
-                items = [env.route(d, *chan) for d in part]
+                items = [env.route(d, chan[0], chan[1], tag_task) for d in part]
                 transport.put_tasks_to(chan[0], chan[1], items, timeout)
         except queue.Full as exc:
             exc.done = done + getattr(exc, "done", 0)  # type: ignore[attr-defined]

@@ -1,6 +1,6 @@
 """The bus over Redis Streams: the same handlers and futures beyond one machine.
 
-    bus = TaskBus("shop", transport="redis://10.0.0.5:6379/0")
+    bus = TaskBus("shop", transport="redis://10.0.0.5:6379/0", secret=os.environ["RINGBUS_SECRET"])
 
 Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
 
