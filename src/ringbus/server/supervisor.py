@@ -178,11 +178,11 @@ class TaskServer(PoolControl):
             self._started = True
         try:
             self.queues = served_queues(self.bus, self.queues)
+            self.bus.transport.open()
+            self.bus.transport.serve(self.queues)  # makes their rings; Redis: default only
         except BaseException:
-            self._started = False
+            self._started = False  # bad queues=: nothing was started
             raise
-        self.bus.transport.open()
-        self.bus.transport.serve(self.queues)  # makes their rings; Redis: default only
         # Servers that died with their workers left their tasks in hand behind.
         adopted = adopt_orphaned_pools(
             self.bus.transport, self.bus.name, self.bus.codec.encode_text
