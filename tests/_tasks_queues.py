@@ -40,6 +40,11 @@ class UrgentMail(Mail):
 
 
 @dataclass
+class LimitedMail(Mail):
+    """Registered by a test with a rate limit, on the mail queue."""
+
+
+@dataclass
 class Gate:
     """Holds its worker until ``open_path`` exists (writes ``started`` first)."""
 

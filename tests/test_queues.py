@@ -22,12 +22,14 @@ from _tasks_queues import (
     Doomed,
     Gate,
     Job,
+    LimitedMail,
     Mail,
     Report,
     UrgentMail,
     lines,
     make_bus,
 )
+from _tasks_queues import mail as mail_handler
 from _tasks_support import TEST_SECRET, bus_name_fixture, servers_fixture, wait_for  # noqa: F401
 from ringbus import TaskBus, TaskServer
 
@@ -340,3 +342,17 @@ def test_routes_with_every_codec(
         assert sorted(lines(log)) == ["job 2", "mail 1", "mail 3"]
     finally:
         bus.destroy(force=True)
+
+
+def test_rate_limited_tasks_go_back_to_their_queue(
+    qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """A task its rate limit refuses waits in the timer store and comes back
+    to its own queue (a default-only server beside would run it otherwise)."""
+    qbus.register(LimitedMail, mail_handler, queue="mail", rate_limit="5/s")
+    default = TaskServer(qbus, workers=1, queues=["default"]).start()
+    mailer = TaskServer(qbus, workers=1, queues=["mail"]).start()
+    servers.extend([default, mailer])
+    log = str(tmp_path / "log")
+    futs = [qbus.dispatch(LimitedMail(log, i)) for i in range(8)]
+    assert {f.result(timeout=60) for f in futs} <= set(mailer.pids)

@@ -16,6 +16,7 @@ __all__ = [
     "channel_ring_name",
     "dead_letter_path",
     "leader_path",
+    "limits_name",
     "pool_prefix",
     "queue_bell_name",
     "redis_prefix",
@@ -143,6 +144,11 @@ def timers_path(bus: str) -> str:
 def bell_name(bus: str) -> str:
     """The one-slot ring that wakes the leader for a new delayed task."""
     return f"/ringbus-{bus}-bell"
+
+
+def limits_name(bus: str) -> str:
+    """The handlers' rate limits and concurrency caps (csrc/ring_limits.h)."""
+    return f"/ringbus-{bus}-limits"
 
 
 def leader_path(bus: str) -> str:

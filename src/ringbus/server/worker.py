@@ -100,7 +100,8 @@ def worker_main(
         die_with_parent(parent_pid, signal.SIGTERM)
     # `ringbus stats NAME --stacks`: every thread's stack to stderr, even while a
     # handler holds the GIL (faulthandler writes from the signal handler, in C).
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    # fd 2, not sys.stderr: that may be a capture object with no descriptor.
+    faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)
     pool = PoolState.attach(pool_path)
     transport.serve(pool.queues)  # the server's queues, in its order
     slots = pool.worker_slots(worker)
@@ -225,6 +226,8 @@ class _WorkerLoop(WorkerBase):
         policy = None
         max_del = 0
         max_del_packed = b"\0\0"
+        limiter = self.limiter
+        gated = False  # the current type's handler has a rate_limit / max_concurrency
         done = 0
         while not flag.stop:
             try:
@@ -278,6 +281,7 @@ class _WorkerLoop(WorkerBase):
                     max_del_packed = pack_u16(max_del)
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
+                    gated = limiter.limited(cls)
                     last_type = cls
             except Exception as exc:
                 # Not retried: decoding and handler lookup fail the same way again.
@@ -294,6 +298,15 @@ class _WorkerLoop(WorkerBase):
                 )
                 finish_task()
                 continue
+            # -- limits: a task its handler's limit refuses now goes back to the
+            # timer store and this worker takes the next one (server/limiter.py).
+            permit = limiter.acquire(cls) if gated else 0
+            if permit < 0:
+                limiter.hand_back(transport, data, attempt)
+                finish_task()
+                finish(IDLE, done)
+                continue
+            # -- end limits
             while True:
                 try:
                     value = fn(task)
@@ -329,6 +342,8 @@ class _WorkerLoop(WorkerBase):
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     del value
                     break
+            if permit:  # -- limits: the handler is done with its permit
+                limiter.release(cls, permit)
             if out is not None:
                 if reply != put_addr:
                     put_reply, put_addr = reply_putter(reply), reply

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ringbus.errors import MessageTooLarge, Unrecoverable
+from ringbus.server.limiter import Limiter
 from ringbus.server.pool_state import (
     JOURNAL_OFF,
     SLOT_COUNTERS,
@@ -65,6 +66,7 @@ class WorkerBase:
         self.ack = None if no_ack else t.ack_task
         self.send = t.send_reply
         self.dead = DeadLetterStore(t)
+        self.limiter = Limiter(bus)  # rate_limit / max_concurrency of handlers
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
 
     def release(self) -> None:

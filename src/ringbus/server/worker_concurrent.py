@@ -101,6 +101,7 @@ class ConcurrentWorker(WorkerBase):
         self._drain_due = False
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
+        self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
 
     # -------------------------------------------------------- lifecycle
 
@@ -195,6 +196,9 @@ class ConcurrentWorker(WorkerBase):
         except BaseException:
             log.exception("ringbus worker %d: a task failed outside its handler", os.getpid())
         finally:
+            held, self._permits[i] = self._permits[i], None
+            if held is not None and release:  # -- limits (a stuck thread keeps its permit)
+                self.limiter.release(*held)
             rec = self.recs[i]
             self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
             if self.ack is not None:
@@ -220,6 +224,7 @@ class ConcurrentWorker(WorkerBase):
                 policy.max_deliveries,
                 inspect.iscoroutinefunction(fn),
             )
+            self.limiter.limited(cls)  # -- limits: a segment that cannot open fails the task
             self._types[cls] = entry
         return entry
 
@@ -266,6 +271,14 @@ class ConcurrentWorker(WorkerBase):
         if attempt > max_del:
             self._too_many_deliveries(data, tid, flags, reply, dpid, attempt, type_name, max_del)
             return True
+        # -- limits: refused now -> back to the timer store (server/limiter.py)
+        permit = self.limiter.acquire(type(task))
+        if permit < 0:
+            self.limiter.hand_back(self.transport, data, attempt)
+            return True
+        if permit:
+            self._permits[i] = (type(task), permit)  # given back by _run
+        # -- end limits
         keep = policy.dead_letter
         while True:
             try:

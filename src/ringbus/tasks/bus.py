@@ -29,6 +29,7 @@ from ringbus.tasks.codec import Codec
 from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
+from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
 from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
@@ -126,7 +127,14 @@ class TaskBus(HandlerRegistry):
         }
         return (
             _rebuild_bus,
-            (self.name, self.transport, dict(self._handlers), dict(self._policies), config),
+            (
+                self.name,
+                self.transport,
+                dict(self._handlers),
+                dict(self._policies),
+                config,
+                dict(self._limits),  # rate_limit / max_concurrency
+            ),
         )
 
     def __repr__(self) -> str:
@@ -544,6 +552,7 @@ def _rebuild_bus(
     handlers: dict[type, Callable[[Any], Any]],
     policies: dict[type, RetryPolicy] | None = None,
     config: dict[str, Any] | None = None,
+    limits: dict[type, HandlerLimits] | None = None,
 ) -> TaskBus:
     config = dict(config or {})
     names: dict[type, str] = config.pop("names", {})
@@ -551,5 +560,5 @@ def _rebuild_bus(
     bus = TaskBus(name, transport=transport, **config)
     for t, fn in handlers.items():
         policy = (policies or {}).get(t, DEFAULT_POLICY)
-        bus._register(t, fn, policy, names.get(t), queues.get(t, "default"))
+        bus._register(t, fn, policy, names.get(t), (limits or {}).get(t), queues.get(t, "default"))
     return bus

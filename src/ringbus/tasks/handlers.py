@@ -8,6 +8,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from ringbus._names import DEFAULT_QUEUE, validate_queue_name
 from ringbus.errors import NoHandlerError
+from ringbus.tasks.limits import HandlerLimits, check_limits, limit_key
 
 __all__ = ["DEFAULT_REDELIVERIES", "HandlerRegistry", "RetryPolicy"]
 
@@ -78,13 +79,14 @@ class HandlerRegistry:
         self._policies: dict[type, RetryPolicy] = {}
         self._resolved: dict[type, Callable[[Any], Any]] = {}
         self._resolved_policy: dict[type, RetryPolicy] = {}
+        # Names under which task types travel on msgpack/JSON buses.
+        self._type_names: dict[type, str] = {}
+        self._limits: dict[type, HandlerLimits] = {}  # rate_limit / max_concurrency (limits.py)
         # Named queues (issue 16): registered type -> queue; only types that
         # resolve to another queue than "default" are in _off_default, so a
         # dispatch of a default task tests one set.
         self._queues: dict[type, str] = {}
         self._off_default: dict[type, str] = {}
-        # Names under which task types travel on msgpack/JSON buses.
-        self._type_names: dict[type, str] = {}
 
     # ------------------------------------------------------------ handlers
 
@@ -97,6 +99,8 @@ class HandlerRegistry:
         max_backoff: float = 30.0,
         dead_letter: bool = True,
         name: str | None = None,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
         queue: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
@@ -105,13 +109,16 @@ class HandlerRegistry:
         ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
         ``name``: the type's name on msgpack/JSON buses (default
         ``module.QualName``), e.g. for producers in other languages.
+        ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``) and ``max_concurrency``:
+        machine-wide limits of this handler's starts (see ``tasks/limits.py``).
         ``queue``: the named queue these tasks go to (default: ``"default"``).
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        limits = check_limits(rate_limit, max_concurrency)
         q = self._check_queue(queue)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy, name, q)
+            self._register(task_type, fn, policy, name, limits, q)
             return fn
 
         return deco
@@ -126,12 +133,15 @@ class HandlerRegistry:
         max_backoff: float = 30.0,
         dead_letter: bool = True,
         name: str | None = None,
+        rate_limit: str | None = None,
+        max_concurrency: int | None = None,
         queue: str | None = None,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC);
-        ``name``, ``queue``: see ``handler``."""
+        ``name``, ``rate_limit``, ``max_concurrency``, ``queue``: see ``handler``."""
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
-        self._register(task_type, fn, policy, name, self._check_queue(queue))
+        limits = check_limits(rate_limit, max_concurrency)
+        self._register(task_type, fn, policy, name, limits, self._check_queue(queue))
 
     def _check_queue(self, queue: str | None) -> str:
         return DEFAULT_QUEUE if queue is None else validate_queue_name(queue, self.name)
@@ -142,6 +152,7 @@ class HandlerRegistry:
         fn: Callable[[Any], Any],
         policy: RetryPolicy,
         name: str | None = None,
+        limits: HandlerLimits | None = None,
         queue: str = DEFAULT_QUEUE,
     ) -> None:
         if not isinstance(task_type, type):
@@ -152,10 +163,18 @@ class HandlerRegistry:
             not isinstance(name, str) or not 0 < len(name.encode()) < 256 or " " in name
         ):
             raise ValueError(f"a task type name must be 1-255 UTF-8 bytes, no spaces: {name!r}")
+        if limits is not None:
+            limit_key(task_type)  # a name too long to key the limit: ValueError now
         self._handlers[task_type] = fn
         self._policies[task_type] = policy
         if name is not None:
             self._type_names[task_type] = name
+        # -- limits (rate_limit / max_concurrency)
+        if limits is None:
+            self._limits.pop(task_type, None)
+        else:
+            self._limits[task_type] = limits
+        # -- end limits
         self._queues[task_type] = queue
         self._resolved.clear()
         self._resolved_policy.clear()
@@ -180,6 +199,13 @@ class HandlerRegistry:
             p = self._policies.get(self._lookup(task_type), DEFAULT_POLICY)
             self._resolved_policy[task_type] = p
         return p
+
+    def limits_of(self, task_type: type) -> tuple[type, HandlerLimits] | None:
+        """(the registered type, its limits) of the handler that serves
+        ``task_type``, or None when that handler is not limited."""
+        found = self._lookup(task_type)
+        lim = self._limits.get(found)
+        return None if lim is None else (found, lim)
 
     def resolve(self, task_type: type) -> Callable[[Any], Any]:
         """The handler for ``task_type``: the first class of its MRO that has
