@@ -33,6 +33,7 @@ from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
+from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.tasks.signing import Secret, load_secret
 from ringbus.transport.base import Transport
@@ -90,6 +91,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
+        self.transport.router = env.route_of  # due delayed tasks go back to their queue
         self._keys = load_secret(secret)
         self._allow_unsigned_pickle = bool(allow_unsigned_pickle)
         self.codec = Codec(
@@ -127,6 +129,7 @@ class TaskBus(HandlerRegistry, TaskControl):
             "secret": list(self._keys) or None,
             "allow_unsigned_pickle": self._allow_unsigned_pickle,
             "names": dict(self._type_names),
+            "queues": dict(self._queues),
         }
         return (
             _rebuild_bus,
@@ -174,6 +177,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> BusFuture:
         """Queue ``task`` for a worker; its handler's result resolves the future
         (a ``concurrent.futures.Future``; ``fut.task_id`` is the task's id).
@@ -184,45 +188,42 @@ class TaskBus(HandlerRegistry, TaskControl):
         ``queue.Full`` if the task channel stays full until the deadline.
         ``delay`` (seconds or a timedelta) or ``eta`` (an aware datetime) hold
         the task until then, durably; ``timeout`` then counts from that time.
+        ``priority`` (0..9, higher first) orders tasks within their queue.
         """
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), None)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, None, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
         st = self._st or self._state()
         tid = next(st.ids)
         if timeout is None:
-            gid = self._new_task(tid, False)
-            try:
-                data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, gid=gid)
-            except BaseException:
-                self._drop_task(gid)
-                raise
+            gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
             fut = BusFuture(st)
             fut.task_id = _format_id(gid)
             st.pending[tid] = fut
             try:
-                self.transport.put_task(data)
+                if priority or cls in self._off_default:
+                    put_for(self, cls, priority, data, None)
+                else:
+                    self.transport.put_task(data)
             except BaseException:
                 st.pending.pop(tid, None)
                 self._drop_task(gid)
                 raise
             return fut
         deadline = self._deadline(timeout)
-        gid = self._new_task(tid, False)
-        try:
-            data = self.codec.encode_task(
-                task, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout, gid=gid
-            )
-        except BaseException:
-            self._drop_task(gid)
-            raise
+        wall = time.time() + timeout
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall)
         fut = BusFuture(st)
         fut.task_id = _format_id(gid)
         st.pending[tid] = fut
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             self._drop_task(gid)
@@ -251,6 +252,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> BusAsyncFuture:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
@@ -258,7 +260,8 @@ class TaskBus(HandlerRegistry, TaskControl):
         """
         loop = asyncio.get_running_loop()
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), loop)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, loop, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -268,19 +271,15 @@ class TaskBus(HandlerRegistry, TaskControl):
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        gid = self._new_task(tid, False)
-        try:
-            data = self.codec.encode_task(
-                task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall, gid=gid
-            )
-        except BaseException:
-            self._drop_task(gid)
-            raise
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall)
         afut = BusAsyncFuture(loop=loop)
         afut.task_id = _format_id(gid)
         st.pending[tid] = (loop, afut)
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             self._drop_task(gid)
@@ -296,6 +295,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> list[Future[Any]]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
@@ -308,10 +308,13 @@ class TaskBus(HandlerRegistry, TaskControl):
             due = check_due(delay, eta, time.time())
             for t in tasks:
                 self.resolve(type(t))
-            return [self._later(t, timeout, due, None) for t in tasks]  # type: ignore[misc]
+            return [self._later(t, timeout, due, None, priority) for t in tasks]  # type: ignore[misc]
         for t in tasks:
             if type(t) not in self._resolved:
                 self.resolve(type(t))
+        chans = None  # channels of the tasks, when any is not the default one
+        if priority or any(type(t) in self._off_default for t in tasks):
+            chans = [route_for(self, type(t), priority) for t in tasks]
         st = self._st or self._state()
         deadline = wall = 0.0
         if timeout is not None:
@@ -346,7 +349,10 @@ class TaskBus(HandlerRegistry, TaskControl):
                 pending[tid] = bfut
             left = None if timeout is None else max(0.0, deadline - _monotonic())
             try:
-                self.transport.put_tasks(datas, left)
+                if chans is None:
+                    self.transport.put_tasks(datas, left)
+                else:
+                    put_routed_many(self, chans[at : at + len(part)], datas, left)
             except queue.Full as exc:
                 done = getattr(exc, "done", 0)
                 why = "not queued: the task channel stayed full"
@@ -390,6 +396,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> str:
         """Fire and forget: queue ``task`` with no result path; returns its id.
 
@@ -410,11 +417,12 @@ class TaskBus(HandlerRegistry, TaskControl):
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
         self.codec.check_serving()
-        gid = self._new_task(0, bool(due))
+        gid, data = self._encode_new(task, 0, 0, b"", deadline, wall, bool(due))
         try:
-            data = self.codec.encode_task(task, 0, 0, _pid, b"", deadline, wall, gid=gid)
             if due:
-                self.transport.put_delayed(data, due)
+                self.transport.put_delayed(routed(self, cls, priority, data), due)
+            elif priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
             else:
                 self.transport.put_task(data, timeout)
         except BaseException:
@@ -428,6 +436,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         timeout: float | None,
         due: float,
         loop: asyncio.AbstractEventLoop | None,
+        priority: int = 0,
     ) -> BusFuture | BusAsyncFuture:
         """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
         cls = type(task)
@@ -440,14 +449,8 @@ class TaskBus(HandlerRegistry, TaskControl):
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        gid = self._new_task(tid, bool(due))
-        try:
-            data = self.codec.encode_task(
-                task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall, gid=gid
-            )
-        except BaseException:
-            self._drop_task(gid)
-            raise
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall, bool(due))
+        data = routed(self, cls, priority, data)
         fut: BusFuture | BusAsyncFuture
         if loop is None:
             fut = BusFuture(st)
@@ -460,7 +463,7 @@ class TaskBus(HandlerRegistry, TaskControl):
             if due:
                 self.transport.put_delayed(data, due)
             else:
-                self.transport.put_task(data, timeout)
+                put_envelope(self.transport, data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             self._drop_task(gid)
@@ -588,9 +591,9 @@ def _rebuild_bus(
 ) -> TaskBus:
     config = dict(config or {})
     names: dict[type, str] = config.pop("names", {})
+    queues: dict[type, str] = config.pop("queues", {})
     bus = TaskBus(name, transport=transport, **config)
     for t, fn in handlers.items():
-        bus._register(
-            t, fn, (policies or {}).get(t, DEFAULT_POLICY), names.get(t), (limits or {}).get(t)
-        )
+        policy = (policies or {}).get(t, DEFAULT_POLICY)
+        bus._register(t, fn, policy, names.get(t), (limits or {}).get(t), queues.get(t, "default"))
     return bus

@@ -14,7 +14,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
-from ringbus.tasks.identity import new_id, parse_id
+from ringbus.tasks.identity import current_pid, new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
     CANCELLED,
@@ -60,7 +60,29 @@ class TaskControl:
         table = self.transport.task_table()
         if table is None:
             return new_id()
-        return table.add(SCHEDULED if delayed else QUEUED, os.getpid(), counter)
+        return table.add(SCHEDULED if delayed else QUEUED, current_pid(), counter)
+
+    def _encode_new(
+        self,
+        task: Any,
+        tid: int,
+        flags: int,
+        reply: bytes,
+        deadline: float = 0.0,
+        wall: float = 0.0,
+        delayed: bool = False,
+    ) -> tuple[bytes, bytes]:
+        """(id, envelope) of a new task: its status record, then its bytes
+        (the record is dropped again if the task cannot be encoded)."""
+        gid = self._new_task(tid, delayed)
+        try:
+            data = self.codec.encode_task(
+                task, tid, flags, current_pid(), reply, deadline, wall, gid=gid
+            )
+        except BaseException:
+            self._drop_task(gid)
+            raise
+        return gid, data
 
     def _drop_task(self, gid: bytes) -> None:
         """The task was not queued after all (the channel refused it)."""
@@ -195,4 +217,3 @@ class TaskControl:
             os.kill(rec.worker_pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-

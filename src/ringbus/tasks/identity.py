@@ -15,7 +15,7 @@ import re
 import struct
 import threading
 
-__all__ = ["NO_SLOT", "format_id", "id_slot", "new_id", "parse_id"]
+__all__ = ["NO_SLOT", "current_pid", "format_id", "id_slot", "new_id", "parse_id"]
 
 NO_SLOT = 0xFFFFFFFF
 _TAIL = struct.Struct("<II")  # sequence, slot
@@ -23,10 +23,11 @@ _HEX = re.compile(r"[0-9a-f]{32}")
 
 
 class _Ids:
-    __slots__ = ("lock", "nonce", "seq")
+    __slots__ = ("lock", "nonce", "pid", "seq")
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.pid = os.getpid()  # cached: os.getpid() is a system call
         self.nonce = os.urandom(8)
         self.seq = 0
 
@@ -50,6 +51,11 @@ def new_id(slot: int = NO_SLOT) -> bytes:
         if ids.seq > 0xFFFFFFFF:  # wrapped: a new nonce keeps ids unique
             ids.nonce, ids.seq = os.urandom(8), 1
         return ids.nonce + _TAIL.pack(ids.seq, slot)
+
+
+def current_pid() -> int:
+    """This process's pid (kept up to date across ``fork``)."""
+    return _ids.pid
 
 
 def id_slot(gid: bytes) -> int:

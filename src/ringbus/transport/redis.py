@@ -45,6 +45,7 @@ from typing import Any
 
 from ringbus.errors import BrokerUnavailable
 from ringbus.transport.redis_conn import R, as_text
+from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
 from ringbus.transport.redis_tasks import TaskChannel
@@ -100,9 +101,21 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         # Spawned workers get the configuration; connections are per process.
         return (_rebuild, (self.url, self._config(), self.bus_name))
 
+    def limits(self) -> RedisLimits:
+        """Handlers' rate limits and caps, shared by every machine (one per
+        process: made anew after fork)."""
+        held = self.__dict__.get("_limits_held")
+        if held is None or held[0] != os.getpid():
+            lim = RedisLimits(self._redis, self._prefix, holder_ttl=self.visibility_timeout)
+            held = self._limits_held = (os.getpid(), lim)
+        return held[1]
+
     def close(self) -> None:
         """Acknowledge finished tasks, drop this process's reply key and consumer
         (when it holds nothing), close the connections (the streams stay)."""
+        held = self.__dict__.pop("_limits_held", None)
+        if held is not None and held[0] == os.getpid():
+            held[1].close()
         self._close_tasks()
         self.close_replies()
         self._close_connections()
@@ -114,6 +127,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
 
         def drop(r: R) -> None:
             keys: list[Any] = [self.stream, self.dead_stream]
+            keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):
