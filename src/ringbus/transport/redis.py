@@ -48,7 +48,6 @@ from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
-from ringbus.transport.redis_status import RedisTaskTable
 from ringbus.transport.redis_tasks import TaskChannel
 
 __all__ = ["BrokerUnavailable", "RedisTransport"]
@@ -111,13 +110,6 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
             held = self._limits_held = (os.getpid(), lim)
         return held[1]
 
-    def task_table(self) -> RedisTaskTable:
-        """Task status and kept results: a hash per task (``bus.status``)."""
-        t = self.__dict__.get("_task_table")
-        if t is None:
-            t = self.__dict__["_task_table"] = RedisTaskTable(self._redis, self._prefix)
-        return t
-
     def close(self) -> None:
         """Acknowledge finished tasks, drop this process's reply key and consumer
         (when it holds nothing), close the connections (the streams stay)."""
@@ -136,7 +128,6 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         def drop(r: R) -> None:
             keys: list[Any] = [self.stream, self.dead_stream]
             keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
-            keys += list(r.scan_iter(f"{self._prefix}:task:*", count=1000))
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):
