@@ -41,8 +41,9 @@ def fail_once(task: FailOnce) -> str:
     return "second attempt"
 
 
-def make_bus(name: str) -> TaskBus:
-    bus = TaskBus(name)
+def make_bus(name: str, transport: str | None = None) -> TaskBus:
+    """The time tests' bus: on shared memory, or on ``transport`` (a Redis URL)."""
+    bus = TaskBus(name, transport=transport) if transport else TaskBus(name)
     bus.register(Stamp, stamp)
     bus.register(FailOnce, fail_once, retries=2, backoff=2.0, max_backoff=2.0)
     return bus

@@ -21,6 +21,9 @@ Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
   reader, expiring ``reply_ttl`` seconds after the process is gone) tells
   workers whether anyone still listens.
 - ``ringbus:{<bus>}:dead``: the record store (dead letters).
+- ``ringbus:{<bus>}:delayed``, ``:timers-bell``, ``:leader``, ``:schedule``:
+  delayed tasks, the leader's wake-up list, its lease and the schedule state
+  (``redis_time``).
 
 Trimming only removes entries that the group has acknowledged.  Connection
 errors: a dispatch raises ``BrokerUnavailable`` at once when Redis is down,
@@ -33,8 +36,8 @@ a Redis restarted without persistence drops no result of a later task.
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
 ``redis_conn`` (options, connections, retries), ``redis_scripts`` (Lua),
 ``redis_tasks`` (the task stream), ``redis_identity`` (consumer names),
-``redis_replies`` (reply lists) and
-``redis_records`` (the record store); this module puts them together.
+``redis_replies`` (reply lists), ``redis_records`` (the record store) and
+``redis_time`` (delayed tasks, the leader); this module puts them together.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
 from ringbus.transport.redis_tasks import TaskChannel
+from ringbus.transport.redis_time import RedisTime
 
 __all__ = ["BrokerUnavailable", "RedisTransport"]
 
@@ -62,7 +66,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
+class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
     """Task, reply and dead-letter channels on a Redis server (see the module
     docstring).
 
@@ -113,7 +117,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         self.close()
 
         def drop(r: R) -> None:
-            keys: list[Any] = [self.stream, self.dead_stream]
+            keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):
