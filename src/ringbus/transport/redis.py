@@ -42,14 +42,17 @@ The transport carries opaque bytes (each entry's field ``d``).  Its parts:
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable
 from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
+from ringbus.transport.redis_sender import ReplySender
 from ringbus.transport.redis_tasks import TaskChannel
 from ringbus.transport.redis_time import RedisTime
 
@@ -104,9 +107,27 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         # Spawned workers get the configuration; connections are per process.
         return (_rebuild, (self.url, self._config(), self.bus_name))
 
+    def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
+        """A worker's results go out through one sending thread, pipelined with
+        the acknowledgements of the tasks that made them (``redis_sender``)."""
+        key = address.decode("utf-8", "replace")
+        if not key.startswith(f"{self._prefix}:reply:"):
+            return None  # send_reply logs and drops it
+        sender = self._sender
+        if sender is None:
+            with self._lock:
+                if self._sender is None:
+                    self._sender = ReplySender(self)
+                sender = self._sender
+        return functools.partial(sender.put, key)
+
     def close(self) -> None:
-        """Acknowledge finished tasks, drop this process's reply key and consumer
-        (when it holds nothing), close the connections (the streams stay)."""
+        """Send queued results, acknowledge finished tasks, drop this process's
+        reply key and consumer (when it holds nothing), close the connections
+        (the streams stay)."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            self._to_ack.extend(sender.close(self.socket_timeout))
         self._close_tasks()
         self.close_replies()
         self._close_connections()

@@ -89,6 +89,7 @@ class RedisBase(Transport):
         self._host = socket.gethostname()
         self._dpool: redis.ConnectionPool | None = None
         self._dconns: list[Any] = []  # idle connections of dispatches
+        self._rpool: redis.ConnectionPool | None = None
         self._outages = 0  # how often a retried request found Redis back
 
     @property
@@ -219,6 +220,16 @@ class RedisBase(Transport):
         else:
             sock.settimeout(left)
         return conn
+
+    def _raw_connection(self, key: str) -> Any:
+        """A connection of this process's own (not pooled) to the server
+        that holds ``key``, for pipelines sent with ``pack_commands``."""
+        with self._lock:
+            if self._rpool is None:
+                self._rpool = redis.ConnectionPool.from_url(
+                    self.url, **self._options(self.socket_timeout + self._slice)
+                )
+            return self._rpool.make_connection()
 
     def _retrying(
         self,
