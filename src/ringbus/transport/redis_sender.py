@@ -118,6 +118,10 @@ class ReplySender:
             log.warning("ringbus: dropping %d result(s): %s", len(replies), exc)
             t._to_ack.extend(acks)  # tried again at close, else delivered again
             return
+        if out and isinstance(out[0], redis.ResponseError) and t._moved(out[0]):
+            self._conn = None  # a Redis Cluster moved the bus's slot: nothing ran there
+            self._send(batch)
+            return
         if replies:
             sent = out[0]
             if isinstance(sent, Exception):

@@ -107,7 +107,7 @@ class TaskChannel(RedisBase):
         from a signal handler (interrupt) to wake the read at once."""
         if self._tconn is None:
             self._tpool = redis.ConnectionPool.from_url(
-                self.url, **self._options(self.socket_timeout + self._slice)
+                self._server_url(), **self._options(self.socket_timeout + self._slice)
             )
             self._tconn = self._tpool.make_connection()
         conn = self._tconn
@@ -279,6 +279,9 @@ class TaskChannel(RedisBase):
         """The stream or its group was deleted under this worker (DEL,
         FLUSHDB, destroy() elsewhere, a Redis without persistence restarted):
         create them again.  Any other error is raised."""
+        if self._moved(exc):  # a Redis Cluster moved the bus's slot
+            self._tconn = self._tsock = self._tpool = None
+            return
         text = str(exc)
         if not any(m in text for m in ("NOGROUP", "UNBLOCKED", "no such key")):
             raise exc
