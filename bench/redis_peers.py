@@ -12,6 +12,11 @@ id), with the result back in the caller:
   oldest before it sends the next), tasks per second;
 - ringbus ``dispatch_many`` of N tasks with their results, tasks per second.
 
+The ringbus rows run the same plain function in a worker pool thread
+(``concurrency`` 64: up to 64 tasks per process at once, and batched reads),
+as an ``async def`` on the worker's event loop, and one task at a time per
+process (``concurrency`` 1).
+
 Each row is measured ``--reps`` times, peers interleaved; the medians are
 printed, with ratios against Celery.  A peer that is not installed is n/a.
 Peers: Celery 5 (prefork -c 2, pickle, Redis broker and result backend),
@@ -187,9 +192,13 @@ def _add(task: tuple[int, int]) -> int:
     return task[0] + task[1]
 
 
-def run_ringbus(url: str, n: Any, concurrency: int = 64) -> Result:
+async def _add_async(task: tuple[int, int]) -> int:
+    return task[0] + task[1]
+
+
+def run_ringbus(url: str, n: Any, concurrency: int = 64, coroutine: bool = False) -> Result:
     bus = TaskBus(f"bench-peers-{os.getpid()}-{concurrency}", transport=url)
-    bus.register(tuple, _add)
+    bus.register(tuple, _add_async if coroutine else _add)
     try:
         with TaskServer(bus, workers=2, concurrency=concurrency):
             out = _measure(
@@ -209,6 +218,10 @@ def run_ringbus(url: str, n: Any, concurrency: int = 64) -> Result:
 
 PEERS: list[tuple[str, Callable[[str, Any], Result]]] = [
     ("ringbus `dispatch`, Redis Streams (2 workers x concurrency 64)", run_ringbus),
+    (
+        "ringbus `dispatch`, Redis Streams (2 workers x concurrency 64, `async def` handler)",
+        lambda url, n: run_ringbus(url, n, 64, coroutine=True),
+    ),
     (
         "ringbus `dispatch`, Redis Streams (2 workers, concurrency 1)",
         lambda url, n: run_ringbus(url, n, 1),

@@ -40,6 +40,8 @@ log = logging.getLogger("ringbus.redis")
 LEASE_MS = 1500
 LEASE_RENEW = 0.5
 _MOVE_BATCH = 512
+_FINE = 0.12  # the end of a timer wait slept here, not in BLPOP
+_STEP = 0.01  # how often the bell is looked at meanwhile
 
 
 class RedisTime(RedisBase):
@@ -101,13 +103,22 @@ class RedisTime(RedisBase):
                 return None if nxt is None else float(nxt) / 1000.0
 
     def wait_timers(self, timeout: float) -> None:
-        if timeout < 0.002:
-            return
+        """Sleep until ``timeout`` or a ring of the bell.  Redis ends a blocked
+        BLPOP only when its event loop wakes (every 100 ms at the default
+        ``hz``), so the last ``_FINE`` seconds are slept here, looking at the
+        bell every ``_STEP`` seconds: a due time is met within milliseconds."""
+        end = time.monotonic() + timeout
         try:
-            self._redis().blpop([self._bell_key], timeout=round(timeout, 3))
+            r = self._redis()
+            if timeout > _FINE + 0.01 and r.blpop([self._bell_key], timeout=timeout - _FINE):
+                return
+            while (left := end - time.monotonic()) > 0.001:
+                time.sleep(min(left, _STEP))
+                if r.lpop(self._bell_key) is not None:
+                    return
         except NET_ERRORS as exc:  # the leader's next round finds out again
             log.debug("ringbus: waiting on %s: %s", self._bell_key, exc)
-            time.sleep(timeout)
+            time.sleep(max(0.0, end - time.monotonic()))
 
     def scheduled(self) -> tuple[int, float | None]:
         def look(r: redis.Redis) -> tuple[int, float | None]:
