@@ -189,30 +189,45 @@ def test_bad_schedules_are_refused(tbus: TaskBus, tmp_path: Path) -> None:
     assert set(tbus.schedules) == {"Stamp", "test_bad_schedules_are_refused.<locals>.digest"}
 
 
-def test_stats_shows_delayed_tasks_and_schedules(bus_name: str, tmp_path: Path) -> None:
+def test_stats_shows_delayed_tasks_and_schedules(
+    bus_name: str, spec: str | None, tmp_path: Path
+) -> None:
     import json
     import subprocess
     import sys
 
     log = tmp_path / "periodic"
-    group = _start_group(bus_name, str(log))
-    bus = make_bus(bus_name)
+    group = _start_group(bus_name, str(log), spec)
+    bus = make_bus(bus_name, spec)
+    on = ["--transport", spec] if spec else []
     try:
         bus.send(Stamp(str(tmp_path / "later")), delay=60)
         wait_for(lambda: len(lines(log)) >= 2, 30, "two periodic runs")
         out = subprocess.run(
-            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--json", "--interval", "0"],
+            [
+                sys.executable,
+                "-m",
+                "ringbus.cli",
+                "stats",
+                bus_name,
+                "--json",
+                "--interval",
+                "0",
+                *on,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert out.returncode == 0, out.stderr
-        t = json.loads(out.stdout)["bus"]["time"]
+        doc = json.loads(out.stdout)
+        t = doc["broker"]["time"] if spec else doc["bus"]["time"]
         assert t["scheduled"] == 1 and t["next_due"] > time.time() + 30
-        assert t["leader"] is not None and int(t["leader"]) != os.getpid()
+        assert t["leader"] is not None
+        assert _leader_pid(bus) not in (None, os.getpid())  # the server group's
         assert t["schedules"]["stamp"]["last"] is not None
         text = subprocess.run(
-            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--interval", "0"],
+            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--interval", "0", *on],
             capture_output=True,
             text=True,
             timeout=60,
