@@ -36,3 +36,26 @@ def test_ringbus_bench_writes_the_table_and_the_json(tmp_path: Path) -> None:
                 assert isinstance(rep, (int, float)) and rep > 0
     assert (tmp_path / "results.md").read_text().startswith("ringbus vs peers")
 
+
+def test_concurrency_bench_writes_the_tables_and_the_json(tmp_path: Path) -> None:
+    out_json = tmp_path / "concurrency.json"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.concurrency", "--quick", "--out", str(out_json)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    for row in (
+        "| ringbus, `async def` handler (`asyncio.sleep`) | 2,000 |",
+        "| `multiprocessing.Pool(4).apply_async` | 200 |",
+        "| concurrency 64, `async def` handler |",
+        "| concurrency 64, 64 async tasks in flight |",
+    ):
+        assert row in out.stdout
+    doc = json.loads(out_json.read_text())
+    assert doc["quick"] and doc["reps"] == 1 and doc["machine"]["cores"]
+    cells = doc["cells"]
+    assert all(rep["rate"] > 0 for key in cells if key != "memory" for rep in cells[key])
+    assert all(rep["busy_c64"] > 0 for rep in cells["memory"])

@@ -186,7 +186,7 @@ def test_sigkilled_pool_task_is_reclaimed_by_the_other_pool(
     first.kill()  # the worker dies mid-task with its whole pool
     pid = fut.result(timeout=60)
     assert pid != victim and os.getpgid(pid) == second.pgid
-    assert "took over task entry" in second.log()
+    wait_for(lambda: "took over task entry" in second.log(), 10, "the take-over in its log")
     assert [f.result(timeout=30)[0] for f in rbus.dispatch_many(Double(i) for i in range(50))] == [
         2 * i for i in range(50)
     ]

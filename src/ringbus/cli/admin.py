@@ -16,12 +16,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import textwrap
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from ringbus.cli.argtypes import float_at_least, int_at_least
 from ringbus.cli.probe import (
     SHM_DIR,
     Segment,
@@ -60,6 +62,30 @@ def _err(cmd: str, text: str) -> None:
     print(f"ringbus {cmd}: {text}", file=sys.stderr)
 
 
+def _stats_stacks(args: argparse.Namespace) -> int:
+    """``--stacks``: SIGUSR2 to each live worker (faulthandler prints its stacks)."""
+    import signal
+
+    from ringbus.server.pool_state import read_pool_states
+
+    pids = sorted(
+        {w.worker_pid for slots in read_pool_states(args.name).values() for w in slots} - {0}
+    )
+    asked = []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGUSR2)
+            asked.append(pid)
+    if not asked:
+        _err("stats", f"no live worker of bus {args.name!r} on this machine")
+        return EXIT_ERROR
+    print(
+        f"asked {len(asked)} worker(s) of bus {args.name!r} for their stacks: pids "
+        f"{', '.join(map(str, asked))}; they print them on their stderr (the server's log)"
+    )
+    return EXIT_OK
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     if getattr(args, "check", False):
         from ringbus.cli.check import cmd_check
@@ -67,6 +93,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
         return cmd_check(args)
     if getattr(args, "format", None) == "prometheus":
         return _stats_prometheus(args)
+    if getattr(args, "stacks", False):
+        return _stats_stacks(args)
     if getattr(args, "format", None) == "json":
         args.json = True
     url = getattr(args, "transport", None)
@@ -341,26 +369,6 @@ def cmd_recover(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def _guard(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Human-readable output needs rich; say so instead of a traceback."""
 
@@ -417,7 +425,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     p.add_argument(
         "--interval",
-        type=_positive_float,
+        type=float_at_least(0),
         default=1.0,
         metavar="S",
         help="seconds between the two snapshots rates come from (0: no rates), "
@@ -425,7 +433,7 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--count",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help="with --watch: stop after N refreshes",
@@ -443,6 +451,12 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="URL",
         help="a bus on a broker (redis://...): its queue and dead letters from there",
+    )
+    p.add_argument(
+        "--stacks",
+        action="store_true",
+        help="ask every live worker of the bus on this machine to print every thread's "
+        "stack on its stderr (the server's log): for a stuck worker",
     )
     from ringbus.cli.check import add_arguments as add_check_arguments
 

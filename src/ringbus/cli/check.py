@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from ringbus import _names
 from ringbus._proc import pid_alive
+from ringbus.cli.argtypes import float_above, int_at_least
 from ringbus.server.pool_state import WorkerInfo
 
 __all__ = ["Health", "cmd_check", "judge"]
@@ -142,42 +143,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--max-depth",
-        type=_count,
+        type=int_at_least(0),
         default=None,
         metavar="N",
         help="unhealthy when more than N tasks wait in the queue",
     )
     g.add_argument(
         "--min-workers",
-        type=_count,
+        type=int_at_least(0),
         default=1,
         metavar="M",
         help="unhealthy with fewer than M live workers on this machine (default 1)",
     )
     g.add_argument(
         "--max-age",
-        type=_seconds,
+        type=float_above(0),
         default=None,
         metavar="S",
         help="unhealthy when a task has been running for more than S seconds",
     )
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, not {value}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
-    return value

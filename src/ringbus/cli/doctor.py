@@ -28,6 +28,7 @@ import stat
 from dataclasses import asdict, dataclass
 
 from ringbus import _names
+from ringbus.cli.argtypes import int_at_least
 
 __all__ = ["Finding", "cmd_doctor", "register", "run_checks"]
 
@@ -128,9 +129,7 @@ def check_shm(shm: str, workers: int) -> list[Finding]:
     need = pool_reserve(workers)
     text = f"{shm} is {fmt_size(size)} with {fmt_size(free)} free"
     if size < MIN_SHM:
-        out.append(
-            Finding(WARN, "shm-size", f"{text}: under {fmt_size(MIN_SHM)}", shm_fix)
-        )
+        out.append(Finding(WARN, "shm-size", f"{text}: under {fmt_size(MIN_SHM)}", shm_fix))
     elif free < need + DEAD_LETTERS:
         out.append(
             Finding(
@@ -243,8 +242,11 @@ def remove_ipc_setting(root: str = "/") -> tuple[bool, str]:
     """(RemoveIPC in force, where it was set) from logind.conf and its drop-ins."""
     base = os.path.join(root, "etc/systemd/logind.conf")
     dropins: dict[str, str] = {}
-    for d in ("usr/lib/systemd/logind.conf.d", "run/systemd/logind.conf.d",
-              "etc/systemd/logind.conf.d"):
+    for d in (
+        "usr/lib/systemd/logind.conf.d",
+        "run/systemd/logind.conf.d",
+        "etc/systemd/logind.conf.d",
+    ):
         for path in glob.glob(os.path.join(root, d, "*.conf")):
             dropins[os.path.basename(path)] = path  # /etc overrides /run overrides /usr
     value, where = True, "by default"
@@ -366,16 +368,6 @@ def _uid(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no such user: {text!r}") from None
 
 
-def _workers(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def cmd_doctor(args: argparse.Namespace) -> int:
     findings = run_checks(args.workers, args.user, args.prefix)
     if args.json:
@@ -401,7 +393,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--workers",
-        type=_workers,
+        type=int_at_least(1),
         default=os.cpu_count() or 1,
         metavar="N",
         help="size the /dev/shm check for a pool of N workers (default: the CPUs)",
@@ -420,4 +412,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_doctor)
-

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from ringbus.cli.argtypes import float_above, int_at_least
 from ringbus.cli.config import EnvOption, apply_env, choice, env_help
 from ringbus.cli.logs import LEVELS, setup_logging
 
@@ -73,6 +74,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         task_timeout=args.task_timeout,
         start_method=args.start_method,
         concurrency=args.concurrency,
+        max_workers=args.max_workers,
     )
     stop = threading.Event()
     signals_seen = 0
@@ -88,9 +90,20 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             log.warning("ringbus worker: %s again, killing busy workers", name)
             server.kill(wait=False)  # the main thread is waiting in stop()
 
+    def on_control(signum: int, frame: FrameType | None) -> None:
+        log.info("ringbus worker: %s", signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            server.reload()  # rolling restart with the code on disk
+        elif signum == signal.SIGTTIN:
+            server.add_worker()
+        else:
+            server.remove_worker()
+
     previous: dict[int, Callable[[int, FrameType | None], object] | int | None] = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[int(sig)] = signal.signal(sig, on_signal)
+    for sig in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        previous[int(sig)] = signal.signal(sig, on_control)
     httpd: Any = None
     try:
         if args.metrics_port:
@@ -171,28 +184,12 @@ examples:
 
 every option also comes from RINGBUS_<OPTION> (shown with each); a flag wins over it
 
+signals: TERM/INT drain (a second one kills the busy workers); HUP rolling restart
+(new workers import the code again); TTIN/TTOU one worker more/fewer (up to
+--max-workers); USR2 to a worker prints every thread's stack on its stderr
+
 exit codes: 0 stopped cleanly, 1 the pool failed, 2 bad usage or the bus could not be loaded
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -208,11 +205,12 @@ def _port(text: str) -> int:
 START_METHODS = ("fork", "spawn", "forkserver")
 
 WORKER_ENV = [
-    EnvOption("workers", _positive_int, os.cpu_count() or 1),
-    EnvOption("concurrency", _positive_int, 1),
-    EnvOption("max_tasks_per_child", _positive_int),
-    EnvOption("task_timeout", _positive_float),
-    EnvOption("drain_timeout", _positive_float),
+    EnvOption("workers", int_at_least(1), os.cpu_count() or 1),
+    EnvOption("concurrency", int_at_least(1), 1),
+    EnvOption("max_workers", int_at_least(1)),
+    EnvOption("max_tasks_per_child", int_at_least(1)),
+    EnvOption("task_timeout", float_above(0)),
+    EnvOption("drain_timeout", float_above(0)),
     EnvOption("start_method", choice(*START_METHODS), "fork"),
     EnvOption("transport", str),
     EnvOption("metrics_port", _port, 0),
@@ -243,14 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument(
         "-w",
         "--workers",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         help=env_help("worker processes", "workers", "the number of CPUs"),
     )
     w.add_argument(
         "-c",
         "--concurrency",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=env_help(
@@ -261,22 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     w.add_argument(
+        "--max-workers",
+        type=int_at_least(1),
+        default=None,
+        metavar="N",
+        help=env_help("the most workers SIGTTIN may grow the pool to", "max_workers", "--workers"),
+    )
+    w.add_argument(
         "--max-tasks-per-child",
-        type=_positive_int,
+        type=int_at_least(1),
         default=None,
         metavar="N",
         help=env_help("replace a worker after N tasks", "max_tasks_per_child"),
     )
     w.add_argument(
         "--task-timeout",
-        type=_positive_float,
+        type=float_above(0),
         default=None,
         metavar="SECONDS",
         help=env_help("kill a worker whose task runs longer", "task_timeout"),
     )
     w.add_argument(
         "--drain-timeout",
-        type=_positive_float,
+        type=float_above(0),
         default=None,
         metavar="SECONDS",
         help=env_help(

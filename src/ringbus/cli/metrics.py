@@ -185,9 +185,7 @@ class BusCollector(Collector):
                 pools[own] = self.server.worker_info()
 
         tasks = {
-            name: CounterMetricFamily(
-                f"ringbus_tasks_{name}", doc, labels=["bus", "server"]
-            )
+            name: CounterMetricFamily(f"ringbus_tasks_{name}", doc, labels=["bus", "server"])
             for name, doc in COUNTERS
         }
         workers = GaugeMetricFamily(

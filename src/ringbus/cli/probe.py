@@ -271,9 +271,7 @@ def resolve_stats_target(name: str) -> tuple[str | None, str | None]:
 # ---------------------------------------------------------------- snapshots
 
 
-def read_pools(
-    bus: str, errors: dict[str, str] | None = None
-) -> dict[str, list[WorkerInfo]]:
+def read_pools(bus: str, errors: dict[str, str] | None = None) -> dict[str, list[WorkerInfo]]:
     """Worker slots of the live servers of ``bus`` (path -> slots); segments
     refused or unreadable go to ``errors`` (path -> why)."""
     try:

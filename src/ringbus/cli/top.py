@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ringbus import _names
+from ringbus.cli.argtypes import float_above, int_at_least
 from ringbus.server.pool_state import WorkerInfo
 
 __all__ = ["Frame", "cmd_top", "register", "render", "snapshot"]
@@ -183,26 +184,6 @@ def cmd_top(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, not {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, not {value}")
-    return value
-
-
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "top",
@@ -216,11 +197,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name", help="the bus name")
     p.add_argument(
-        "--interval", type=_interval, default=1.0, metavar="S", help="seconds between frames"
+        "--interval", type=float_above(0), default=1.0, metavar="S", help="seconds between frames"
     )
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.add_argument(
-        "--count", type=_count, default=None, metavar="N", help="stop after N refreshes"
+        "--count", type=int_at_least(1), default=None, metavar="N", help="stop after N refreshes"
     )
     p.add_argument(
         "--transport",

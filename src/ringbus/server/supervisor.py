@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ringbus.server.lost_tasks import LostTask, adopt_orphaned_pools, answer, bury, deliver_again
+from ringbus.server.pool_control import PoolControl
 from ringbus.server.pool_state import (
     DEFAULT_ENVELOPE_AREA,
     MAX_SLOTS,
@@ -77,7 +78,7 @@ def _describe_exit(code: int | None) -> str:
     return f"exit status {code}"
 
 
-class TaskServer:
+class TaskServer(PoolControl):
     """A pool of ``workers`` processes serving ``bus``'s task channel.
 
     ``max_tasks_per_child`` recycles a worker after that many tasks;
@@ -99,6 +100,7 @@ class TaskServer:
         initargs: tuple[Any, ...] = (),
         start_method: str = "fork",
         concurrency: int = 1,
+        max_workers: int | None = None,
     ) -> None:
         if not isinstance(bus, TaskBus):
             raise TypeError(f"bus must be a TaskBus, not {type(bus).__name__}")
@@ -116,12 +118,18 @@ class TaskServer:
             raise TypeError("initializer must be callable")
         if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
             raise ValueError(f"concurrency must be a positive int, not {concurrency!r}")
-        if workers * concurrency > MAX_SLOTS:
+        if max_workers is not None and (not isinstance(max_workers, int) or max_workers < 1):
+            raise ValueError(f"max_workers must be a positive int, not {max_workers!r}")
+        max_workers = max(workers, max_workers or workers)
+        if max_workers * concurrency > MAX_SLOTS:
             raise ValueError(
-                f"workers x concurrency = {workers * concurrency} task slots; at most {MAX_SLOTS}"
+                f"max_workers x concurrency = {max_workers * concurrency} task slots; "
+                f"at most {MAX_SLOTS}"
             )
         self.bus = bus
         self.workers = workers
+        self.max_workers = max_workers
+        """The most workers ``add_worker`` (SIGTTIN) may grow the pool to."""
         self.concurrency = concurrency
         self.max_tasks_per_child = max_tasks_per_child
         self.task_timeout = task_timeout
@@ -131,9 +139,10 @@ class TaskServer:
         self._ctx = mp.get_context(start_method)
         self._lock = threading.RLock()  # stop() may re-enter from a signal handler
         self._state: PoolState | None = None
-        self._workers: list[_Worker | None] = [None] * workers
+        self._workers: list[_Worker | None] = [None] * max_workers
         self._respawn_at: dict[int, float] = {}
-        self._quick_fails = [0] * workers
+        self._quick_fails = [0] * max_workers
+        self._init_control()
         self._thread: threading.Thread | None = None
         self._scheduler: Scheduler | None = None
         self._wake_r = self._wake_w = -1
@@ -174,7 +183,7 @@ class TaskServer:
         limit = self.bus.transport.max_task_size()
         self._state = PoolState.create(
             self.bus.name,
-            self.workers * self.concurrency,
+            self.max_workers * self.concurrency,
             max(4096, limit or DEFAULT_ENVELOPE_AREA),
             broker=self.bus.transport.redelivers_lost_tasks,
             per_worker=self.concurrency,
@@ -284,7 +293,7 @@ class TaskServer:
         assert self._state is not None
         for s in self._state.worker_slots(slot):
             self._state.reset(s)
-        process = self._ctx.Process(  # type: ignore[attr-defined]
+        process = self._worker_ctx(self._ctx).Process(
             target=worker_main,
             args=(
                 self.bus,
@@ -362,6 +371,7 @@ class TaskServer:
                             w.kill_reason = "stop"
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(w.pid, signal.SIGKILL)
+            self._control_step()
             sentinels = {w.process.sentinel: w for w in live}
             ready = mp.connection.wait([*sentinels, self._wake_r], self._next_timeout())
             for obj in ready:
@@ -440,7 +450,8 @@ class TaskServer:
         recycled = bool(self.max_tasks_per_child) and info.tasks_done >= (
             self.max_tasks_per_child or 0
         )
-        on_its_own = code == 0 and not self._stopping and not recycled
+        retired = self._retired(w.slot)  # asked to leave: a rolling restart, a smaller pool
+        on_its_own = code == 0 and not self._stopping and not recycled and not retired
         for slot_info, record in held:
             self._task_in_hand(w, slot_info, record, code)
         if held:
@@ -477,7 +488,11 @@ class TaskServer:
                 self.on_initializer_failure(self)
             except Exception:
                 log.exception("ringbus: on_initializer_failure hook failed")
-        if self._stopping:
+        if self._stopping or retired == "shrink":
+            return
+        if retired == "reload":
+            self.reloads += 1
+            self._respawn(w.slot)
             return
         # Back off only for workers that die on their own without a task in
         # hand (a failing start); a poison task ends in dead letters instead.

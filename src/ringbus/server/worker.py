@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import functools
 import inspect
 import logging
@@ -55,6 +56,7 @@ __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 log = logging.getLogger("ringbus.server")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STACKS_SIGNAL = signal.SIGUSR2
 BLOCK_AT_FORK = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
 
 _U16 = struct.Struct("<H")
@@ -90,6 +92,9 @@ def worker_main(
     if parent_pid:
         # A SIGKILLed server leaves no orphan workers: they get a graceful stop.
         die_with_parent(parent_pid, signal.SIGTERM)
+    # `ringbus stats NAME --stacks`: every thread's stack to stderr, even while a
+    # handler holds the GIL (faulthandler writes from the signal handler, in C).
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     pool = PoolState.attach(pool_path)
     slots = pool.worker_slots(worker)
     for slot in slots:

@@ -17,6 +17,7 @@ the worker stops taking tasks, lets the others finish and exits with
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
 import os
@@ -96,6 +97,11 @@ class ConcurrentWorker(WorkerBase):
         self._quiet = asyncio.Event()
         self._taker_done = asyncio.Event()
         self._types: dict[type, tuple[Callable[[Any], Any], Any, str, int, bool]] = {}
+        # Tasks the taker thread hands to the loop; one call_soon_threadsafe per burst.
+        self._inbox: collections.deque[tuple[int, bytes, int, object]] = collections.deque()
+        self._drain_due = False
+        self._put: Callable[[bytes, bool], object] | None = None
+        self._put_addr = b""
 
     # -------------------------------------------------------- lifecycle
 
@@ -155,7 +161,10 @@ class ConcurrentWorker(WorkerBase):
                     takers = [transport.task_taker(j) for j in self.journals]
                     continue
                 deliveries = transport.deliveries if counts else 1
-                call(self._start, i, data, deliveries, transport.delivery_tag)
+                self._inbox.append((i, data, deliveries, transport.delivery_tag))
+                if not self._drain_due:  # one wake-up of the loop for a burst of tasks
+                    self._drain_due = True
+                    call(self._drain)
                 self.taken += 1
                 if self.max_tasks and self.taken >= self.max_tasks:
                     break  # recycled once these finish
@@ -219,6 +228,12 @@ class ConcurrentWorker(WorkerBase):
             call(self._taker_done.set)
 
     # -------------------------------------------------------- tasks on the loop
+
+    def _drain(self) -> None:
+        self._drain_due = False  # first: a task appended from now on schedules another drain
+        inbox = self._inbox
+        while inbox:
+            self._start(*inbox.popleft())
 
     def _start(self, i: int, data: bytes, deliveries: int, tag: object) -> None:
         self.running += 1
@@ -356,15 +371,20 @@ class ConcurrentWorker(WorkerBase):
             left = max(0.0, deadline - time.monotonic())
             limit = left if limit is None else min(limit, left)
         if is_async:
+            if limit is None:
+                return await fn(task)
             try:
                 return await asyncio.wait_for(fn(task), limit)
             except asyncio.TimeoutError:
-                raise _Overran(limit or 0.0, stuck=False) from None
+                raise _Overran(limit, stuck=False) from None
         fut = self.loop.run_in_executor(self.threads, fn, task)
-        try:
-            value = await asyncio.wait_for(asyncio.shield(fut), limit)
-        except asyncio.TimeoutError:
-            raise _Overran(limit or 0.0, stuck=not fut.done()) from None
+        if limit is None:
+            value = await fut
+        else:
+            try:
+                value = await asyncio.wait_for(asyncio.shield(fut), limit)
+            except asyncio.TimeoutError:
+                raise _Overran(limit, stuck=not fut.done()) from None
         if inspect.isawaitable(value):  # a plain function that returned an awaitable
             try:
                 value = await asyncio.wait_for(value, limit)
@@ -377,11 +397,13 @@ class ConcurrentWorker(WorkerBase):
             out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
         except Exception:
             out = env.encode_ok(tid, value)  # makes the pickling error a FAILED result
-        put = self.transport.reply_putter(reply)
+        if reply != self._put_addr:  # the same dispatcher as last time: its handle is kept
+            self._put, self._put_addr = self.transport.reply_putter(reply), reply
+        put = self._put
         if put is not None:
             try:
                 put(out, False)
                 return
             except Exception:  # full, too large, closed: the careful way, off the loop
-                pass
+                self._put_addr = b""  # ask again next time: the handle may be gone
         await self.loop.run_in_executor(None, self._reply, reply, dpid, out, tid)
