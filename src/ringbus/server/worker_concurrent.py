@@ -218,7 +218,10 @@ class ConcurrentWorker(WorkerBase):
                     transport.check_channel()
                     continue
                 for s, (data, deliveries, tag) in zip(slots, got, strict=False):
-                    call(self._start, s, data, deliveries if counts else 1, tag)
+                    self._inbox.append((s, data, deliveries if counts else 1, tag))
+                if not self._drain_due:  # one wake-up of the loop for the batch
+                    self._drain_due = True
+                    call(self._drain)
                 self.taken += len(got)
                 if self.max_tasks and self.taken >= self.max_tasks:
                     break  # recycled once these finish
