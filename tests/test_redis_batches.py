@@ -182,3 +182,36 @@ def test_every_caller_of_a_combined_round_trip_gets_its_error() -> None:
         th.join(60)
     assert len(errors) == 8 and all(isinstance(e, BrokerUnavailable) for e in errors)
     t.close()
+
+
+def test_coroutines_dispatching_at_once_share_round_trips(
+    redis_server: RedisServer, bus_name: str, tmp_path: Path
+) -> None:
+    import asyncio
+
+    bus = _bus(bus_name, redis_server.url)
+    log = str(tmp_path / "runs")
+
+    async def burst() -> list[int]:
+        return list(await asyncio.gather(*(bus.dispatch_async(Mark(log, i)) for i in range(400))))
+
+    try:
+        with TaskServer(bus, workers=2, concurrency=8):
+            assert sorted(asyncio.run(burst())) == list(range(400))
+            assert bus.transport._dispatches.combined > 0  # type: ignore[attr-defined]
+    finally:
+        bus.destroy(force=True)
+
+
+def test_an_async_dispatch_to_a_dead_redis_fails_its_future() -> None:
+    import asyncio
+
+    bus = TaskBus("nobody-listens", transport=f"redis://127.0.0.1:{free_port()}/0")
+    bus.register(Mark, mark)
+
+    async def once() -> None:
+        await bus.dispatch_async(Mark("/dev/null", 1))
+
+    with pytest.raises(BrokerUnavailable):
+        asyncio.run(once())
+    bus.close()

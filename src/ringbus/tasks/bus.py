@@ -178,6 +178,11 @@ class TaskBus(HandlerRegistry):
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
         The reader thread resolves it through ``loop.call_soon_threadsafe``.
+        On a broker (Redis) the task is queued from a thread of the loop's
+        default executor, not on the loop: an error queueing it (such as
+        ``BrokerUnavailable``) fails the future instead of the call, and tasks
+        of one loop dispatched without awaiting in between may reach the
+        channel in any order.
         """
         loop = asyncio.get_running_loop()
         if delay is not None or eta is not None:
@@ -195,6 +200,9 @@ class TaskBus(HandlerRegistry):
             wall = time.time() + timeout
         data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
         st.pending[tid] = (loop, afut)
+        if self.transport.puts_off_loop:
+            self._put_off_loop(loop, afut, st, data, tid, timeout, deadline, cls)
+            return afut
         try:
             self.transport.put_task(data, timeout)
         except BaseException:
@@ -203,6 +211,36 @@ class TaskBus(HandlerRegistry):
         if timeout is not None:
             self._arm(st, deadline, tid, timeout, cls)
         return afut
+
+    def _put_off_loop(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        afut: asyncio.Future[Any],
+        st: ProcState,
+        data: bytes,
+        tid: int,
+        timeout: float | None,
+        deadline: float,
+        cls: type,
+    ) -> None:
+        """A broker's put waits for a network round trip: it runs in a thread
+        of the loop's default executor, never on the loop (puts of coroutines
+        dispatching meanwhile then share round trips); its error, such as
+        ``BrokerUnavailable``, fails the future."""
+
+        def put() -> None:
+            self.transport.put_task(data, timeout)
+            if timeout is not None:
+                self._arm(st, deadline, tid, timeout, cls)
+
+        def done(f: asyncio.Future[None]) -> None:
+            exc = f.exception()
+            if exc is not None:
+                st.pending.pop(tid, None)
+                if not afut.done():
+                    afut.set_exception(exc)
+
+        loop.run_in_executor(None, put).add_done_callback(done)
 
     def dispatch_many(
         self,

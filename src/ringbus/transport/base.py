@@ -118,6 +118,10 @@ class Transport(abc.ABC):
         raises ``TransportClosed`` once interrupted)."""
         return lambda: self.take_task(journal)
 
+    puts_off_loop: bool = False
+    """Whether ``dispatch_async`` queues from an executor thread rather than on
+    the event loop (a put that waits for a network round trip)."""
+
     takes_batches: bool = False
     """Whether ``take_tasks`` takes several envelopes in one call (a broker's
     batched read); a consumer with several free slots then uses it."""

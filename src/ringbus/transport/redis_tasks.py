@@ -168,6 +168,7 @@ class TaskChannel(RedisBase):
         return data
 
     takes_batches = True
+    puts_off_loop = True  # a dispatch_async put waits for Redis: not on the caller's loop
 
     def take_tasks(
         self, journals: list[Any], timeout: float | None = None
