@@ -33,10 +33,11 @@ class ReplySender:
 
     def __init__(self, t: Any) -> None:
         self.t = t
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper
         self._items: list[tuple[str | None, bytes]] = []  # (reply key, result) or (None, entry id)
         self._inflight: list[bytes] = []
         self._busy = False
+        self._idle = False  # the thread waits for items (a put must wake it)
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: Any = None  # redis.Connection of the sending thread
@@ -48,7 +49,8 @@ class ReplySender:
             if self._closing:
                 raise TransportClosed("the result sender is closed")
             self._items.append((key, data))
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
             if self._thread is None:
                 self._start()
 
@@ -59,7 +61,8 @@ class ReplySender:
             if self._closing or self._thread is None:
                 return False
             self._items.append((None, entry_id))
-            self._cond.notify()
+            if self._idle:
+                self._cond.notify()
             return True
 
     def holds(self) -> list[bytes]:
@@ -76,7 +79,9 @@ class ReplySender:
         while True:
             with self._cond:
                 while not self._items and not self._closing:
+                    self._idle = True
                     self._cond.wait()
+                    self._idle = False
                 if not self._items or os.getpid() != pid:
                     return
                 batch = self._items[:MAX_BATCH]
