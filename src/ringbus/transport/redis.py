@@ -33,9 +33,18 @@ and workers create the task stream again when it was deleted under them.
 Every dispatch sets its process's ``:alive`` key in the same round trip, so
 a Redis restarted without persistence drops no result of a later task.
 
+Batches: a concurrent worker reads as many entries as it has free slots
+(``take_tasks``); its results and acknowledgements go out pipelined, one
+round trip per batch (``redis_sender``); dispatches of a process's threads
+that overlap share round trips (``redis_combine``).  Redis Cluster
+(``redis+cluster://host:port``): every key of a bus shares the ``{<bus>}``
+hash tag, so the transport talks to the one node that holds that slot.
+
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
-``redis_conn`` (options, connections, retries), ``redis_scripts`` (Lua),
-``redis_tasks`` (the task stream), ``redis_identity`` (consumer names),
+``redis_conn`` (options, connections, retries, the cluster node),
+``redis_scripts`` (Lua), ``redis_tasks`` (the task stream),
+``redis_combine`` (shared dispatch round trips), ``redis_sender`` (a
+worker's results and acknowledgements), ``redis_identity`` (consumer names),
 ``redis_replies`` (reply lists), ``redis_records`` (the record store) and
 ``redis_time`` (delayed tasks, the leader); this module puts them together.
 """
