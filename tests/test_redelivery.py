@@ -42,7 +42,7 @@ def _dead_cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(TESTS)),
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path])),
     )
 
 

@@ -39,7 +39,8 @@ class Pool:
     process group) of its own, its stderr collected."""
 
     def __init__(self, bus_name: str, url: str, workers: int) -> None:
-        env = dict(os.environ, RINGBUS_TEST_BUS=bus_name, PYTHONPATH=str(TESTS))
+        env = dict(os.environ, RINGBUS_TEST_BUS=bus_name)
+        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *sys.path])  # this tree, not an installed one
         cmd = [sys.executable, "-m", "ringbus.cli", "worker", "_redis_tasks:bus"]
         self.proc = subprocess.Popen(
             [*cmd, "--workers", str(workers), "--transport", url],
