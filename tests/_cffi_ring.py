@@ -34,11 +34,17 @@ SOURCES, HEADERS, STRICT_FLAGS = core_build()
 STRICT = [*STRICT_FLAGS, "-O1", "-g"]
 
 
+PUBLIC_HEADERS = ("ring.h", "ring_limits.h")  # the core's API: the ring, the limits segment
+
+
 def cdef_source() -> str:
-    header = (CSRC / "ring.h").read_text()
-    m = re.search(r"/\* cffi-begin.*?\*/(.*)/\* cffi-end \*/", header, re.S)
-    assert m, "ring.h lost its cffi markers"
-    return m.group(1)
+    parts = []
+    for name in PUBLIC_HEADERS:
+        header = (CSRC / name).read_text()
+        m = re.search(r"/\* cffi-begin.*?\*/(.*)/\* cffi-end \*/", header, re.S)
+        assert m, f"{name} lost its cffi markers"
+        parts.append(m.group(1))
+    return "\n".join(parts)
 
 
 def load() -> tuple[Any, Any]:
@@ -62,7 +68,7 @@ def load() -> tuple[Any, Any]:
         ffi.cdef(cdef_source())
         ffi.set_source(
             modname,
-            '#include "ring.h"',
+            "".join(f'#include "{h}"\n' for h in PUBLIC_HEADERS),
             sources=[str(p) for p in SOURCES],
             include_dirs=[str(CSRC)],
             extra_compile_args=STRICT,

@@ -80,9 +80,15 @@ def register(bus: TaskBus) -> TaskBus:
     return bus
 
 
-def redis_bus(name: str, transport: Transport | str) -> TaskBus:
-    """A dispatching side of the test bus on ``transport``."""
-    return register(TaskBus(name, transport=transport))
+TEST_SECRET = "ringbus-test-secret"
+"""Redis tests run signed: unsigned pickle over a network is refused."""
+
+
+def redis_bus(name: str, transport: Transport | str, **kwargs: object) -> TaskBus:
+    """A dispatching side of the test bus on ``transport`` (signed with
+    ``TEST_SECRET`` unless ``kwargs`` say otherwise)."""
+    kwargs.setdefault("secret", TEST_SECRET)
+    return register(TaskBus(name, transport=transport, **kwargs))  # type: ignore[arg-type]
 
 
 bus = register(TaskBus(os.environ.get("RINGBUS_TEST_BUS", "redis-tasks")))

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from _redis_tasks import TEST_SECRET
 from _tasks_basic import make_bus
 from ringbus import TaskBus, TaskServer
 
@@ -50,8 +51,12 @@ def bus_fixture(bus_name: str, request: pytest.FixtureRequest) -> Iterator[TaskB
         from ringbus.transport.redis import RedisTransport
 
         server = request.getfixturevalue("redis_server")
+        # Signed, as a network bus must be; worker processes a test starts
+        # (``ringbus worker --transport``) find the secret in the environment.
+        request.getfixturevalue("monkeypatch").setenv("RINGBUS_SECRET", TEST_SECRET)
         # A short visibility timeout: tests that kill workers wait for reclaim.
-        b = make_bus(bus_name, transport=RedisTransport(server.url, visibility_timeout=1.5))
+        transport = RedisTransport(server.url, visibility_timeout=1.5)
+        b = make_bus(bus_name, transport=transport, secret=TEST_SECRET)
     else:
         b = make_bus(bus_name)
     try:

@@ -21,7 +21,7 @@ from _tasks_support import bus_name_fixture, wait_for  # noqa: F401
 from ringbus import TaskBus
 from ringbus.server.pool_state import read_pool_states
 
-APP = '''
+APP = """
 import os, time
 from ringbus import TaskBus
 
@@ -35,7 +35,7 @@ def run(task):
     if task[1]:
         time.sleep(task[1])
     return VERSION
-'''
+"""
 
 
 class Worker:
@@ -111,7 +111,9 @@ def test_sighup_rolls_the_workers_onto_new_code(app: Any, tmp_path: Path, bus_na
     assert len(runs) == 20_001 and len(set(runs)) == 20_001  # every task once, none twice
 
 
-def test_sigttin_and_sigttou_change_the_pool_by_one(app: Any, tmp_path: Path, bus_name: str) -> None:
+def test_sigttin_and_sigttou_change_the_pool_by_one(
+    app: Any, tmp_path: Path, bus_name: str
+) -> None:
     _, workers = app
     w = Worker(tmp_path, bus_name, "--workers", "1", "--max-workers", "3")
     workers.append(w)

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from _redis_support import RedisServer
-from _redis_tasks import Bad, Double, FirstRunHangs, Nap, Poison, redis_bus
+from _redis_tasks import TEST_SECRET, Bad, Double, FirstRunHangs, Nap, Poison, redis_bus
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskBus, TaskServer, Unrecoverable, WorkerLost
 from ringbus.tasks.dead_letters import DeadLetterStore
@@ -39,8 +39,12 @@ class Pool:
     process group) of its own, its stderr collected."""
 
     def __init__(self, bus_name: str, url: str, workers: int) -> None:
-        env = dict(os.environ, RINGBUS_TEST_BUS=bus_name)
-        env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *sys.path])  # this tree, not an installed one
+        env = dict(
+            os.environ,
+            RINGBUS_TEST_BUS=bus_name,
+            RINGBUS_SECRET=TEST_SECRET,
+            PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]),
+        )
         cmd = [sys.executable, "-m", "ringbus.cli", "worker", "_redis_tasks:bus"]
         self.proc = subprocess.Popen(
             [*cmd, "--workers", str(workers), "--transport", url],
@@ -279,7 +283,7 @@ def test_dead_letters_on_redis(rbus: TaskBus, pools: list[Pool], url: str, bus_n
     # A second transport object (e.g. the CLI elsewhere) sees the same store.
     transport = RedisTransport(url)
     transport.bind(bus_name)
-    other = DeadLetterStore(transport)
+    other = DeadLetterStore(transport, rbus.codec.signer)  # signed letters need the key
     try:
         assert [d.id for d in other.letters()] == [d.id for d in letters]
         assert other.purge([letters[1].id]) == 1

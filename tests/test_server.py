@@ -232,8 +232,11 @@ def test_server_sigkilled_leaves_no_orphans(bus_name: str, tmp_path: Path) -> No
 
 
 def test_ringbus_worker_command_serves_and_drains_on_sigterm(bus: TaskBus, tmp_path: Path) -> None:
-    env = dict(os.environ, RINGBUS_TEST_BUS=bus.name)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *sys.path])  # this tree, not an installed one
+    env = dict(
+        os.environ,
+        RINGBUS_TEST_BUS=bus.name,
+        PYTHONPATH=os.pathsep.join([str(TESTS), *sys.path]),
+    )
     url = getattr(bus.transport, "url", None)  # a Redis bus: serve it with --transport
     proc = subprocess.Popen(
         [sys.executable, "-m", "ringbus.cli", "worker", "_tasks_basic:bus", "--workers", "2"]

@@ -1,4 +1,4 @@
-# C declarations of csrc/ring.h only; the logic lives in _ring.pyx.
+# C declarations of csrc/ring.h and csrc/ring_limits.h only; the logic lives in _ring.pyx.
 from libc.stdint cimport int64_t, uint32_t, uint64_t
 
 
@@ -108,3 +108,30 @@ cdef extern from "ring.h" nogil:
     int ring_task_done(ring_t *r)
     int ring_task_join(ring_t *r, int64_t deadline)
     int64_t ring_unfinished(const ring_t *r)
+
+
+cdef extern from "ring_limits.h" nogil:
+    int LIMITS_SLOTS
+    int LIMITS_HOLDERS
+    int LIMITS_NAME_MAX
+    int LIMITS_SEGMENT_SIZE
+
+    ctypedef struct limits_t:
+        pass
+
+    ctypedef struct limits_stats_t:
+        uint64_t interval_ns, burst, rate_granted, rate_refused
+        uint64_t permits_taken, permits_refused, reclaimed
+        uint32_t cap, held
+
+    int limits_open(const char *name, limits_t **out, char *errbuf)
+    void limits_close(limits_t *l)
+    int limits_unlink(const char *name, char *errbuf)
+    int limits_slot(limits_t *l, const char *key, size_t len, char *errbuf)
+    void limits_configure(limits_t *l, int slot, uint64_t interval_ns, uint64_t burst,
+                          uint32_t cap)
+    int64_t limits_rate_acquire(limits_t *l, int slot, uint64_t interval_ns, uint64_t burst)
+    int limits_permit_acquire(limits_t *l, int slot, uint32_t cap)
+    int limits_permit_release(limits_t *l, int slot, int permit)
+    int limits_reclaim(limits_t *l, int slot)
+    void limits_get_stats(limits_t *l, int slot, limits_stats_t *s)

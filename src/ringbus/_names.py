@@ -13,6 +13,7 @@ __all__ = [
     "bell_name",
     "dead_letter_path",
     "leader_path",
+    "limits_name",
     "pool_prefix",
     "redis_prefix",
     "reply_prefix",
@@ -79,6 +80,11 @@ def timers_path(bus: str) -> str:
 def bell_name(bus: str) -> str:
     """The one-slot ring that wakes the leader for a new delayed task."""
     return f"/ringbus-{bus}-bell"
+
+
+def limits_name(bus: str) -> str:
+    """The handlers' rate limits and concurrency caps (csrc/ring_limits.h)."""
+    return f"/ringbus-{bus}-limits"
 
 
 def leader_path(bus: str) -> str:

@@ -1,9 +1,10 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, auto_pickle=False
 """Cython binding of the ring core: one handle class and a few functions.
 
-One extension module in three files: _handle.pxi (the handle under Ring:
+One extension module in four files: _handle.pxi (the handle under Ring:
 lifecycle, waits, state, recovery), _codec.pxi (the default serializer's
-tagged message format) and this one (Ring's object API, module functions).
+tagged message format), _limits.pxi (the limits segment's handle) and this
+one (Ring's object API, module functions).
 
 Fast paths (a message fits now / one is ready) run with the GIL held and
 make no system call; waits release the GIL and come back every SLICE to
@@ -249,6 +250,7 @@ cdef class _Buffers:
 
 
 include "_handle.pxi"
+include "_limits.pxi"
 
 
 cdef class Ring(_RingHandle):

@@ -12,18 +12,22 @@ from __future__ import annotations
 __all__ = [
     "BrokerUnavailable",
     "BusClosed",
+    "CodecError",
     "EnvelopeError",
     "MessageTooLarge",
     "NoHandlerError",
+    "RemoteError",
     "RemoteTraceback",
     "RingClosed",
     "RingError",
     "RingbusError",
+    "SignatureError",
     "TaskError",
     "TaskFailed",
     "TaskTimeout",
     "TransportClosed",
     "Unrecoverable",
+    "UnsignedPickleError",
     "WorkerLost",
 ]
 
@@ -91,6 +95,32 @@ class WorkerLost(TaskError):
 class TaskFailed(TaskError):
     """The task failed and its exception (or result) could not travel back as
     an object; the message carries the worker's formatted traceback."""
+
+
+class CodecError(TaskFailed, ValueError):
+    """A task or result could not be encoded or decoded: a payload that does
+    not match the registered type (msgspec's message says where), an unknown
+    task type name, a serializer the bus refuses, a bad signature."""
+
+
+class SignatureError(CodecError):
+    """A signed bus got a task or result whose tag is missing or does not
+    verify with any of its secrets; nothing of it was decoded."""
+
+
+class RemoteError(TaskFailed):
+    """A handler's exception that travelled as text (msgpack/JSON buses):
+    ``type_name``, ``message``; the worker's traceback is its ``__cause__``."""
+
+    def __init__(self, type_name: str, message: str) -> None:
+        super().__init__(f"{type_name}: {message}")
+        self.type_name = type_name
+        self.message = message
+
+
+class UnsignedPickleError(RingbusError, RuntimeError):
+    """A bus over a network transport would move unsigned pickles (which run
+    code when loaded): it refuses to dispatch and to serve."""
 
 
 class Unrecoverable(TaskError):

@@ -46,6 +46,7 @@ def load_bus(target: str) -> object:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    from ringbus.errors import UnsignedPickleError
     from ringbus.server.supervisor import TaskServer
     from ringbus.tasks.bus import TaskBus
 
@@ -66,6 +67,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         except (ValueError, ConnectionError) as exc:
             print(f"ringbus worker: --transport {args.transport!r}: {exc}", file=sys.stderr)
             return 2
+    try:
+        bus.check_serving()  # unsigned pickle over a network: say what to do, no traceback
+    except UnsignedPickleError as exc:
+        print(f"ringbus worker: {exc}", file=sys.stderr)
+        return 2
     announce = _announcer(args.log_format)
     server = TaskServer(
         bus,

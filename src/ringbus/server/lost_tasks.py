@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import logging
 import os
+from collections.abc import Callable
 
 from ringbus import _names
 from ringbus._proc import pid_alive
@@ -85,19 +86,30 @@ def bury(
     return kept
 
 
-def answer(transport: Transport, task: LostTask, status: int, text: str) -> None:
-    """Tell the task's caller (if it waits) why it will get no result."""
+def answer(
+    transport: Transport,
+    task: LostTask,
+    status: int,
+    text: str,
+    encode_text: Callable[[int, int, str], bytes] = env.encode_text,
+) -> None:
+    """Tell the task's caller (if it waits) why it will get no result
+    (``encode_text``: the bus codec's, which signs on a signed bus)."""
     if not (task.hdr.flags & FLAG_REPLY and task.reply):
         return
     try:
         transport.send_reply(
-            task.reply, task.hdr.pid, env.encode_text(task.hdr.task_id, status, text), patience=5.0
+            task.reply, task.hdr.pid, encode_text(task.hdr.task_id, status, text), patience=5.0
         )
     except Exception:
         log.exception("ringbus: could not answer %s", task.what)
 
 
-def adopt_orphaned_pools(transport: Transport, bus_name: str) -> int:
+def adopt_orphaned_pools(
+    transport: Transport,
+    bus_name: str,
+    encode_text: Callable[[int, int, str], bytes] = env.encode_text,
+) -> int:
     """Deliver again the tasks in hand of dead servers' workers of this bus,
     then remove their pool-state segments; returns how many tasks were
     handed on.  A segment is left alone while its server or any of its
@@ -111,11 +123,15 @@ def adopt_orphaned_pools(transport: Transport, bus_name: str) -> int:
     handed = 0
     for name in names:
         if name.startswith(prefix):
-            handed += adopt_pool_file(f"{_names.SHM_DIR}/{name}", transport) or 0
+            handed += adopt_pool_file(f"{_names.SHM_DIR}/{name}", transport, encode_text) or 0
     return handed
 
 
-def adopt_pool_file(path: str, transport: Transport | None = None) -> int | None:
+def adopt_pool_file(
+    path: str,
+    transport: Transport | None = None,
+    encode_text: Callable[[int, int, str], bytes] = env.encode_text,
+) -> int | None:
     """Adopt one pool-state segment (see ``adopt_orphaned_pools``): None when
     it is not an orphan (or not readable, or adopted by another process
     now), else how many tasks were handed on before it was removed.  With
@@ -155,7 +171,7 @@ def adopt_pool_file(path: str, transport: Transport | None = None) -> int | None
                 transport.bind(bus_name)
             try:
                 for info, record in records:
-                    handed += _hand_on(transport, path, info, record)
+                    handed += _hand_on(transport, path, info, record, encode_text)
             finally:
                 if owned:
                     transport.close()
@@ -166,7 +182,13 @@ def adopt_pool_file(path: str, transport: Transport | None = None) -> int | None
         os.close(fd)
 
 
-def _hand_on(transport: Transport, path: str, info: WorkerInfo, record: bytes) -> int:
+def _hand_on(
+    transport: Transport,
+    path: str,
+    info: WorkerInfo,
+    record: bytes,
+    encode_text: Callable[[int, int, str], bytes],
+) -> int:
     try:
         task = LostTask(record, info)
     except env.EnvelopeError as exc:
@@ -181,5 +203,5 @@ def _hand_on(transport: Transport, path: str, info: WorkerInfo, record: bytes) -
     text = f"{died}, attempt {task.attempt} of at most {task.allowed or task.attempt}"
     log.error("ringbus: %s; it goes to dead letters", text)
     bury(transport, record, text, task.type_name, task.attempt)
-    answer(transport, task, env.LOST, text)
+    answer(transport, task, env.LOST, text, encode_text)
     return 0

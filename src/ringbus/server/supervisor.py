@@ -166,13 +166,16 @@ class TaskServer(PoolControl):
 
     def start(self) -> TaskServer:
         """Open the task channel, start the workers and the supervisor."""
+        self.bus.check_serving()  # no unsigned pickle from a network
         with self._lock:
             if self._started:
                 raise RuntimeError("TaskServer already started")
             self._started = True
         self.bus.transport.open()
         # Servers that died with their workers left their tasks in hand behind.
-        adopted = adopt_orphaned_pools(self.bus.transport, self.bus.name)
+        adopted = adopt_orphaned_pools(
+            self.bus.transport, self.bus.name, self.bus.codec.encode_text
+        )
         if adopted:
             log.warning(
                 "ringbus: %d task(s) of dead servers of bus %r delivered again",
@@ -542,7 +545,7 @@ class TaskServer(PoolControl):
             text = f"{died}, attempt {task.attempt} of at most {task.allowed or task.attempt}"
             log.error("ringbus: %s; it goes to dead letters", text)
         self._bury(record, text, task.type_name, task.attempt)
-        answer(transport, task, status, text)
+        answer(transport, task, status, text, self.bus.codec.encode_text)
 
     def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
         if bury(self.bus.transport, record, reason, type_name, attempt):

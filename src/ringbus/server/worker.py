@@ -21,7 +21,6 @@ import functools
 import inspect
 import logging
 import os
-import pickle
 import queue
 import signal
 import struct
@@ -94,7 +93,8 @@ def worker_main(
         die_with_parent(parent_pid, signal.SIGTERM)
     # `ringbus stats NAME --stacks`: every thread's stack to stderr, even while a
     # handler holds the GIL (faulthandler writes from the signal handler, in C).
-    faulthandler.register(STACKS_SIGNAL, all_threads=True)
+    # fd 2, not sys.stderr: that may be a capture object with no descriptor.
+    faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)
     pool = PoolState.attach(pool_path)
     slots = pool.worker_slots(worker)
     for slot in slots:
@@ -202,12 +202,10 @@ class _WorkerLoop(WorkerBase):
         finish = functools.partial(SLOT_DONE.pack_into, rec, SLOT_DONE_OFF)
         unpack = env.TASK_HEADER.unpack_from
         hsize = env.TASK_HEADER_SIZE
-        loads = pickle.loads
         monotonic = time.monotonic
-        encode_ok = env.encode_ok
-        result_header = env.RESULT_HEADER.pack
-        result_magic, status_ok = env.RESULT_MAGIC, env.OK
-        dumps = pickle.dumps
+        codec = self.codec
+        encode_ok = codec.encode_ok
+        decode, verify = codec.decode_task, codec.verify_task
         magic_ok = env.TASK_MAGIC
         maxdel_at, maxdel_end = SLOT_MAXDEL_OFF, SLOT_MAXDEL_OFF + 2
         zero2 = _ZERO4[:2]
@@ -220,6 +218,8 @@ class _WorkerLoop(WorkerBase):
         policy = None
         max_del = 0
         max_del_packed = b"\0\0"
+        limiter = self.limiter
+        gated = False  # the current type's handler has a rate_limit / max_concurrency
         done = 0
         while not flag.stop:
             try:
@@ -237,6 +237,10 @@ class _WorkerLoop(WorkerBase):
             start = hsize + rlen if magic == magic_ok else 0
             if magic != magic_ok or start > len(data):
                 self._malformed_header(data, magic, rlen)
+                finish_task()
+                continue
+            if verify is not None and (why := verify(data, flags)) is not None:
+                self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
                 finish_task()
                 continue
             if counts_deliveries:
@@ -257,11 +261,7 @@ class _WorkerLoop(WorkerBase):
             run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
             out: bytes | None = None
             try:
-                task = (
-                    loads(data[start:])
-                    if len(data) - start < 4096
-                    else env.load_payload(data, start)
-                )
+                task = decode(data, start, flags, True)  # True: verified above
                 cls = type(task)
                 if cls is not last_type:
                     fn = resolve(cls)
@@ -270,10 +270,11 @@ class _WorkerLoop(WorkerBase):
                     max_del_packed = pack_u16(max_del)
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
+                    gated = limiter.limited(cls)
                     last_type = cls
             except Exception as exc:
-                # Not retried: unpickling and handler lookup fail the same way again.
-                self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
+                # Not retried: decoding and handler lookup fail the same way again.
+                self._fail(data, tid, flags, reply, dpid, exc, attempt, "")
                 last_type = None
                 finish_task()
                 continue
@@ -286,6 +287,15 @@ class _WorkerLoop(WorkerBase):
                 )
                 finish_task()
                 continue
+            # -- limits: a task its handler's limit refuses now goes back to the
+            # timer store and this worker takes the next one (server/limiter.py).
+            permit = limiter.acquire(cls) if gated else 0
+            if permit < 0:
+                limiter.hand_back(transport, data, attempt)
+                finish_task()
+                finish(IDLE, done)
+                continue
+            # -- end limits
             while True:
                 try:
                     value = fn(task)
@@ -308,7 +318,7 @@ class _WorkerLoop(WorkerBase):
                         transport.put_task(env.with_attempt(data, attempt))
                         break
                     try:
-                        task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                        task = decode(data, start, flags, True)  # fresh: the handler may mutate it
                     except Exception as uexc:
                         self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                         break
@@ -318,12 +328,11 @@ class _WorkerLoop(WorkerBase):
                     break
                 else:
                     if flags & FLAG_REPLY:
-                        try:
-                            out = result_header(result_magic, status_ok, tid) + dumps(value, 5)
-                        except Exception:
-                            out = encode_ok(tid, value)  # makes the pickling error a FAILED result
+                        out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     del value
                     break
+            if permit:  # -- limits: the handler is done with its permit
+                limiter.release(cls, permit)
             if out is not None:
                 if reply != put_addr:
                     put_reply, put_addr = reply_putter(reply), reply

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ringbus.errors import MessageTooLarge, Unrecoverable
+from ringbus.server.limiter import Limiter
 from ringbus.server.pool_state import (
     JOURNAL_OFF,
     SLOT_COUNTERS,
@@ -58,12 +59,14 @@ class WorkerBase:
         self.rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
         self.journal = self.rec[JOURNAL_OFF:]
         self.transport: Transport = bus.transport
+        self.codec = bus.codec  # the bus's serializer and signer: answers are encoded by it
         t = self.transport
         # Acknowledging is a no-op on shared memory: skip the call.
         no_ack = type(t).ack_task is Transport.ack_task and type(t).ack_tasks is Transport.ack_tasks
         self.ack = None if no_ack else t.ack_task
         self.send = t.send_reply
         self.dead = DeadLetterStore(t)
+        self.limiter = Limiter(bus)  # rate_limit / max_concurrency of handlers
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
 
     def release(self) -> None:
@@ -94,7 +97,7 @@ class WorkerBase:
         try:
             self.send(reply, dpid, out)
         except MessageTooLarge as big:
-            self.send(reply, dpid, env.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
+            self.send(reply, dpid, self.codec.encode_text(tid, env.FAILED, f"task #{tid}: {big}"))
         except Exception:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
@@ -118,7 +121,7 @@ class WorkerBase:
             self.send(
                 reply,
                 dpid,
-                env.encode_text(
+                self.codec.encode_text(
                     tid,
                     env.TIMEOUT,
                     f"task #{tid} reached its deadline {late:.3f} s before "
@@ -139,7 +142,7 @@ class WorkerBase:
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
         if flags & FLAG_REPLY:
-            self.send(reply, dpid, env.encode_text(tid, env.LOST, text))
+            self.send(reply, dpid, self.codec.encode_text(tid, env.LOST, text))
 
     def _fail(
         self,
@@ -164,7 +167,7 @@ class WorkerBase:
                 attempt,
             )
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_error(tid, exc), tid)
+            self._reply(reply, dpid, self.codec.encode_error(tid, exc, flags), tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
 
@@ -220,4 +223,4 @@ class WorkerBase:
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, env.encode_text(tid, env.TIMEOUT, text), tid)
+            self._reply(reply, dpid, self.codec.encode_text(tid, env.TIMEOUT, text), tid)

@@ -21,7 +21,6 @@ import collections
 import inspect
 import logging
 import os
-import pickle
 import queue
 import struct
 import threading
@@ -102,6 +101,7 @@ class ConcurrentWorker(WorkerBase):
         self._drain_due = False
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
+        self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
 
     # -------------------------------------------------------- lifecycle
 
@@ -252,6 +252,9 @@ class ConcurrentWorker(WorkerBase):
         except BaseException:
             log.exception("ringbus worker %d: a task failed outside its handler", os.getpid())
         finally:
+            held, self._permits[i] = self._permits[i], None
+            if held is not None and release:  # -- limits (a stuck thread keeps its permit)
+                self.limiter.release(*held)
             rec = self.recs[i]
             self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
             if self.ack is not None:
@@ -277,6 +280,7 @@ class ConcurrentWorker(WorkerBase):
                 policy.max_deliveries,
                 inspect.iscoroutinefunction(fn),
             )
+            self.limiter.limited(cls)  # -- limits: a segment that cannot open fails the task
             self._types[cls] = entry
         return entry
 
@@ -294,6 +298,10 @@ class ConcurrentWorker(WorkerBase):
         if magic != env.TASK_MAGIC or start > len(data):
             self._malformed_header(data, magic, rlen)
             return True
+        verify = self.codec.verify_task
+        if verify is not None and (why := verify(data, flags)) is not None:
+            self._malformed(data, why)  # forged or foreign: no reply, nothing decoded
+            return True
         attempt += deliveries - 1
         if wall and self.transport.spans_hosts:
             deadline = wall - time.time() + time.monotonic()
@@ -309,7 +317,7 @@ class ConcurrentWorker(WorkerBase):
         )
         type_name = ""
         try:
-            task = env.load_payload(data, start)
+            task = self.codec.decode_task(data, start, flags, True)  # True: verified above
             fn, policy, type_name, max_del, is_async = self._handler(type(task))
         except Exception as exc:
             self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
@@ -319,6 +327,14 @@ class ConcurrentWorker(WorkerBase):
         if attempt > max_del:
             self._too_many_deliveries(data, tid, flags, reply, dpid, attempt, type_name, max_del)
             return True
+        # -- limits: refused now -> back to the timer store (server/limiter.py)
+        permit = self.limiter.acquire(type(task))
+        if permit < 0:
+            self.limiter.hand_back(self.transport, data, attempt)
+            return True
+        if permit:
+            self._permits[i] = (type(task), permit)  # given back by _run
+        # -- end limits
         keep = policy.dead_letter
         while True:
             try:
@@ -354,7 +370,7 @@ class ConcurrentWorker(WorkerBase):
                     self.transport.put_task(env.with_attempt(data, attempt))
                     return True
                 try:
-                    task = env.load_payload(data, start)  # fresh: the handler may mutate it
+                    task = self.codec.decode_task(data, start, flags, True)  # fresh copy
                 except Exception as uexc:
                     self._fail(data, tid, flags, reply, dpid, uexc, attempt, type_name, keep)
                     return True
@@ -363,7 +379,7 @@ class ConcurrentWorker(WorkerBase):
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
             if flags & FLAG_REPLY:
-                await self._answer(reply, dpid, tid, value)
+                await self._answer(reply, dpid, tid, value, flags)
             return True
 
     async def _attempt(
@@ -395,11 +411,8 @@ class ConcurrentWorker(WorkerBase):
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
 
-    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any) -> None:
-        try:
-            out = env.RESULT_HEADER.pack(env.RESULT_MAGIC, env.OK, tid) + pickle.dumps(value, 5)
-        except Exception:
-            out = env.encode_ok(tid, value)  # makes the pickling error a FAILED result
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> None:
+        out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result
         if reply != self._put_addr:  # the same dispatcher as last time: its handle is kept
             self._put, self._put_addr = self.transport.reply_putter(reply), reply
         put = self._put

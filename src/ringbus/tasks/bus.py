@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
-import pickle
 import queue
 import threading
 import time
@@ -26,18 +25,19 @@ from typing import Any
 from ringbus._names import validate_bus_name
 from ringbus.errors import TaskTimeout
 from ringbus.tasks import envelope as env
+from ringbus.tasks.codec import Codec
 from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
+from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
+from ringbus.tasks.signing import Secret, load_secret
 from ringbus.transport.base import Transport
 from ringbus.transport.registry import make_transport
 
 __all__ = ["TaskBus"]
 
-_dumps = pickle.dumps
-_encode_task = env.encode_task
 _monotonic = time.monotonic
 
 _buses: weakref.WeakSet[TaskBus] = weakref.WeakSet()
@@ -63,16 +63,52 @@ class TaskBus(HandlerRegistry):
     ``name`` derives the transport's channels (shared-memory rings
     ``/ringbus-<name>-...`` by default).  ``transport`` is None (shared
     memory), a ``Transport`` or a URL (``redis://...``, issue 6).
+
+    ``serializer``: ``"pickle"`` (any object), ``"msgpack"`` or ``"json"``
+    (msgspec: tasks travel by type name and are decoded, validated, into the
+    handler's registered type; see ``serializers.py``).  ``secret`` (str or
+    bytes, or a list: the first signs, any verifies) signs every envelope;
+    ``$RINGBUS_SECRET`` is used when it is not given.  A bus over a
+    transport that spans hosts refuses unsigned pickle (to dispatch and to
+    serve) unless ``allow_unsigned_pickle=True``.
     """
 
-    def __init__(self, name: str, *, transport: Transport | str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        transport: Transport | str | None = None,
+        serializer: str = "pickle",
+        secret: Secret | None = None,
+        allow_unsigned_pickle: bool = False,
+    ) -> None:
         super().__init__()
         self._schedules: dict[str, Schedule] = {}
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
+        self._keys = load_secret(secret)
+        self._allow_unsigned_pickle = bool(allow_unsigned_pickle)
+        self.codec = Codec(
+            self,
+            serializer,
+            self._keys or None,
+            spans_hosts=self.transport.spans_hosts,
+            allow_unsigned_pickle=self._allow_unsigned_pickle,
+            where=f"bus {self.name!r} on {self.transport.describe()}",
+        )
         self._reset_process_state()
         _buses.add(self)
+
+    def _registry_changed(self) -> None:
+        codec = getattr(self, "codec", None)
+        if codec is not None:
+            codec.clear()
+
+    def check_serving(self) -> None:
+        """Raise ``UnsignedPickleError`` when this bus may not serve tasks
+        (unsigned pickle over a transport that spans hosts)."""
+        self.codec.check_serving()
 
     def _reset_process_state(self) -> None:
         self._st: ProcState | None = None
@@ -80,13 +116,29 @@ class TaskBus(HandlerRegistry):
 
     def __reduce__(self) -> tuple[Any, ...]:
         # For spawn/forkserver workers: handlers travel by reference.
+        config = {
+            "serializer": self.codec.serializer,
+            "secret": list(self._keys) or None,
+            "allow_unsigned_pickle": self._allow_unsigned_pickle,
+            "names": dict(self._type_names),
+        }
         return (
             _rebuild_bus,
-            (self.name, self.transport, dict(self._handlers), dict(self._policies)),
+            (
+                self.name,
+                self.transport,
+                dict(self._handlers),
+                dict(self._policies),
+                config,
+                dict(self._limits),  # rate_limit / max_concurrency
+            ),
         )
 
     def __repr__(self) -> str:
-        return f"<TaskBus {self.name!r} {self.transport.describe()} handlers={len(self._handlers)}>"
+        return (
+            f"<TaskBus {self.name!r} {self.transport.describe()} {self.codec.serializer}"
+            f"{' signed' if self.codec.signer else ''} handlers={len(self._handlers)}>"
+        )
 
     # ------------------------------------------------------------ dispatch
 
@@ -96,7 +148,10 @@ class TaskBus(HandlerRegistry):
             return st
         with self._lock:
             if self._st is None:
-                st = ProcState(self.name, self.transport, self.transport.reply_address())
+                self.codec.check_serving()  # before a reply channel is made
+                st = ProcState(
+                    self.name, self.transport, self.transport.reply_address(), self.codec
+                )
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -128,11 +183,10 @@ class TaskBus(HandlerRegistry):
         if cls not in self._resolved:
             self.resolve(cls)
         st = self._st or self._state()
-        payload = _dumps(task, 5)
-        fut: Future[Any] = BusFuture(st)
         tid = next(st.ids)
         if timeout is None:
-            data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply)
+            data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply)
+            fut: Future[Any] = BusFuture(st)
             st.pending[tid] = fut
             try:
                 self.transport.put_task(data)
@@ -141,9 +195,10 @@ class TaskBus(HandlerRegistry):
                 raise
             return fut
         deadline = self._deadline(timeout)
-        data = _encode_task(
-            payload, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout
+        data = self.codec.encode_task(
+            task, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout
         )
+        fut = BusFuture(st)
         st.pending[tid] = fut
         try:
             self.transport.put_task(data, timeout)
@@ -191,14 +246,13 @@ class TaskBus(HandlerRegistry):
         if cls not in self._resolved:
             self.resolve(cls)
         st = self._st or self._state()
-        payload = _dumps(task, 5)
-        afut: asyncio.Future[Any] = loop.create_future()
         tid = next(st.ids)
         deadline = wall = 0.0
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        afut: asyncio.Future[Any] = loop.create_future()
         st.pending[tid] = (loop, afut)
         if self.transport.puts_off_loop:
             self._put_off_loop(loop, afut, st, data, tid, timeout, deadline, cls)
@@ -252,7 +306,7 @@ class TaskBus(HandlerRegistry):
     ) -> list[Future[Any]]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
-        Every task is resolved and pickled before any is queued.  If the
+        Every task is resolved and encoded before any is queued.  If the
         channel stays full until the deadline, the futures of the tasks that
         did not make it fail with ``TaskTimeout``.
         """
@@ -265,27 +319,27 @@ class TaskBus(HandlerRegistry):
         for t in tasks:
             if type(t) not in self._resolved:
                 self.resolve(type(t))
-        payloads = [_dumps(t, 5) for t in tasks]
         st = self._st or self._state()
         deadline = wall = 0.0
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        reply, pending = st.reply, st.pending
+        reply, pending, encode = st.reply, st.pending, self.codec.encode_task
+        ids = [next(st.ids) for _ in tasks]
+        payloads = [
+            encode(t, tid, FLAG_REPLY, _pid, reply, deadline, wall)
+            for t, tid in zip(tasks, ids, strict=True)
+        ]
         futs: list[Future[Any]] = []
         # Queued a chunk at a time: workers start on the first tasks while the
-        # envelopes and futures of the rest are built (one call for 100,000
+        # futures of the rest are built (one call for 100,000
         # tasks kept the pool idle that long: 190k against 315k tasks/s).
         for at in range(0, len(payloads), _DISPATCH_CHUNK):
-            part = payloads[at : at + _DISPATCH_CHUNK]
-            datas: list[bytes] = []
-            tids: list[int] = []
-            for payload in part:
-                tid = next(st.ids)
+            part = datas = payloads[at : at + _DISPATCH_CHUNK]
+            tids = ids[at : at + _DISPATCH_CHUNK]
+            for tid in tids:
                 fut: Future[Any] = BusFuture(st)
-                datas.append(_encode_task(payload, tid, FLAG_REPLY, _pid, reply, deadline, wall))
                 futs.append(fut)
-                tids.append(tid)
                 pending[tid] = fut
             left = None if timeout is None else max(0.0, deadline - _monotonic())
             try:
@@ -347,7 +401,8 @@ class TaskBus(HandlerRegistry):
             later = max(0.0, due - time.time()) if due else 0.0
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = _encode_task(_dumps(task, 5), 0, 0, _pid, b"", deadline, wall)
+        self.codec.check_serving()
+        data = self.codec.encode_task(task, 0, 0, _pid, b"", deadline, wall)
         if due:
             self.transport.put_delayed(data, due)
         else:
@@ -365,14 +420,13 @@ class TaskBus(HandlerRegistry):
         if cls not in self._resolved:
             self.resolve(cls)
         st = self._st or self._state()
-        payload = _dumps(task, 5)
         tid = next(st.ids)
         later = max(0.0, due - time.time()) if due else 0.0
         deadline = wall = 0.0
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = _encode_task(payload, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
         fut: Future[Any] | asyncio.Future[Any]
         if loop is None:
             fut = BusFuture(st)
@@ -449,7 +503,7 @@ class TaskBus(HandlerRegistry):
 
     @property
     def dead_letter_store(self) -> DeadLetterStore:
-        return DeadLetterStore(self.transport)
+        return DeadLetterStore(self.transport, self.codec.signer)
 
     def dead_letters(self) -> list[DeadLetter]:
         """Every dead letter of the bus, oldest first."""
@@ -506,8 +560,14 @@ def _rebuild_bus(
     transport: Transport,
     handlers: dict[type, Callable[[Any], Any]],
     policies: dict[type, RetryPolicy] | None = None,
+    config: dict[str, Any] | None = None,
+    limits: dict[type, HandlerLimits] | None = None,
 ) -> TaskBus:
-    bus = TaskBus(name, transport=transport)
+    config = dict(config or {})
+    names: dict[type, str] = config.pop("names", {})
+    bus = TaskBus(name, transport=transport, **config)
     for t, fn in handlers.items():
-        bus._register(t, fn, (policies or {}).get(t, DEFAULT_POLICY))
+        bus._register(
+            t, fn, (policies or {}).get(t, DEFAULT_POLICY), names.get(t), (limits or {}).get(t)
+        )
     return bus

@@ -25,7 +25,9 @@ import time
 from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
-from ringbus.tasks.envelope import describe_envelope, requeue_envelope
+from ringbus.tasks.codec import requeue_task
+from ringbus.tasks.envelope import describe_envelope
+from ringbus.tasks.signing import Signer, load_secret
 from ringbus.transport.base import Record, Transport
 
 __all__ = ["DeadLetter", "DeadLetterStore"]
@@ -73,10 +75,15 @@ def decode_letter(record: Record) -> DeadLetter:
 
 
 class DeadLetterStore:
-    """The dead letters of a bus, kept in its transport's record store."""
+    """The dead letters of a bus, kept in its transport's record store.
 
-    def __init__(self, transport: Transport) -> None:
+    ``signer``: the bus's keys, to retry signed letters (which are checked,
+    then signed anew); None takes them from ``$RINGBUS_SECRET`` when set.
+    """
+
+    def __init__(self, transport: Transport, signer: Signer | None = None) -> None:
         self.transport = transport
+        self.signer = signer
 
     def add(self, data: bytes, reason: str, task_type: str = "", attempts: int = 0) -> str:
         """Keep a task envelope that failed for good; returns the letter's id."""
@@ -105,10 +112,15 @@ class DeadLetterStore:
 
     def retry(self, ids: Iterable[str] | None = None) -> int:
         """Queue the selected letters again (attempt 1, no deadline, no
-        reply); returns how many."""
+        reply); returns how many.  A signed letter whose tag does not verify
+        raises ``SignatureError`` and stays (purge it)."""
+        signer = self.signer
+        if signer is None:
+            keys = load_secret(None)
+            signer = Signer(keys) if keys else None
 
         def requeue(d: DeadLetter) -> None:
-            self.transport.put_task(requeue_envelope(d.data))
+            self.transport.put_task(requeue_task(d.data, signer))
 
         return len(self.take(ids, requeue))
 

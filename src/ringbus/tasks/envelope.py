@@ -1,15 +1,19 @@
-"""Task envelopes and results: a packed binary header in front of a pickle.
+"""Task envelopes and results: a packed binary header in front of a payload.
 
 The header is a precompiled ``struct.Struct`` so that wrapping a task costs
 one ``pack`` and one concatenation (no pickled dict of metadata).  Task
 layer exceptions live here too: both the dispatching side (bus) and the
-worker side (server) need them.
+worker side (server) need them.  This module knows the header bytes;
+``serializers.py`` the payload formats, ``signing.py`` the tags, and
+``codec.py`` puts the three together for a bus.  All integers little-endian.
 
 Task message::
 
     offset  size  field
     0       1     magic/version (0xB1)
-    1       1     flags          (FLAG_REPLY: the dispatcher waits for a result)
+    1       1     flags: bit 0 FLAG_REPLY (the dispatcher waits for a result)
+                         bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
+                         bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
     8       8     task id        (per-dispatcher counter)
@@ -17,15 +21,24 @@ Task message::
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
     34      n     reply address (transport-specific bytes, e.g. a ring name)
-    34+n    ...   pickled task (protocol 5)
+    34+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
+                  u8 type-name length, type name, document (serializers.py)
+    -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1 and 4..end-32
+                  (the attempt field is left out: retries rewrite it)
 
 Result message::
 
     0       1     magic/version (0xB2)
-    1       1     status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+    1       1     bits 0-3 status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+                  bit 4 signed, bits 5-6 serializer (as in a task's flags)
     2       8     task id
-    10      ...   OK: pickled value; ERROR: pickled (exception, traceback text);
+    10      ...   OK: the value; ERROR: pickled (exception, traceback text), or
+                  a msgpack/JSON map {type, message, traceback};
                   FAILED/TIMEOUT/LOST: UTF-8 text
+    -32     32    signed only: keyed BLAKE2b-256 of every byte before it
+
+Unsigned pickle messages have flag bits 1-3 (results: bits 4-6) clear: the
+bytes are those of earlier versions.
 """
 
 from __future__ import annotations
@@ -33,12 +46,14 @@ from __future__ import annotations
 import pickle
 import struct
 import traceback
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from ringbus.errors import EnvelopeError, RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
 
 __all__ = [
     "FLAG_REPLY",
+    "FLAG_SIGNED",
     "LOST",
     "EnvelopeError",
     "TaskHeader",
@@ -47,6 +62,14 @@ __all__ = [
 TASK_MAGIC = 0xB1
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
+FLAG_SIGNED = 0x02
+SER_SHIFT = 2
+SER_MASK = 0x0C
+RESULT_STATUS_MASK = 0x0F
+RESULT_SIGNED = 0x10
+RESULT_SER_SHIFT = 5
+RESULT_SER_MASK = 0x60
+TAG_SIZE = 32
 
 OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
 STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
@@ -124,12 +147,20 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     return hdr, data[TASK_HEADER_SIZE:end], end
 
 
-def requeue_envelope(data: bytes) -> bytes:
+def requeue_envelope(data: bytes, tag_task: Callable[[bytes], bytes] | None = None) -> bytes:
     """The envelope to queue again for a retry from dead letters: attempt 1, no
-    deadline, no reply (the original caller's future has already failed)."""
+    deadline, no reply (the original caller's future has already failed).
+
+    A signed envelope is signed again with ``tag_task`` (the caller checked
+    its old tag first: see ``codec.requeue_task``)."""
     hdr, reply, start = decode_task_header(data)
-    return encode_task(
-        bytes(memoryview(data)[start:]),
+    end = len(data)
+    if hdr.flags & FLAG_SIGNED:
+        if tag_task is None:
+            raise EnvelopeError("a signed envelope needs the bus's secret to be queued again")
+        end -= TAG_SIZE
+    out = encode_task(
+        bytes(memoryview(data)[start:end]),
         hdr.task_id,
         hdr.flags & ~FLAG_REPLY,
         hdr.pid,
@@ -138,6 +169,7 @@ def requeue_envelope(data: bytes) -> bytes:
         0.0,
         1,
     )
+    return out + tag_task(out) if tag_task is not None and hdr.flags & FLAG_SIGNED else out
 
 
 def describe_envelope(data: bytes) -> tuple[str, int]:
@@ -147,6 +179,12 @@ def describe_envelope(data: bytes) -> tuple[str, int]:
         hdr, _, start = decode_task_header(data)
     except EnvelopeError:
         return "", 0
+    if hdr.flags & SER_MASK:  # msgpack/JSON: the type name leads the payload
+        if start >= len(data):
+            return "", hdr.attempt
+        n = data[start]
+        name = bytes(data[start + 1 : start + 1 + n]).decode("utf-8", "replace")
+        return name.split(" ")[0], hdr.attempt
     return _pickled_class_name(data, start), hdr.attempt
 
 
@@ -169,12 +207,14 @@ def _pickled_class_name(data: bytes, start: int) -> str:
     return ""
 
 
-def load_payload(data: bytes, offset: int) -> Any:
-    """Unpickle the part of ``data`` from ``offset`` (no copy for large ones)."""
-    if len(data) - offset < _VIEW_FROM:
-        return _loads(data[offset:])
+def load_payload(data: bytes, offset: int, end: int | None = None) -> Any:
+    """Unpickle ``data[offset:end]`` (no copy for large ones)."""
+    if end is None:
+        end = len(data)
+    if end - offset < _VIEW_FROM:
+        return _loads(data[offset:end])
     with memoryview(data) as view:
-        return _loads(view[offset:])
+        return _loads(view[offset:end])
 
 
 # ---------------------------------------------------------------- results

@@ -13,11 +13,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from ringbus.errors import BusClosed, TaskTimeout, TransportClosed
 from ringbus.tasks import envelope as env
 from ringbus.transport.base import Transport
+
+if TYPE_CHECKING:
+    from ringbus.tasks.codec import Codec
 
 __all__ = ["BusFuture", "ProcState", "run_reader"]
 
@@ -67,7 +70,10 @@ class ProcState:
         "caller_last",
         "caller_reading",
         "closing",
+        "codec",
         "cond",
+        "fast_decode",
+        "fast_status",
         "heap",
         "heap_lock",
         "ids",
@@ -83,8 +89,14 @@ class ProcState:
         "wake_at",
     )
 
-    def __init__(self, name: str, transport: Transport, reply: bytes) -> None:
+    def __init__(
+        self, name: str, transport: Transport, reply: bytes, codec: Codec | None = None
+    ) -> None:
         self.name = name
+        self.codec = codec
+        # OK results with this status byte are decoded at once (see Codec).
+        self.fast_status = _OK if codec is None else codec.fast_ok_status
+        self.fast_decode = _loads if codec is None else codec.fast_ok_decode
         self.transport = transport
         self.pid = os.getpid()
         self.ids = itertools.count(1)
@@ -278,6 +290,8 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
     plain: list[tuple[Any, bool, Any]] | None = [] if _PLAIN_FUTURE else None
     wake = False
     unmatched = wakes = 0
+    fast_status, fast_decode = st.fast_status, st.fast_decode
+    decode = env.decode_result if st.codec is None else st.codec.decode_result
     for data in batch:
         try:
             magic, status, tid = _unpack_result(data)
@@ -293,13 +307,13 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
         if entry is None:  # timed out, or answered already (e.g. WorkerLost after)
             unmatched += 1
             continue
-        if status == _OK and len(data) < 4096:
+        if status == fast_status and len(data) < 4096:
             try:
-                ok, value = True, _loads(data[_RESULT_HEADER_SIZE:])
+                ok, value = True, fast_decode(data[_RESULT_HEADER_SIZE:])
             except Exception:
-                ok, value = env.decode_result(data, status)
+                ok, value = decode(data, status)
         else:
-            ok, value = env.decode_result(data, status)
+            ok, value = decode(data, status)
         if type(entry) is tuple:
             if async_items is None:
                 async_items = {}

@@ -34,6 +34,7 @@ from typing import Any
 
 from ringbus._names import validate_bus_name
 from ringbus.errors import TransportClosed
+from ringbus.transport.limits import LimitsBackend
 
 __all__ = ["JOURNAL_DATA_AT", "Record", "Transport", "TransportClosed"]
 
@@ -212,6 +213,13 @@ class Transport(abc.ABC):
         for ``ringbus stats``."""
 
     def read_schedule_state(self) -> bytes | None:
+        return None
+
+    # ------------------------------------------------------------ limits
+
+    def limits(self) -> LimitsBackend | None:
+        """Where handlers' ``rate_limit``/``max_concurrency`` are kept, shared
+        by every consumer of the bus (None: this transport enforces none)."""
         return None
 
     # ------------------------------------------------------------ replies

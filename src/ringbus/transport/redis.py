@@ -1,6 +1,6 @@
 """The bus over Redis Streams: the same handlers and futures beyond one machine.
 
-    bus = TaskBus("shop", transport="redis://10.0.0.5:6379/0")
+    bus = TaskBus("shop", transport="redis://10.0.0.5:6379/0", secret=os.environ["RINGBUS_SECRET"])
 
 Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
 
@@ -59,6 +59,7 @@ from typing import Any
 
 from ringbus.errors import BrokerUnavailable
 from ringbus.transport.redis_conn import R, as_text
+from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
 from ringbus.transport.redis_sender import ReplySender
@@ -130,10 +131,22 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
                 sender = self._sender
         return functools.partial(sender.put, key)
 
+    def limits(self) -> RedisLimits:
+        """Handlers' rate limits and caps, shared by every machine (one per
+        process: made anew after fork)."""
+        held = self.__dict__.get("_limits_held")
+        if held is None or held[0] != os.getpid():
+            lim = RedisLimits(self._redis, self._prefix, holder_ttl=self.visibility_timeout)
+            held = self._limits_held = (os.getpid(), lim)
+        return held[1]
+
     def close(self) -> None:
         """Send queued results, acknowledge finished tasks, drop this process's
         reply key and consumer (when it holds nothing), close the connections
         (the streams stay)."""
+        held = self.__dict__.pop("_limits_held", None)
+        if held is not None and held[0] == os.getpid():
+            held[1].close()
         sender, self._sender = self._sender, None
         if sender is not None:
             self._to_ack.extend(sender.close(self.socket_timeout))
@@ -148,6 +161,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
 
         def drop(r: R) -> None:
             keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
+            keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):

@@ -10,7 +10,9 @@
 - record store (dead letters): an append-only file (``RecordFile``),
   ``/dev/shm/ringbus-<bus>-dead`` (RAM: a reboot clears it), or in
   ``record_dir`` (a directory on disk, to keep dead letters across reboots);
-  at most ``record_max_bytes`` (64 MiB).
+  at most ``record_max_bytes`` (64 MiB);
+- limits segment ``/dev/shm/ringbus-<bus>-limits`` (``shm_limits``): the
+  handlers' rate limits and concurrency caps, made on first use.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from ringbus.errors import RingClosed, RingError, TransportClosed
 from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
 from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
+from ringbus.transport.shm_limits import ShmLimitsMixin
 from ringbus.transport.shm_time import ShmTime
 
 __all__ = ["ShmTransport"]
@@ -64,7 +67,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ShmTransport(ShmTime, Transport):
+class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
     """Shared-memory rings (``ringbus.Queue``); see the module docstring."""
 
     def __init__(
@@ -472,6 +475,7 @@ class ShmTransport(ShmTime, Transport):
         if owned is not None:
             owned.close()  # the owner removes the name
         self._close_time()
+        self._close_limits()
 
     def users(self) -> list[int]:
         """Pids of the other live processes that map the task ring."""
@@ -492,6 +496,7 @@ class ShmTransport(ShmTime, Transport):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._records().destroy()
         self._destroy_time()
+        self._destroy_limits()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+(\.spill)?$")
         try:
             names = os.listdir(_names.SHM_DIR)
