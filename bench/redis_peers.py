@@ -197,7 +197,10 @@ async def _add_async(task: tuple[int, int]) -> int:
 
 
 def run_ringbus(url: str, n: Any, concurrency: int = 64, coroutine: bool = False) -> Result:
-    bus = TaskBus(f"bench-peers-{os.getpid()}-{concurrency}", transport=url)
+    # A private redis-server: unsigned pickle, as the peers' pickle is unsigned too.
+    bus = TaskBus(
+        f"bench-peers-{os.getpid()}-{concurrency}", transport=url, allow_unsigned_pickle=True
+    )
     bus.register(tuple, _add_async if coroutine else _add)
     try:
         with TaskServer(bus, workers=2, concurrency=concurrency):

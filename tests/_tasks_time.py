@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ringbus import TaskBus
 
+SECRET = "ringbus-test-secret"
+
 
 @dataclass
 class Stamp:
@@ -43,7 +45,8 @@ def fail_once(task: FailOnce) -> str:
 
 def make_bus(name: str, transport: str | None = None) -> TaskBus:
     """The time tests' bus: on shared memory, or on ``transport`` (a Redis URL)."""
-    bus = TaskBus(name, transport=transport) if transport else TaskBus(name)
+    # Over Redis the envelopes are signed (a bus that spans hosts refuses unsigned pickle).
+    bus = TaskBus(name, transport=transport, secret=SECRET) if transport else TaskBus(name)
     bus.register(Stamp, stamp)
     bus.register(FailOnce, fail_once, retries=2, backoff=2.0, max_backoff=2.0)
     return bus

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from _redis_support import RedisServer
+from _redis_tasks import TEST_SECRET
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskBus, TaskServer
 from ringbus.testing.redis_server import free_port
@@ -48,7 +49,7 @@ def mark(task: Mark) -> int:
 
 
 def _bus(name: str, url: str) -> TaskBus:
-    bus = TaskBus(name, transport=f"{url}?visibility_timeout=1.5")
+    bus = TaskBus(name, transport=f"{url}?visibility_timeout=1.5", secret=TEST_SECRET)
     bus.register(Mark, mark)
     return bus
 
@@ -206,7 +207,9 @@ def test_coroutines_dispatching_at_once_share_round_trips(
 def test_an_async_dispatch_to_a_dead_redis_fails_its_future() -> None:
     import asyncio
 
-    bus = TaskBus("nobody-listens", transport=f"redis://127.0.0.1:{free_port()}/0")
+    bus = TaskBus(
+        "nobody-listens", transport=f"redis://127.0.0.1:{free_port()}/0", secret=TEST_SECRET
+    )
     bus.register(Mark, mark)
 
     async def once() -> None:

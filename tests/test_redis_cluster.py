@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from _redis_support import RedisCluster
-from _redis_tasks import Bad, Double, register
+from _redis_tasks import TEST_SECRET, Bad, Double, register
 from _tasks_support import wait_for
 from ringbus import TaskBus, TaskServer, Unrecoverable
 
@@ -26,7 +26,9 @@ def _name() -> str:
 
 @pytest.fixture
 def cbus(redis_cluster: RedisCluster) -> Iterator[TaskBus]:
-    bus = register(TaskBus(_name(), transport=f"{redis_cluster.url}?visibility_timeout=2"))
+    bus = register(
+        TaskBus(_name(), transport=f"{redis_cluster.url}?visibility_timeout=2", secret=TEST_SECRET)
+    )
     yield bus
     bus.destroy(force=True)
 
@@ -66,7 +68,7 @@ def test_buses_spread_over_the_shards(redis_cluster: RedisCluster) -> None:
     try:
         nodes: set[str] = set()
         while len(nodes) < 3:  # names hash to slots all over: each shard gets some
-            bus = register(TaskBus(_name(), transport=redis_cluster.url))
+            bus = register(TaskBus(_name(), transport=redis_cluster.url, secret=TEST_SECRET))
             buses.append(bus)
             node = c.get_node_from_key(f"ringbus:{{{bus.name}}}:tasks")
             nodes.add(f"{node.host}:{node.port}")
