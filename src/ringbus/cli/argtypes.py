@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-__all__ = ["float_above", "float_at_least", "int_at_least"]
+__all__ = ["float_above", "float_at_least", "int_at_least", "queue_list"]
 
 
 def int_at_least(low: int) -> Callable[[str], int]:
@@ -52,3 +52,16 @@ def float_at_least(low: float) -> Callable[[str], float]:
         return value
 
     return convert
+
+
+def queue_list(text: str) -> list[str]:
+    """Comma-separated queue names (``--queues mail,default``)."""
+    from ringbus._names import validate_queue_name
+
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("name at least one queue")
+    try:
+        return [validate_queue_name(q) for q in names]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ringbus.cli.argtypes import float_above, int_at_least
+from ringbus.cli.argtypes import float_above, int_at_least, queue_list
 from ringbus.cli.config import EnvOption, apply_env, choice, env_help
 from ringbus.cli.logs import LEVELS, setup_logging
 
@@ -80,6 +80,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         task_timeout=args.task_timeout,
         start_method=args.start_method,
         concurrency=args.concurrency,
+        queues=args.queues,
         max_workers=args.max_workers,
     )
     stop = threading.Event()
@@ -119,10 +120,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
             announce(
                 f"ringbus worker: metrics at http://{args.metrics_host}:{args.metrics_port}/metrics"
             )
-        server.start()
+        try:
+            server.start()
+        except (ValueError, NotImplementedError) as exc:  # e.g. --queues names no queue of the bus
+            print(f"ringbus worker: {exc}", file=sys.stderr)
+            return 2
         announce(
             f"ringbus worker: serving bus {bus.name!r} with {args.workers} workers "
-            f"(pid {os.getpid()})"
+            f"(queues {','.join(server.queues or [])}, pid {os.getpid()})"
         )
         while not stop.wait(1.0):
             pass
@@ -219,6 +224,7 @@ WORKER_ENV = [
     EnvOption("drain_timeout", float_above(0)),
     EnvOption("start_method", choice(*START_METHODS), "fork"),
     EnvOption("transport", str),
+    EnvOption("queues", queue_list),
     EnvOption("metrics_port", _port, 0),
     EnvOption("metrics_host", str, "127.0.0.1"),
     EnvOption("log_level", choice(*LEVELS)),
@@ -262,6 +268,18 @@ def build_parser() -> argparse.ArgumentParser:
             "in a thread pool of that size",
             "concurrency",
             1,
+        ),
+    )
+    w.add_argument(
+        "-Q",
+        "--queues",
+        type=queue_list,
+        default=None,
+        metavar="Q1,Q2",
+        help=env_help(
+            "queues to serve, in strict order (the first non-empty one first)",
+            "queues",
+            "every queue of the bus's handlers",
         ),
     )
     w.add_argument(

@@ -303,7 +303,12 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
             )
             workers.append(row)
         servers.append(
-            {"path": path, "server_pid": int(m.group(1)) if m else 0, "workers": workers}
+            {
+                "path": path,
+                "server_pid": int(m.group(1)) if m else 0,
+                "queues": _pool_queues(path),
+                "workers": workers,
+            }
         )
     replies = []
     maps = mapped_pids()
@@ -331,8 +336,18 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
     shm = ShmTransport()
     shm.bind(bus)
     dead = len(DeadLetterStore(shm))
+    queues = [
+        {
+            "queue": q,
+            "priority": p,
+            "depth": n,
+            "served_by": [s["server_pid"] for s in servers if q in s["queues"]],
+        }
+        for (q, p), n in sorted(shm.queue_depths().items(), key=lambda kv: (kv[0][0], -kv[0][1]))
+    ]
     out: dict[str, Any] = {
         "name": bus,
+        "queues": queues,
         "servers": servers,
         "reply_rings": replies,
         "totals": totals,
@@ -342,6 +357,18 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
     if errors:  # skipped, never read: a crafted header must not hang stats
         out["unreadable_pools"] = [{"path": p, "error": e} for p, e in sorted(errors.items())]
     return out
+
+
+def _pool_queues(path: str) -> list[str]:
+    """The queues a server serves, from its pool-state header (issue 16)."""
+    try:
+        ps = PoolState.attach(path, writable=False)
+    except (OSError, ValueError):
+        return []
+    try:
+        return ps.queues
+    finally:
+        ps.close()
 
 
 def _processes(st: dict[str, Any], maps: dict[str, set[int]], name: str) -> list[dict[str, Any]]:

@@ -172,13 +172,24 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
     from rich.table import Table
 
     parts: list[Any] = []
+    if len(bus.get("queues") or []) > 1:  # one queue, priority 0: the ring table says it all
+        t = Table(title="queues (strict order per server; priority 9 first)", title_justify="left")
+        for col in ("queue", "priority", "depth", "served by"):
+            t.add_column(col, justify="right" if col in ("priority", "depth") else "left")
+        for q in bus["queues"]:
+            by = ", ".join(map(str, q["served_by"])) or "no live server"
+            t.add_row(plain(q["queue"]), plain(q["priority"]), plain(f"{q['depth']:,}"), plain(by))
+        parts.append(t)
     if not bus["servers"]:
         t = Table(title=plain(f"bus {bus['name']!r}: no live task server"), title_justify="left")
         t.add_column("")
         parts.append(t)
     for srv in bus["servers"]:
         t = Table(
-            title=plain(f"bus {bus['name']!r} server pid {srv['server_pid']}: workers"),
+            title=plain(
+                f"bus {bus['name']!r} server pid {srv['server_pid']}: workers"
+                + (f" (queues {', '.join(srv['queues'])})" if srv.get("queues") else "")
+            ),
             title_justify="left",
         )
         counters = [c for c in WORKER_COUNTERS if srv["workers"] and c in srv["workers"][0]]

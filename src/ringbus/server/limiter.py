@@ -19,6 +19,7 @@ import time
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.limits import limit_key
+from ringbus.tasks.routing import put_envelope
 from ringbus.transport.base import Transport
 from ringbus.transport.limits import LimitGate
 
@@ -113,4 +114,4 @@ class Limiter:
                 return
             except Exception as exc:
                 log.warning("ringbus: a rate-limited task goes back at once: %s", exc)
-        transport.put_task(data)
+        put_envelope(transport, data)  # its own (queue, priority): routing.py

@@ -21,6 +21,7 @@ from ringbus.server.pool_state import PoolState, WorkerInfo, server_holds
 from ringbus.tasks import envelope as env
 from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.routing import put_envelope
 from ringbus.transport.base import Transport
 
 __all__ = ["LostTask", "adopt_orphaned_pools", "adopt_pool_file", "bury", "deliver_again"]
@@ -58,7 +59,8 @@ def deliver_again(transport: Transport, task: LostTask, died: str) -> bool:
     if task.allowed and task.attempt >= task.allowed:
         return False
     try:
-        transport.put_task(env.with_attempt(task.record, task.attempt + 1), timeout=5.0)
+        # Back to its own (queue, priority), which the envelope names.
+        put_envelope(transport, env.with_attempt(task.record, task.attempt + 1), timeout=5.0)
     except Exception as exc:
         log.error("ringbus: %s; could not queue it again: %s", died, exc)
         return False

@@ -36,6 +36,9 @@ PER_WORKER = struct.Struct("<I")
 PER_WORKER_OFF = 40
 """u32 in the header: task slots per worker (its ``concurrency``; 0 reads as 1).
 Worker w owns slots w*n .. w*n+n-1; its counters live in the first."""
+QUEUES_OFF, QUEUES_MAX = 256, 3800
+"""u16 length, then the served queues, comma-separated, in taking order
+(issue 16; zero length, as in segments of earlier servers: "default")."""
 POOL_HEADER_SIZE = 4096
 SLOT_HEAD = 512
 PAGE = 4096
@@ -175,6 +178,7 @@ class PoolState:
         *,
         broker: bool = False,
         per_worker: int = 1,
+        queues: list[str] | None = None,
     ) -> PoolState:
         if not 0 <= slots <= MAX_SLOTS:
             raise ValueError(f"a pool state holds 0..{MAX_SLOTS} worker slots, not {slots}")
@@ -218,6 +222,13 @@ class PoolState:
         mm[NAME_OFF : NAME_OFF + len(name)] = name
         mm[BROKER_OFF] = 1 if broker else 0
         PER_WORKER.pack_into(mm, PER_WORKER_OFF, per_worker)
+        served = ",".join(queues or []).encode("ascii")
+        if len(served) > QUEUES_MAX:
+            mm.close()
+            os.unlink(path)
+            raise ValueError(f"the served queues take {len(served)} bytes; at most {QUEUES_MAX}")
+        _U16.pack_into(mm, QUEUES_OFF, len(served))
+        mm[QUEUES_OFF + 2 : QUEUES_OFF + 2 + len(served)] = served
         return cls(path, mm, slots, stride, owner=True)
 
     @classmethod
@@ -261,6 +272,14 @@ class PoolState:
         """The slots of worker number ``worker`` (its first holds its counters)."""
         n = self.per_worker
         return range(worker * n, worker * n + n)
+
+    @property
+    def queues(self) -> list[str]:
+        """The queues the server serves, in taking order."""
+        (n,) = _U16.unpack_from(self.mm, QUEUES_OFF)
+        raw = bytes(self.mm[QUEUES_OFF + 2 : QUEUES_OFF + 2 + min(n, QUEUES_MAX)])
+        names = [q for q in raw.decode("ascii", "replace").split(",") if q]
+        return names or ["default"]
 
     @property
     def broker(self) -> bool:

@@ -33,6 +33,7 @@ from ringbus.server.pool_state import (
     PoolState,
     WorkerInfo,
 )
+from ringbus.server.queues import ChannelWatch, check_queues, served_queues
 from ringbus.server.scheduler import Scheduler
 from ringbus.server.worker import BLOCK_AT_FORK, EXIT_INIT_FAILED, EXIT_STUCK_THREAD, worker_main
 from ringbus.tasks import envelope as env
@@ -100,6 +101,7 @@ class TaskServer(PoolControl):
         initargs: tuple[Any, ...] = (),
         start_method: str = "fork",
         concurrency: int = 1,
+        queues: list[str] | None = None,
         max_workers: int | None = None,
     ) -> None:
         if not isinstance(bus, TaskBus):
@@ -127,6 +129,9 @@ class TaskServer(PoolControl):
                 f"at most {MAX_SLOTS}"
             )
         self.bus = bus
+        self.queues: list[str] | None = check_queues(queues)
+        """The queues served, in strict order (None until start: all the bus's)."""
+        self._watch: ChannelWatch | None = None
         self.workers = workers
         self.max_workers = max_workers
         """The most workers ``add_worker`` (SIGTTIN) may grow the pool to."""
@@ -171,7 +176,13 @@ class TaskServer(PoolControl):
             if self._started:
                 raise RuntimeError("TaskServer already started")
             self._started = True
-        self.bus.transport.open()
+        try:
+            self.queues = served_queues(self.bus, self.queues)
+            self.bus.transport.open()
+            self.bus.transport.serve(self.queues)  # makes their rings; Redis: default only
+        except BaseException:
+            self._started = False  # bad queues=: nothing was started
+            raise
         # Servers that died with their workers left their tasks in hand behind.
         adopted = adopt_orphaned_pools(
             self.bus.transport, self.bus.name, self.bus.codec.encode_text
@@ -190,7 +201,9 @@ class TaskServer(PoolControl):
             max(4096, limit or DEFAULT_ENVELOPE_AREA),
             broker=self.bus.transport.redelivers_lost_tasks,
             per_worker=self.concurrency,
+            queues=self.queues,
         )
+        self._watch = ChannelWatch(self.bus.transport)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -333,6 +346,8 @@ class TaskServer(PoolControl):
             waits.append(max(0.0, min(self._respawn_at.values()) - now))
         if self._stopping and self._stop_deadline is not None:
             waits.append(max(0.0, self._stop_deadline - now))
+        if not self._stopping and self._watch is not None:
+            waits.append(self._watch.every)
         return min(waits) if waits else None
 
     def _supervise(self, started: threading.Event, failure: list[BaseException]) -> None:
@@ -393,6 +408,8 @@ class TaskServer(PoolControl):
                         self._respawn(slot)
             if self.task_timeout is not None:
                 self._check_overruns(self.task_timeout)
+            if not self._stopping and self._watch is not None:
+                self._watch.poll(self.pids)
 
     def _respawn(self, slot: int) -> None:
         try:

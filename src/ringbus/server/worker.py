@@ -49,6 +49,7 @@ from ringbus.server.worker_base import EXIT_INIT_FAILED, EXIT_STUCK_THREAD, Stop
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.routing import put_envelope
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 
@@ -56,7 +57,12 @@ log = logging.getLogger("ringbus.server")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 STACKS_SIGNAL = signal.SIGUSR2
-BLOCK_AT_FORK = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT}
+RESCAN_SIGNAL = signal.SIGRTMIN + 2
+"""From the supervisor: a new (queue, priority) ring of the served queues
+exists; the take in progress wakes and the next one looks for it.  (A
+real-time signal: SIGUSR1/2 are taken; its default action kills, so it is
+blocked until the handler is in place.)"""
+BLOCK_AT_FORK = {signal.SIGTERM, signal.SIGUSR1, signal.SIGINT, RESCAN_SIGNAL}
 
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
@@ -86,6 +92,7 @@ def worker_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C
     for sig in STOP_SIGNALS:
         signal.signal(sig, on_stop)
+    signal.signal(RESCAN_SIGNAL, lambda signum, frame: transport.rescan())
     with contextlib.suppress(ValueError, OSError):
         signal.set_wakeup_fd(-1)  # an inherited wakeup fd would write into the parent's loop
     if parent_pid:
@@ -96,6 +103,7 @@ def worker_main(
     # fd 2, not sys.stderr: that may be a capture object with no descriptor.
     faulthandler.register(STACKS_SIGNAL, file=2, all_threads=True)
     pool = PoolState.attach(pool_path)
+    transport.serve(pool.queues)  # the server's queues, in its order
     slots = pool.worker_slots(worker)
     for slot in slots:
         pool.worker_up(slot, os.getpid())
@@ -225,7 +233,10 @@ class _WorkerLoop(WorkerBase):
             try:
                 data = take()
             except TransportClosed:
-                break
+                if flag.stop or not transport.rescanning():
+                    break
+                take = transport.task_taker(self.journal)  # a new ring to take from
+                continue
             except queue.Empty:  # idle: is the channel still the bus's?
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
@@ -315,7 +326,7 @@ class _WorkerLoop(WorkerBase):
                     run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)
                     if not self._backoff(delay):
                         # Stopping: hand the retry to the next worker or server.
-                        transport.put_task(env.with_attempt(data, attempt))
+                        put_envelope(transport, env.with_attempt(data, attempt))
                         break
                     try:
                         task = decode(data, start, flags, True)  # fresh: the handler may mutate it

@@ -46,6 +46,7 @@ from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.routing import put_envelope
 
 __all__ = ["ConcurrentWorker"]
 
@@ -154,7 +155,11 @@ class ConcurrentWorker(WorkerBase):
                 try:
                     data = takers[i]()
                 except TransportClosed:
-                    break
+                    self.free.put(i)
+                    if self.flag.stop or not transport.rescanning():
+                        break
+                    takers = [transport.task_taker(j) for j in self.journals]  # a new ring
+                    continue
                 except queue.Empty:  # idle: is the channel still the bus's?
                     self.free.put(i)
                     transport.check_channel()
@@ -367,7 +372,7 @@ class ConcurrentWorker(WorkerBase):
                 )  # fmt: skip
                 await asyncio.sleep(delay)
                 if self.flag.stop:  # stopping: hand the retry to the next worker or server
-                    self.transport.put_task(env.with_attempt(data, attempt))
+                    put_envelope(self.transport, env.with_attempt(data, attempt))
                     return True
                 try:
                     task = self.codec.decode_task(data, start, flags, True)  # fresh copy

@@ -31,6 +31,7 @@ from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
+from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.tasks.signing import Secret, load_secret
 from ringbus.transport.base import Transport
@@ -87,6 +88,7 @@ class TaskBus(HandlerRegistry):
         self.name = validate_bus_name(name)
         self.transport = make_transport(transport)
         self.transport.bind(name)
+        self.transport.router = env.route_of  # due delayed tasks go back to their queue
         self._keys = load_secret(secret)
         self._allow_unsigned_pickle = bool(allow_unsigned_pickle)
         self.codec = Codec(
@@ -121,6 +123,7 @@ class TaskBus(HandlerRegistry):
             "secret": list(self._keys) or None,
             "allow_unsigned_pickle": self._allow_unsigned_pickle,
             "names": dict(self._type_names),
+            "queues": dict(self._queues),
         }
         return (
             _rebuild_bus,
@@ -167,6 +170,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> Future[Any]:
         """Queue ``task`` for a worker; its handler's result resolves the future.
 
@@ -176,9 +180,11 @@ class TaskBus(HandlerRegistry):
         ``queue.Full`` if the task channel stays full until the deadline.
         ``delay`` (seconds or a timedelta) or ``eta`` (an aware datetime) hold
         the task until then, durably; ``timeout`` then counts from that time.
+        ``priority`` (0..9, higher first) orders tasks within their queue.
         """
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), None)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, None, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -189,7 +195,10 @@ class TaskBus(HandlerRegistry):
             fut: Future[Any] = BusFuture(st)
             st.pending[tid] = fut
             try:
-                self.transport.put_task(data)
+                if priority or cls in self._off_default:
+                    put_for(self, cls, priority, data, None)
+                else:
+                    self.transport.put_task(data)
             except BaseException:
                 st.pending.pop(tid, None)
                 raise
@@ -201,7 +210,10 @@ class TaskBus(HandlerRegistry):
         fut = BusFuture(st)
         st.pending[tid] = fut
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -229,6 +241,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> asyncio.Future[Any]:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
@@ -241,7 +254,8 @@ class TaskBus(HandlerRegistry):
         """
         loop = asyncio.get_running_loop()
         if delay is not None or eta is not None:
-            return self._later(task, timeout, check_due(delay, eta, time.time()), loop)  # type: ignore[return-value]
+            due = check_due(delay, eta, time.time())
+            return self._later(task, timeout, due, loop, priority)  # type: ignore[return-value]
         cls = type(task)
         if cls not in self._resolved:
             self.resolve(cls)
@@ -258,7 +272,10 @@ class TaskBus(HandlerRegistry):
             self._put_off_loop(loop, afut, st, data, tid, timeout, deadline, cls)
             return afut
         try:
-            self.transport.put_task(data, timeout)
+            if priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -303,6 +320,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> list[Future[Any]]:
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
@@ -315,10 +333,13 @@ class TaskBus(HandlerRegistry):
             due = check_due(delay, eta, time.time())
             for t in tasks:
                 self.resolve(type(t))
-            return [self._later(t, timeout, due, None) for t in tasks]  # type: ignore[misc]
+            return [self._later(t, timeout, due, None, priority) for t in tasks]  # type: ignore[misc]
         for t in tasks:
             if type(t) not in self._resolved:
                 self.resolve(type(t))
+        chans = None  # channels of the tasks, when any is not the default one
+        if priority or any(type(t) in self._off_default for t in tasks):
+            chans = [route_for(self, type(t), priority) for t in tasks]
         st = self._st or self._state()
         deadline = wall = 0.0
         if timeout is not None:
@@ -343,7 +364,10 @@ class TaskBus(HandlerRegistry):
                 pending[tid] = fut
             left = None if timeout is None else max(0.0, deadline - _monotonic())
             try:
-                self.transport.put_tasks(datas, left)
+                if chans is None:
+                    self.transport.put_tasks(datas, left)
+                else:
+                    put_routed_many(self, chans[at : at + len(part)], datas, left)
             except queue.Full as exc:
                 done = getattr(exc, "done", 0)
                 why = "not queued: the task channel stayed full"
@@ -383,6 +407,7 @@ class TaskBus(HandlerRegistry):
         *,
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
+        priority: int = 0,
     ) -> None:
         """Fire and forget: queue ``task`` with no result path.
 
@@ -404,7 +429,9 @@ class TaskBus(HandlerRegistry):
         self.codec.check_serving()
         data = self.codec.encode_task(task, 0, 0, _pid, b"", deadline, wall)
         if due:
-            self.transport.put_delayed(data, due)
+            self.transport.put_delayed(routed(self, cls, priority, data), due)
+        elif priority or cls in self._off_default:
+            put_for(self, cls, priority, data, timeout)
         else:
             self.transport.put_task(data, timeout)
 
@@ -414,6 +441,7 @@ class TaskBus(HandlerRegistry):
         timeout: float | None,
         due: float,
         loop: asyncio.AbstractEventLoop | None,
+        priority: int = 0,
     ) -> Future[Any] | asyncio.Future[Any]:
         """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
         cls = type(task)
@@ -427,6 +455,7 @@ class TaskBus(HandlerRegistry):
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
         data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        data = routed(self, cls, priority, data)
         fut: Future[Any] | asyncio.Future[Any]
         if loop is None:
             fut = BusFuture(st)
@@ -438,7 +467,7 @@ class TaskBus(HandlerRegistry):
             if due:
                 self.transport.put_delayed(data, due)
             else:
-                self.transport.put_task(data, timeout)
+                put_envelope(self.transport, data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
             raise
@@ -565,9 +594,9 @@ def _rebuild_bus(
 ) -> TaskBus:
     config = dict(config or {})
     names: dict[type, str] = config.pop("names", {})
+    queues: dict[type, str] = config.pop("queues", {})
     bus = TaskBus(name, transport=transport, **config)
     for t, fn in handlers.items():
-        bus._register(
-            t, fn, (policies or {}).get(t, DEFAULT_POLICY), names.get(t), (limits or {}).get(t)
-        )
+        policy = (policies or {}).get(t, DEFAULT_POLICY)
+        bus._register(t, fn, policy, names.get(t), (limits or {}).get(t), queues.get(t, "default"))
     return bus

@@ -56,6 +56,7 @@ _RHS = env.RESULT_HEADER_SIZE
 _SIGNED = env.FLAG_SIGNED
 _SER_MASK = env.SER_MASK
 _NOT_PLAIN = env.FLAG_SIGNED | env.SER_MASK
+_NOT_ROUTED_PLAIN = _NOT_PLAIN | env.FLAG_ROUTED  # routed: the payload ends before its trailer
 _loads = env._loads
 _dumps = env._dumps
 
@@ -216,7 +217,7 @@ class Codec:
         return env.load_payload(data, start)
 
     def _decode_own(self, data: bytes, start: int, flags: int, verified: bool = False) -> Any:
-        if flags & _NOT_PLAIN == self._task_bits and (verified or self.signer is None):
+        if flags & _NOT_ROUTED_PLAIN == self._task_bits and (verified or self.signer is None):
             return self._fmt_decode(data, start, len(data) - self._tag_len)
         return self._decode_task(data, start, flags, verified)
 
@@ -232,6 +233,8 @@ class Codec:
                 raise SignatureError(NOT_VERIFIED)
         elif signer is not None:
             raise SignatureError(UNSIGNED)
+        if flags & env.FLAG_ROUTED:  # a named queue or a priority (routing.py)
+            end = env.route_end(data, end)
         kind = (flags & _SER_MASK) >> env.SER_SHIFT
         if kind == SER_PICKLE:
             if not (self.pickle_trusted or (signed and signer is not None)):

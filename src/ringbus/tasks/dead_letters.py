@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 from ringbus.tasks.codec import requeue_task
 from ringbus.tasks.envelope import describe_envelope
+from ringbus.tasks.routing import put_envelope
 from ringbus.tasks.signing import Signer, load_secret
 from ringbus.transport.base import Record, Transport
 
@@ -120,7 +121,7 @@ class DeadLetterStore:
             signer = Signer(keys) if keys else None
 
         def requeue(d: DeadLetter) -> None:
-            self.transport.put_task(requeue_task(d.data, signer))
+            put_envelope(self.transport, requeue_task(d.data, signer))  # to its own queue
 
         return len(self.take(ids, requeue))
 

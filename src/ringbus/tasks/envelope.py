@@ -14,6 +14,7 @@ Task message::
     1       1     flags: bit 0 FLAG_REPLY (the dispatcher waits for a result)
                          bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
                          bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
+                         bit 4 FLAG_ROUTED (a route trailer ends the payload)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
     8       8     task id        (per-dispatcher counter)
@@ -25,6 +26,18 @@ Task message::
                   u8 type-name length, type name, document (serializers.py)
     -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1 and 4..end-32
                   (the attempt field is left out: retries rewrite it)
+
+With FLAG_ROUTED the task is not on the default queue at priority 0: a
+route trailer ends the payload (before the tag; the tag covers it), so
+whoever queues the envelope again (a supervisor after a worker death, the
+leader when a delay ends, a retry, ``dead-letters --retry``) puts it back
+on its own channel without knowing the task's type.  Tasks on the default
+queue at priority 0 keep the bytes above::
+
+    q     queue name (ASCII)
+    1     q
+    1     priority (0..9)
+    1     ROUTE_MAGIC (0xB7)
 
 Result message::
 
@@ -70,6 +83,9 @@ RESULT_SIGNED = 0x10
 RESULT_SER_SHIFT = 5
 RESULT_SER_MASK = 0x60
 TAG_SIZE = 32
+FLAG_ROUTED = 0x10
+ROUTE_MAGIC = 0xB7
+DEFAULT_ROUTE = ("default", 0)
 
 OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
 STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
@@ -134,6 +150,43 @@ def with_attempt(data: bytes, attempt: int) -> bytes:
 def set_attempt(buf: Any, offset: int, attempt: int) -> None:
     """Set the attempt field of the envelope at ``buf[offset:]`` in place."""
     _ATTEMPT.pack_into(buf, offset + ATTEMPT_OFFSET, min(attempt, 0xFFFF))
+
+
+def route(
+    data: bytes, queue: str, priority: int, tag_task: Callable[[bytes], bytes] | None = None
+) -> bytes:
+    """The envelope with a route trailer for (``queue``, ``priority``); a
+    signed one is signed again with ``tag_task`` (its flags change)."""
+    signed = data[1] & FLAG_SIGNED
+    if signed and tag_task is None:
+        raise EnvelopeError("routing a signed envelope needs the bus's secret")
+    body = data[:-TAG_SIZE] if signed else data
+    q = queue.encode("ascii")
+    flags = bytes((body[1] | FLAG_ROUTED,))
+    out = b"".join((body[:1], flags, body[2:], q, bytes((len(q), priority, ROUTE_MAGIC))))
+    return out + tag_task(out) if signed and tag_task is not None else out
+
+
+def route_end(data: bytes, end: int) -> int:
+    """Where the payload of a routed envelope ends, given where the route
+    trailer ends (``len(data)``, or less its tag)."""
+    if end >= 3 and data[end - 1] == ROUTE_MAGIC:
+        return max(0, end - 3 - data[end - 3])
+    return end
+
+
+def route_of(data: bytes) -> tuple[str, int]:
+    """(queue, priority) of an envelope (see FLAG_ROUTED)."""
+    if len(data) < TASK_HEADER_SIZE + 3 or not data[1] & FLAG_ROUTED:
+        return DEFAULT_ROUTE
+    end = len(data) - (TAG_SIZE if data[1] & FLAG_SIGNED else 0)
+    if end < 3 or data[end - 1] != ROUTE_MAGIC:
+        return DEFAULT_ROUTE
+    n = data[end - 3]
+    try:
+        return bytes(data[end - 3 - n : end - 3]).decode("ascii"), min(int(data[end - 2]), 9)
+    except UnicodeDecodeError:
+        return DEFAULT_ROUTE
 
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:

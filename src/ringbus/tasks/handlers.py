@@ -6,6 +6,7 @@ import random
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
+from ringbus._names import DEFAULT_QUEUE, validate_queue_name
 from ringbus.errors import NoHandlerError
 from ringbus.tasks.limits import HandlerLimits, check_limits, limit_key
 
@@ -81,6 +82,11 @@ class HandlerRegistry:
         # Names under which task types travel on msgpack/JSON buses.
         self._type_names: dict[type, str] = {}
         self._limits: dict[type, HandlerLimits] = {}  # rate_limit / max_concurrency (limits.py)
+        # Named queues (issue 16): registered type -> queue; only types that
+        # resolve to another queue than "default" are in _off_default, so a
+        # dispatch of a default task tests one set.
+        self._queues: dict[type, str] = {}
+        self._off_default: dict[type, str] = {}
 
     # ------------------------------------------------------------ handlers
 
@@ -95,6 +101,7 @@ class HandlerRegistry:
         name: str | None = None,
         rate_limit: str | None = None,
         max_concurrency: int | None = None,
+        queue: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
@@ -104,12 +111,14 @@ class HandlerRegistry:
         ``module.QualName``), e.g. for producers in other languages.
         ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``) and ``max_concurrency``:
         machine-wide limits of this handler's starts (see ``tasks/limits.py``).
+        ``queue``: the named queue these tasks go to (default: ``"default"``).
         """
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
         limits = check_limits(rate_limit, max_concurrency)
+        q = self._check_queue(queue)
 
         def deco(fn: F) -> F:
-            self._register(task_type, fn, policy, name, limits)
+            self._register(task_type, fn, policy, name, limits, q)
             return fn
 
         return deco
@@ -126,12 +135,16 @@ class HandlerRegistry:
         name: str | None = None,
         rate_limit: str | None = None,
         max_concurrency: int | None = None,
+        queue: str | None = None,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC);
-        ``name``, ``rate_limit``, ``max_concurrency``: see ``handler``."""
+        ``name``, ``rate_limit``, ``max_concurrency``, ``queue``: see ``handler``."""
         policy = check_policy(retries, backoff, max_backoff, dead_letter)
         limits = check_limits(rate_limit, max_concurrency)
-        self._register(task_type, fn, policy, name, limits)
+        self._register(task_type, fn, policy, name, limits, self._check_queue(queue))
+
+    def _check_queue(self, queue: str | None) -> str:
+        return DEFAULT_QUEUE if queue is None else validate_queue_name(queue, self.name)
 
     def _register(
         self,
@@ -140,6 +153,7 @@ class HandlerRegistry:
         policy: RetryPolicy,
         name: str | None = None,
         limits: HandlerLimits | None = None,
+        queue: str = DEFAULT_QUEUE,
     ) -> None:
         if not isinstance(task_type, type):
             raise TypeError(f"task_type must be a class, not {task_type!r}")
@@ -161,8 +175,10 @@ class HandlerRegistry:
         else:
             self._limits[task_type] = limits
         # -- end limits
+        self._queues[task_type] = queue
         self._resolved.clear()
         self._resolved_policy.clear()
+        self._off_default.clear()
         self._registry_changed()
 
     def _registry_changed(self) -> None:
@@ -198,9 +214,29 @@ class HandlerRegistry:
         fn = self._resolved.get(task_type)
         if fn is not None:
             return fn
-        fn = self._handlers[self._lookup(task_type)]
+        found = self._lookup(task_type)
+        fn = self._handlers[found]
+        q = self._queues.get(found, DEFAULT_QUEUE)
+        if q != DEFAULT_QUEUE:
+            self._off_default[task_type] = q
         self._resolved[task_type] = fn
         return fn
+
+    def queue_of(self, task_type: type) -> str:
+        """The queue of ``task_type``: that of the handler serving it."""
+        if task_type not in self._resolved:
+            self.resolve(task_type)
+        return self._off_default.get(task_type, DEFAULT_QUEUE)
+
+    @property
+    def queues(self) -> list[str]:
+        """Every queue the handlers use, in the order first registered, and
+        ``"default"`` (first) always: what a TaskServer serves by default."""
+        out = [DEFAULT_QUEUE]
+        for q in self._queues.values():
+            if q not in out:
+                out.append(q)
+        return out
 
     def _lookup(self, task_type: type) -> type:
         """The registered type whose handler serves ``task_type``."""

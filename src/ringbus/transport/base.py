@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ringbus._names import validate_bus_name
+from ringbus._names import DEFAULT_QUEUE, validate_bus_name
 from ringbus.errors import TransportClosed
 from ringbus.transport.limits import LimitsBackend
 
@@ -166,6 +166,71 @@ class Transport(abc.ABC):
         """Repair the task channel after a consumer or producer died mid-operation.
         Returns how many envelopes were handed back for delivery."""
         return 0
+
+    # ------------------------------------------------------------ queues
+    #
+    # Named queues and priorities (issue 16): a *channel* is a (queue,
+    # priority 0..9) pair, each its own FIFO; ("default", 0) is the task
+    # channel above, so every method of the task section is about it.  A
+    # consumer serves queues in strict order and, within a queue, higher
+    # priorities first.  The defaults below are a transport with the default
+    # channel only: anything else raises NotImplementedError.
+
+    router: Callable[[bytes], tuple[str, int]] | None = None
+    """Set by the task layer: the channel an envelope belongs to.  The
+    transport never parses envelopes itself; it asks this where it moves
+    envelopes on its own (due delayed tasks).  None: everything is default."""
+
+    def put_task_to(
+        self, queue: str, priority: int, data: bytes, timeout: float | None = None
+    ) -> None:
+        """``put_task`` on channel (``queue``, ``priority``); a consumer serving
+        several channels is woken."""
+        if queue == DEFAULT_QUEUE and priority == 0:
+            self.put_task(data, timeout)
+            return
+        raise NotImplementedError(
+            f"{type(self).__name__} has no named queues or priorities yet "
+            f"(queue {queue!r}, priority {priority}): use the default queue at priority 0"
+        )
+
+    def put_tasks_to(
+        self, queue: str, priority: int, items: list[bytes], timeout: float | None = None
+    ) -> None:
+        """``put_tasks`` on one channel (``queue.Full`` carries ``.done``)."""
+        if queue == DEFAULT_QUEUE and priority == 0:
+            self.put_tasks(items, timeout)
+            return
+        self.put_task_to(queue, priority, b"", timeout)  # raises the same error
+
+    def serve(self, queues: list[str]) -> None:
+        """This process consumes ``queues``, in that order: ``take_task``,
+        ``task_taker`` and ``get_tasks`` then take from the first non-empty
+        channel (queue order first, then higher priority first)."""
+        if list(queues) != [DEFAULT_QUEUE]:
+            raise NotImplementedError(
+                f"{type(self).__name__} serves the default queue only, not {list(queues)!r}"
+            )
+
+    def queue_depths(self) -> dict[tuple[str, int], int]:
+        """Envelopes waiting per existing channel (queue, priority)."""
+        return {(DEFAULT_QUEUE, 0): self.pending_tasks()}
+
+    def channels_key(self) -> object:
+        """Something that changes when a channel of the served queues appears
+        (a supervisor compares it now and then, and calls ``rescan`` in its
+        busy workers: a worker busy on one ring would not see a new one)."""
+        return None
+
+    def rescan(self) -> None:  # noqa: B027 - optional hook
+        """Make the next take look for new channels of the served queues.
+        Safe from a signal handler; a take blocked now raises
+        ``TransportClosed`` (then ``rescanning()`` is True) or ``queue.Empty``."""
+
+    def rescanning(self) -> bool:
+        """True once after ``rescan``: a ``TransportClosed`` came from it, not
+        from ``interrupt``, so the consumer builds its taker again."""
+        return False
 
     # ------------------------------------------------------------ time
 

@@ -38,6 +38,7 @@ from ringbus.queue import Queue
 from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
 from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
 from ringbus.transport.shm_limits import ShmLimitsMixin
+from ringbus.transport.shm_queues import ShmQueues
 from ringbus.transport.shm_time import ShmTime
 
 __all__ = ["ShmTransport"]
@@ -67,7 +68,7 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
+class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
     """Shared-memory rings (``ringbus.Queue``); see the module docstring."""
 
     def __init__(
@@ -120,6 +121,7 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
         self._owned_tasks: Queue | None = None
         self._in_ident: tuple[int, int] | None = None
         self._reset_time()
+        self._reset_queues()
         self._interrupted = False
         self._reply: Queue | None = None
         self._reply_addr = b""
@@ -209,6 +211,11 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
         return q.get_bytes_recorded(journal, 0, JOURNAL_DATA_AT, True, timeout)
 
     def task_taker(self, journal: Any) -> Callable[[], bytes]:
+        if self._served is not None:  # serve() was called: a worker of a TaskServer
+            groups = self._served_rings()
+            if not self._fast(groups) and not self._interrupted:
+                return self._multi_taker(journal, groups)
+        self._rescan = False
         q = self._in or self._consumer()
         if self._interrupted:
             return functools.partial(self.take_task, journal)  # raises TransportClosed
@@ -219,6 +226,8 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
         )
 
     def check_channel(self) -> None:
+        if not self._interrupted:
+            self._check_queues()
         if self._in is None or self._interrupted:
             return
         if _file_ident(_names.shm_path(self.task_ring_name)) == self._in_ident:
@@ -252,6 +261,7 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
         q = self._in
         if q is not None:
             q.close()
+        self._interrupt_queues()
 
     def pending_tasks(self) -> int:
         return self._producer().qsize()
@@ -472,14 +482,20 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
         for q in handles:
             if q is not None:
                 q.close()
+        self._close_queues()
         if owned is not None:
             owned.close()  # the owner removes the name
         self._close_time()
         self._close_limits()
 
     def users(self) -> list[int]:
-        """Pids of the other live processes that map the task ring."""
-        return sorted(mapped_pids(_names.SHM_DIR).get(self.task_ring_name, set()))
+        """Pids of the other live processes that map the task ring or the
+        ring of another (queue, priority) of the bus."""
+        maps = mapped_pids(_names.SHM_DIR)
+        pids: set[int] = set()
+        for name in [self.task_ring_name, *self._queue_ring_names()]:
+            pids |= maps.get(name, set())
+        return sorted(pids)
 
     def destroy(self, *, force: bool = False) -> None:
         """Remove the task ring, this process's reply ring and the reply rings
@@ -494,6 +510,7 @@ class ShmTransport(ShmTime, ShmLimitsMixin, Transport):
             )
         with contextlib.suppress(FileNotFoundError):
             os.unlink(_names.shm_path(self.task_ring_name))
+        self._destroy_queues()
         self._records().destroy()
         self._destroy_time()
         self._destroy_limits()

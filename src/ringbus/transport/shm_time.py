@@ -218,6 +218,7 @@ class ShmTime:
     bus_name: str
     record_max_bytes: int
     put_tasks: Callable[..., None]
+    _put_due: Callable[[list[bytes]], None]
 
     def _reset_time(self) -> None:
         """At start, and in a forked child: the parent's flock stays the parent's
@@ -239,7 +240,8 @@ class ShmTime:
         self._timer_store().put(data, due)
 
     def move_due(self) -> float | None:
-        return self._timer_store().move_due(time.time(), self.put_tasks)
+        # Each due envelope goes back to its own (queue, priority): shm_queues.py.
+        return self._timer_store().move_due(time.time(), self._put_due)
 
     def wait_timers(self, timeout: float) -> None:
         self._timer_store().bell.wait(timeout)
