@@ -142,20 +142,8 @@ static int attach_segment(limits_t *l, char *errbuf)
     lheader_t h;
     struct stat st;
     for (;;) {
-        if (fstat(fd, &st) < 0) {
-            seterr(errbuf, "cannot stat limits segment %s: %s", l->name, strerror(errno));
+        if (check_segment_file(fd, &st, "limits segment", l->name, errbuf) < 0)
             goto fail;
-        }
-        if (st.st_uid != geteuid()) {
-            seterr(errbuf, "limits segment %s belongs to another user (uid %u, we are uid %u): "
-                   "refused", l->name, (unsigned)st.st_uid, (unsigned)geteuid());
-            goto fail;
-        }
-        if (st.st_mode & 077) {
-            seterr(errbuf, "limits segment %s has unsafe permissions %03o (ringbus segments "
-                   "are 0600): refused", l->name, (unsigned)(st.st_mode & 0777));
-            goto fail;
-        }
         memset(&h, 0, sizeof h);
         if (st.st_size >= (off_t)sizeof h && pread(fd, &h, sizeof h, 0) != (ssize_t)sizeof h) {
             seterr(errbuf, "cannot read limits segment %s header", l->name);

@@ -26,6 +26,7 @@
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 /* Functions and data shared between the core's files, never exported. */
@@ -226,6 +227,10 @@ RING_HIDDEN extern _Atomic uint64_t fork_gen;
 /* declarations shared between the core's files                        */
 
 /* platform.c */
+/* 0 when ``fd`` (a segment named ``name``, a ``kind`` such as "ring") is a file of
+ * this user with no group or other bits; else -1 with the reason in errbuf. */
+RING_HIDDEN int check_segment_file(int fd, struct stat *st, const char *kind, const char *name,
+                                   char *errbuf);
 RING_HIDDEN void seterr(char *errbuf, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
 RING_HIDDEN void install_fork_handler_once(void);

@@ -212,20 +212,8 @@ static int attach_ring(ring_t *r, char *errbuf)
         uint8_t raw[PAGE];
     } hb;
     for (;;) {
-        if (fstat(fd, &st) < 0) {
-            seterr(errbuf, "cannot stat ring %s: %s", r->name, strerror(errno));
+        if (check_segment_file(fd, &st, "ring", r->name, errbuf) < 0)
             goto fail;
-        }
-        if (st.st_uid != geteuid()) {
-            seterr(errbuf, "ring %s belongs to another user (uid %u, we are uid %u): refused",
-                   r->name, (unsigned)st.st_uid, (unsigned)geteuid());
-            goto fail;
-        }
-        if (st.st_mode & 077) {
-            seterr(errbuf, "ring %s has unsafe permissions %03o (ringbus segments are 0600): "
-                   "refused", r->name, (unsigned)(st.st_mode & 0777));
-            goto fail;
-        }
         memset(&hb, 0, sizeof hb);
         uint64_t magic = 0;
         if (st.st_size >= (off_t)RING_HEADER_SIZE) {
@@ -410,3 +398,22 @@ uint32_t ring_max_message(const ring_t *r) { return r->max_msg; }
 const char *ring_name(const ring_t *r) { return r->name; }
 int ring_is_owner(const ring_t *r) { return r->owner; }
 void ring_set_spin(ring_t *r, int64_t spin_ns) { r->spin_ns = spin_ns < 0 ? 0 : spin_ns; }
+
+int check_segment_file(int fd, struct stat *st, const char *kind, const char *name, char *errbuf)
+{
+    if (fstat(fd, st) < 0) {
+        seterr(errbuf, "cannot stat %s %s: %s", kind, name, strerror(errno));
+        return -1;
+    }
+    if (st->st_uid != geteuid()) {
+        seterr(errbuf, "%s %s belongs to another user (uid %u, we are uid %u): refused", kind,
+               name, (unsigned)st->st_uid, (unsigned)geteuid());
+        return -1;
+    }
+    if (st->st_mode & 077) {
+        seterr(errbuf, "%s %s has unsafe permissions %03o (ringbus segments are 0600): refused",
+               kind, name, (unsigned)(st->st_mode & 0777));
+        return -1;
+    }
+    return 0;
+}

@@ -10,7 +10,7 @@ import pickle
 import queue
 import signal
 import time
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 from typing import Any
 
@@ -288,7 +288,7 @@ def _dispatcher(name: str, index: int, count: int, report: Queue) -> None:
     """A process that imports the bus and never created the server."""
     bus = make_bus(name)
     try:
-        futs = []
+        futs: list[Future[Any]] = []
         half = count // 2
         for i in range(half):
             futs.append(bus.dispatch(Add(index, i)))

@@ -214,10 +214,8 @@ def test_a_malformed_envelope_is_dead_lettered_and_the_worker_survives(
     rbus.transport.open()
     with Queue.attach(f"/ringbus-{rbus.name}-tasks") as q:
         q.put_bytes(b"this is not an envelope")
-        q.put_bytes(b"\xb1" + bytes(31) + b"\xff\xff")  # a reply address past the end
-    dead = wait_for(
-        lambda: len(rbus.dead_letters()) == 2 and rbus.dead_letters()
-    )
+        q.put_bytes(b"\xb3" + bytes(31) + b"\xff\xff" + bytes(16))  # reply address past the end
+    dead = wait_for(lambda: len(rbus.dead_letters()) == 2 and rbus.dead_letters())
     assert dead[0].data == b"this is not an envelope"
     assert all(d.reason.startswith("malformed task envelope") for d in dead)
     assert "runs past the end" in dead[1].reason

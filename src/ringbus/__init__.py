@@ -36,8 +36,10 @@ if TYPE_CHECKING:
     from ringbus.server.executor import RingExecutor
     from ringbus.server.supervisor import TaskServer
     from ringbus.tasks.bus import TaskBus
+    from ringbus.tasks.context import TaskContext, current_task
     from ringbus.tasks.dead_letters import DeadLetter
     from ringbus.tasks.handlers import RetryPolicy
+    from ringbus.tasks.status import TaskStatus
     from ringbus.transport.base import Transport
     from ringbus.transport.redis import RedisTransport
     from ringbus.transport.shm import ShmTransport
@@ -52,6 +54,9 @@ _LAZY = {
     "RingExecutor": "ringbus.server.executor",
     "TaskServer": "ringbus.server.supervisor",
     "TaskBus": "ringbus.tasks.bus",
+    "TaskContext": "ringbus.tasks.context",
+    "current_task": "ringbus.tasks.context",
+    "TaskStatus": "ringbus.tasks.status",
     "DeadLetter": "ringbus.tasks.dead_letters",
     "RetryPolicy": "ringbus.tasks.handlers",
     "Transport": "ringbus.transport.base",
@@ -80,9 +85,11 @@ __all__ = [
     "ShmTransport",
     "SignatureError",
     "TaskBus",
+    "TaskContext",
     "TaskError",
     "TaskFailed",
     "TaskServer",
+    "TaskStatus",
     "TaskTimeout",
     "Transport",
     "TransportClosed",
@@ -90,6 +97,7 @@ __all__ = [
     "UnsignedPickleError",
     "WorkerLost",
     "__version__",
+    "current_task",
 ]
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "shm_path",
     "spill_path",
     "task_ring_name",
+    "task_table_path",
     "timers_path",
     "validate_bus_name",
     "validate_queue_name",
@@ -159,6 +160,11 @@ def leader_path(bus: str) -> str:
 def schedule_path(bus: str) -> str:
     """The leader's schedule state (periodic tasks' runs), for ``ringbus stats``."""
     return f"{SHM_DIR}/ringbus-{bus}-schedule"
+
+
+def task_table_path(bus: str) -> str:
+    """The bus's task table (status records, kept results): shm_results.py."""
+    return f"{SHM_DIR}/ringbus-{bus}-tasktable"
 
 
 def redis_prefix(bus: str) -> str:

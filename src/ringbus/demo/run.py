@@ -125,11 +125,13 @@ def _terminate_as_interrupt() -> Iterator[None]:
 
 
 def _remove_bus_segments(bus_name: str) -> list[str]:
-    """Unlink the bus's task ring (persistent: it outlives its processes by
-    design) and return any other segment of the bus that was left behind."""
+    """Unlink the bus's task ring and task table (persistent: they outlive
+    their processes by design) and return any other segment of the bus that
+    was left behind."""
     leftovers = []
+    keep = {f"ringbus-{bus_name}-tasks", f"ringbus-{bus_name}-tasktable"}
     for f in sorted(SHM_DIR.glob(f"ringbus-{bus_name}-*")):
-        if f.name != f"ringbus-{bus_name}-tasks":
+        if f.name not in keep:
             leftovers.append(f.name)
         f.unlink(missing_ok=True)
     return leftovers

@@ -48,8 +48,10 @@ from ringbus.server.pool_state import (
 from ringbus.server.worker_base import EXIT_INIT_FAILED, EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.context import TaskContext, reset_current, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
+from ringbus.tasks.tracking import await_cancellable
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 
@@ -180,11 +182,12 @@ class _WorkerLoop(WorkerBase):
         if self.ack is not None:
             self.ack(self.transport.delivery_tag)
 
-    def _await(self, value: Any) -> Any:
-        """The result of an awaitable handler, run on this worker's own loop."""
+    def _await(self, value: Any, ctx: TaskContext | None = None) -> Any:
+        """The result of an awaitable handler, run on this worker's own loop
+        (a cancel request raises ``CancelledError`` inside it)."""
         if self._loop is None:
             self._loop = asyncio.new_event_loop()
-        return self._loop.run_until_complete(_awaited(value))
+        return self._loop.run_until_complete(await_cancellable(ctx, value))
 
     def release(self) -> None:
         if self._loop is not None:
@@ -219,6 +222,9 @@ class _WorkerLoop(WorkerBase):
         zero2 = _ZERO4[:2]
         pack_u16 = _U16.pack
         max_tasks = self.max_tasks
+        tracker = self.tracker
+        no_id = env.NO_ID
+        legacy = bytes((env.LEGACY_TASK_MAGIC,))
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -241,10 +247,13 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
+            if data[:1] == legacy:  # the layout before task ids (other producers)
+                data = self._legacy(data)
             try:
-                magic, flags, attempt, dpid, tid, deadline, wall, rlen = unpack(data)
+                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = unpack(data)
             except struct.error:
                 magic = rlen = -1
+                gid = no_id
             start = hsize + rlen if magic == magic_ok else 0
             if magic != magic_ok or start > len(data):
                 self._malformed_header(data, magic, rlen)
@@ -261,7 +270,7 @@ class _WorkerLoop(WorkerBase):
             reply = data[hsize:start]
             now = monotonic()
             if deadline and now > deadline:
-                self._late(flags, reply, dpid, tid, now - deadline)
+                self._late(flags, reply, dpid, tid, now - deadline, data)
                 finish_task()
                 continue
             # Reply address first, then the head that refers to it (see PoolState.read).
@@ -303,16 +312,31 @@ class _WorkerLoop(WorkerBase):
             permit = limiter.acquire(cls) if gated else 0
             if permit < 0:
                 limiter.hand_back(transport, data, attempt)
+                tracker.later(data, attempt, True)
                 finish_task()
                 finish(IDLE, done)
                 continue
             # -- end limits
+            # Identity: the status record says running; current_task() is set.
+            ctx = tracker.begin(
+                gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
+            )
+            if ctx is None:  # cancelled while it waited: never run
+                if permit:
+                    limiter.release(cls, permit)
+                self._cancelled(gid, flags, reply, dpid, tid)
+                finish_task()
+                continue
+            token = set_current(ctx)
             while True:
                 try:
                     value = fn(task)
                     if awaitable(value):
-                        value = self._await(value)
+                        value = self._await(value, ctx)
                 except Exception as exc:
+                    if ctx.cancelled:  # told to stop: it stopped
+                        self._cancelled(gid, flags, reply, dpid, tid)
+                        break
                     delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
                     if delay is None:
                         self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
@@ -324,6 +348,7 @@ class _WorkerLoop(WorkerBase):
                     # The slot's attempt first: a crash from here on redelivers
                     # this attempt (the journal keeps the envelope as taken).
                     run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)
+                    ctx.attempt = attempt
                     if not self._backoff(delay):
                         # Stopping: hand the retry to the next worker or server.
                         put_envelope(transport, env.with_attempt(data, attempt))
@@ -335,13 +360,21 @@ class _WorkerLoop(WorkerBase):
                         break
                     continue
                 except BaseException as exc:  # SystemExit and the like: not retried
-                    self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
+                    if ctx.cancelled:  # CancelledError inside an async handler
+                        self._cancelled(gid, flags, reply, dpid, tid)
+                    else:
+                        self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                     break
                 else:
+                    if ctx.cancelled:  # told to stop: what it returned is not a result
+                        self._cancelled(gid, flags, reply, dpid, tid)
+                        break
                     if flags & FLAG_REPLY:
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
+                    tracker.done(gid, tid, value, policy.keep_result, out)
                     del value
                     break
+            reset_current(token)
             if permit:  # -- limits: the handler is done with its permit
                 limiter.release(cls, permit)
             if out is not None:
@@ -375,5 +408,3 @@ def _awaitable_result(value: Any) -> bool:
     return known
 
 
-async def _awaited(value: Any) -> Any:
-    return await value

@@ -24,6 +24,7 @@ from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
+from ringbus.tasks.tracking import Tracker
 from ringbus.transport.base import Transport
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "StopFlag", "WorkerBase"]
@@ -68,6 +69,8 @@ class WorkerBase:
         self.dead = DeadLetterStore(t)
         self.limiter = Limiter(bus)  # rate_limit / max_concurrency of handlers
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
+        # Status records, current_task(); kept results are encoded by the codec.
+        self.tracker = Tracker(t.task_table(), bus.name, bus.codec)
 
     def release(self) -> None:
         self.journal.release()
@@ -101,6 +104,10 @@ class WorkerBase:
         except Exception:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
+    def _legacy(self, data: bytes) -> bytes:
+        """An envelope of the 0xB1 layout (no task id) in today's (see envelope.py)."""
+        return env.from_legacy(data, self.codec.signer)
+
     def _malformed(self, data: bytes, why: str) -> None:
         log.error(
             "ringbus worker %d: dead-lettering a malformed task envelope: %s", os.getpid(), why
@@ -115,19 +122,25 @@ class WorkerBase:
             else f"reply address of {rlen} bytes runs past the end",
         )
 
-    def _late(self, flags: int, reply: bytes, dpid: int, tid: int, late: float) -> None:
+    def _late(
+        self, flags: int, reply: bytes, dpid: int, tid: int, late: float, data: bytes = b""
+    ) -> None:
         """The task's deadline passed while it was queued: answer, never run it."""
+        out = self.codec.encode_text(
+            tid,
+            env.TIMEOUT,
+            f"task #{tid} reached its deadline {late:.3f} s before a worker took it; "
+            "it was not run",
+        )
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self.send(
-                reply,
-                dpid,
-                self.codec.encode_text(
-                    tid,
-                    env.TIMEOUT,
-                    f"task #{tid} reached its deadline {late:.3f} s before "
-                    f"a worker took it; it was not run",
-                ),
-            )
+            self.send(reply, dpid, out)
+
+    def _cancelled(self, gid: bytes, flags: int, reply: bytes, dpid: int, tid: int) -> None:
+        """The task was cancelled (``bus.cancel``): its caller's future is cancelled."""
+        self.tracker.cancelled(gid)
+        if flags & FLAG_REPLY:
+            self._reply(reply, dpid, self.codec.encode_text(tid, env.CANCELLED, "cancelled"), tid)
 
     def _too_many_deliveries(
         self, data: bytes, tid: int, flags: int, reply: bytes, dpid: int, attempt: int, *a: Any
@@ -141,8 +154,10 @@ class WorkerBase:
         log.error("ringbus: %s; it goes to dead letters", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        out = self.codec.encode_text(tid, env.LOST, text)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self.send(reply, dpid, self.codec.encode_text(tid, env.LOST, text))
+            self.send(reply, dpid, out)
 
     def _fail(
         self,
@@ -166,8 +181,10 @@ class WorkerBase:
                 type_name,
                 attempt,
             )
+        out = self.codec.encode_error(tid, exc, flags)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, self.codec.encode_error(tid, exc, flags), tid)
+            self._reply(reply, dpid, out, tid)
         else:
             log.error("ringbus: fire-and-forget task #%d failed", tid, exc_info=exc)
 
@@ -182,6 +199,7 @@ class WorkerBase:
         except Exception as exc:
             log.warning("ringbus: a retry waits in the worker: the timer store refused it: %s", exc)
             return False
+        self.tracker.later(data, attempt, True)
         return True
 
     def _retry_delay(
@@ -222,5 +240,7 @@ class WorkerBase:
         log.warning("ringbus: %s", text)
         self._count(failed=1)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
+        out = self.codec.encode_text(tid, env.TIMEOUT, text)
+        self.tracker.failed(data, out)
         if flags & FLAG_REPLY:
-            self._reply(reply, dpid, self.codec.encode_text(tid, env.TIMEOUT, text), tid)
+            self._reply(reply, dpid, out, tid)

@@ -45,8 +45,10 @@ from ringbus.server.pool_state import (
 from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
+from ringbus.tasks.context import TaskContext, run_with, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
+from ringbus.tasks.tracking import await_cancellable
 
 __all__ = ["ConcurrentWorker"]
 
@@ -54,6 +56,7 @@ log = logging.getLogger("ringbus.server")
 
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
+_LEGACY = bytes((env.LEGACY_TASK_MAGIC,))
 
 
 class _Overran(Exception):
@@ -293,12 +296,15 @@ class ConcurrentWorker(WorkerBase):
         """One task in slot ``i``; False when its slot must stay taken (a
         thread that overran still uses it)."""
         rec, slot = self.recs[i], self.slots[i]
+        if data[:1] == _LEGACY:  # the layout before task ids (other producers)
+            data = self._legacy(data)
         try:
-            magic, flags, attempt, dpid, tid, deadline, wall, rlen = env.TASK_HEADER.unpack_from(
-                data
+            magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = (
+                env.TASK_HEADER.unpack_from(data)
             )
         except struct.error:
             magic = rlen = -1
+            gid = env.NO_ID
         start = env.TASK_HEADER_SIZE + rlen if magic == env.TASK_MAGIC else 0
         if magic != env.TASK_MAGIC or start > len(data):
             self._malformed_header(data, magic, rlen)
@@ -313,7 +319,7 @@ class ConcurrentWorker(WorkerBase):
         reply = data[env.TASK_HEADER_SIZE : start]
         now = time.monotonic()
         if deadline and now > deadline:
-            self._late(flags, reply, dpid, tid, now - deadline)
+            self._late(flags, reply, dpid, tid, now - deadline, data)
             return True
         if rlen <= REPLY_MAX:
             rec[REPLY_OFF : REPLY_OFF + rlen] = reply
@@ -336,14 +342,29 @@ class ConcurrentWorker(WorkerBase):
         permit = self.limiter.acquire(type(task))
         if permit < 0:
             self.limiter.hand_back(self.transport, data, attempt)
+            self.tracker.later(data, attempt, True)
             return True
         if permit:
             self._permits[i] = (type(task), permit)  # given back by _run
         # -- end limits
         keep = policy.dead_letter
+        ctx = self.tracker.begin(
+            gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
+        )
+        if ctx is None:  # cancelled while it waited: never run
+            self._cancelled(gid, flags, reply, dpid, tid)
+            return True
+        set_current(ctx)  # this asyncio task's own context
         while True:
             try:
-                value = await self._attempt(fn, task, is_async, deadline)
+                value = await self._attempt(fn, task, is_async, deadline, ctx)
+                if ctx.cancelled:  # told to stop: what it returned is not a result
+                    raise asyncio.CancelledError
+            except asyncio.CancelledError:
+                if not ctx.cancelled:
+                    raise  # the worker itself is being torn down
+                self._cancelled(gid, flags, reply, dpid, tid)
+                return True
             except _Overran as over:
                 self._timed_out(data, tid, flags, reply, dpid, attempt, type_name, over.limit)
                 if over.stuck:
@@ -358,6 +379,9 @@ class ConcurrentWorker(WorkerBase):
                     return False
                 return True
             except Exception as exc:
+                if ctx.cancelled:  # told to stop: it stopped
+                    self._cancelled(gid, flags, reply, dpid, tid)
+                    return True
                 delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
                 if delay is None:
                     self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
@@ -370,6 +394,7 @@ class ConcurrentWorker(WorkerBase):
                     rec, SLOT_RUN_OFF, dpid, tid, time.monotonic(), deadline, attempt, flags,
                     rlen, RUNNING,
                 )  # fmt: skip
+                ctx.attempt = attempt
                 await asyncio.sleep(delay)
                 if self.flag.stop:  # stopping: hand the retry to the next worker or server
                     put_envelope(self.transport, env.with_attempt(data, attempt))
@@ -383,12 +408,19 @@ class ConcurrentWorker(WorkerBase):
             except BaseException as exc:  # SystemExit and the like: not retried
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
-            if flags & FLAG_REPLY:
-                await self._answer(reply, dpid, tid, value, flags)
+            out = (
+                await self._answer(reply, dpid, tid, value, flags) if flags & FLAG_REPLY else None
+            )
+            self.tracker.done(gid, tid, value, policy.keep_result, out)
             return True
 
     async def _attempt(
-        self, fn: Callable[[Any], Any], task: Any, is_async: bool, deadline: float
+        self,
+        fn: Callable[[Any], Any],
+        task: Any,
+        is_async: bool,
+        deadline: float,
+        ctx: TaskContext | None = None,
     ) -> Any:
         limit = self.task_timeout
         if deadline:
@@ -396,12 +428,12 @@ class ConcurrentWorker(WorkerBase):
             limit = left if limit is None else min(limit, left)
         if is_async:
             if limit is None:
-                return await fn(task)
+                return await await_cancellable(ctx, fn(task))
             try:
-                return await asyncio.wait_for(fn(task), limit)
+                return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit, stuck=False) from None
-        fut = self.loop.run_in_executor(self.threads, fn, task)
+        fut = self.loop.run_in_executor(self.threads, run_with, ctx, fn, task)
         if limit is None:
             value = await fut
         else:
@@ -411,12 +443,12 @@ class ConcurrentWorker(WorkerBase):
                 raise _Overran(limit, stuck=not fut.done()) from None
         if inspect.isawaitable(value):  # a plain function that returned an awaitable
             try:
-                value = await asyncio.wait_for(value, limit)
+                value = await asyncio.wait_for(await_cancellable(ctx, value), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
 
-    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> None:
+    async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> bytes:
         out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result
         if reply != self._put_addr:  # the same dispatcher as last time: its handle is kept
             self._put, self._put_addr = self.transport.reply_putter(reply), reply
@@ -424,7 +456,8 @@ class ConcurrentWorker(WorkerBase):
         if put is not None:
             try:
                 put(out, False)
-                return
+                return out
             except Exception:  # full, too large, closed: the careful way, off the loop
                 self._put_addr = b""  # ask again next time: the handle may be gone
         await self.loop.run_in_executor(None, self._reply, reply, dpid, out, tid)
+        return out

@@ -26,9 +26,11 @@ from ringbus._names import validate_bus_name
 from ringbus.errors import TaskTimeout
 from ringbus.tasks import envelope as env
 from ringbus.tasks.codec import Codec
+from ringbus.tasks.control import BusAsyncFuture, TaskControl
 from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
+from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
 from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
@@ -40,6 +42,7 @@ from ringbus.transport.registry import make_transport
 __all__ = ["TaskBus"]
 
 _monotonic = time.monotonic
+_format_id = format_id
 
 _buses: weakref.WeakSet[TaskBus] = weakref.WeakSet()
 _pid = os.getpid()
@@ -58,7 +61,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _DISPATCH_CHUNK = 512  # tasks per transport call in dispatch_many
 
 
-class TaskBus(HandlerRegistry):
+class TaskBus(HandlerRegistry, TaskControl):
     """A named bus: register handlers per task type, dispatch tasks to workers.
 
     ``name`` derives the transport's channels (shared-memory rings
@@ -99,6 +102,9 @@ class TaskBus(HandlerRegistry):
             allow_unsigned_pickle=self._allow_unsigned_pickle,
             where=f"bus {self.name!r} on {self.transport.describe()}",
         )
+        adopt = getattr(self.transport, "adopt_bus", None)
+        if adopt is not None:  # the inline transport runs this bus's handlers itself
+            adopt(self)
         self._reset_process_state()
         _buses.add(self)
 
@@ -155,6 +161,7 @@ class TaskBus(HandlerRegistry):
                 st = ProcState(
                     self.name, self.transport, self.transport.reply_address(), self.codec
                 )
+                st.cancel = self.cancel  # Future.cancel() of a queued task (identity)
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -171,8 +178,9 @@ class TaskBus(HandlerRegistry):
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
         priority: int = 0,
-    ) -> Future[Any]:
-        """Queue ``task`` for a worker; its handler's result resolves the future.
+    ) -> BusFuture:
+        """Queue ``task`` for a worker; its handler's result resolves the future
+        (a ``concurrent.futures.Future``; ``fut.task_id`` is the task's id).
 
         ``timeout`` (seconds) sets a deadline: a task still queued then is not
         run, and the future fails with ``TaskTimeout`` when it passes.  Raises
@@ -191,8 +199,9 @@ class TaskBus(HandlerRegistry):
         st = self._st or self._state()
         tid = next(st.ids)
         if timeout is None:
-            data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply)
-            fut: Future[Any] = BusFuture(st)
+            gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
+            fut = BusFuture(st)
+            fut.task_id = _format_id(gid)
             st.pending[tid] = fut
             try:
                 if priority or cls in self._off_default:
@@ -201,13 +210,14 @@ class TaskBus(HandlerRegistry):
                     self.transport.put_task(data)
             except BaseException:
                 st.pending.pop(tid, None)
+                self._drop_task(gid)
                 raise
             return fut
         deadline = self._deadline(timeout)
-        data = self.codec.encode_task(
-            task, tid, FLAG_REPLY, _pid, st.reply, deadline, time.time() + timeout
-        )
+        wall = time.time() + timeout
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall)
         fut = BusFuture(st)
+        fut.task_id = _format_id(gid)
         st.pending[tid] = fut
         try:
             if priority or cls in self._off_default:
@@ -216,6 +226,7 @@ class TaskBus(HandlerRegistry):
                 self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         self._arm(st, deadline, tid, timeout, cls)
         return fut
@@ -242,7 +253,7 @@ class TaskBus(HandlerRegistry):
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
         priority: int = 0,
-    ) -> asyncio.Future[Any]:
+    ) -> BusAsyncFuture:
         """Like ``dispatch`` but returns an asyncio future of the running loop.
 
         The reader thread resolves it through ``loop.call_soon_threadsafe``.
@@ -265,8 +276,9 @@ class TaskBus(HandlerRegistry):
         if timeout is not None:
             deadline = self._deadline(timeout)
             wall = time.time() + timeout
-        data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
-        afut: asyncio.Future[Any] = loop.create_future()
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall)
+        afut = BusAsyncFuture(loop=loop)
+        afut.task_id = _format_id(gid)
         st.pending[tid] = (loop, afut)
         if self.transport.puts_off_loop:
             self._put_off_loop(loop, afut, st, data, tid, timeout, deadline, cls)
@@ -278,6 +290,7 @@ class TaskBus(HandlerRegistry):
                 self.transport.put_task(data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         if timeout is not None:
             self._arm(st, deadline, tid, timeout, cls)
@@ -347,21 +360,31 @@ class TaskBus(HandlerRegistry):
             wall = time.time() + timeout
         reply, pending, encode = st.reply, st.pending, self.codec.encode_task
         ids = [next(st.ids) for _ in tasks]
-        payloads = [
-            encode(t, tid, FLAG_REPLY, _pid, reply, deadline, wall)
-            for t, tid in zip(tasks, ids, strict=True)
-        ]
-        futs: list[Future[Any]] = []
+        gids: list[bytes] = []
+        try:
+            for tid in ids:
+                gids.append(self._new_task(tid, False))
+            payloads = [
+                encode(t, tid, FLAG_REPLY, _pid, reply, deadline, wall, gid=gid)
+                for t, tid, gid in zip(tasks, ids, gids, strict=True)
+            ]
+        except BaseException:
+            for gid in gids:
+                self._drop_task(gid)
+            raise
+        futs: list[Future[Any]] = []  # BusFutures (task_id); typed as before
         # Queued a chunk at a time: workers start on the first tasks while the
         # futures of the rest are built (one call for 100,000
         # tasks kept the pool idle that long: 190k against 315k tasks/s).
         for at in range(0, len(payloads), _DISPATCH_CHUNK):
             part = datas = payloads[at : at + _DISPATCH_CHUNK]
             tids = ids[at : at + _DISPATCH_CHUNK]
-            for tid in tids:
-                fut: Future[Any] = BusFuture(st)
-                futs.append(fut)
-                pending[tid] = fut
+            part_gids = gids[at : at + _DISPATCH_CHUNK]
+            for tid, gid in zip(tids, part_gids, strict=True):
+                bfut = BusFuture(st)
+                bfut.task_id = _format_id(gid)
+                futs.append(bfut)
+                pending[tid] = bfut
             left = None if timeout is None else max(0.0, deadline - _monotonic())
             try:
                 if chans is None:
@@ -371,19 +394,23 @@ class TaskBus(HandlerRegistry):
             except queue.Full as exc:
                 done = getattr(exc, "done", 0)
                 why = "not queued: the task channel stayed full"
-                for tid, fut in zip(tids[done:], futs[at + done :], strict=True):
+                for tid, f in zip(tids[done:], futs[at + done :], strict=True):
                     pending.pop(tid, None)
-                    fut.set_exception(TaskTimeout(why))
+                    f.set_exception(TaskTimeout(why))
+                for gid in gids[at + done :]:  # not queued: no status record either
+                    self._drop_task(gid)
                 for _ in payloads[at + len(part) :]:
-                    fut = BusFuture(st)
-                    fut.set_exception(TaskTimeout(why))
-                    futs.append(fut)
+                    f = BusFuture(st)
+                    f.set_exception(TaskTimeout(why))
+                    futs.append(f)
                 tids = tids[:done]
                 self._arm_all(st, deadline, timeout, tids, tasks[at : at + done])
                 return futs
             except BaseException:
                 for tid in tids:  # earlier chunks are queued: their results still come
                     pending.pop(tid, None)
+                for gid in gids[at:]:
+                    self._drop_task(gid)
                 raise
             self._arm_all(st, deadline, timeout, tids, tasks[at : at + len(part)])
         return futs
@@ -408,12 +435,13 @@ class TaskBus(HandlerRegistry):
         delay: float | timedelta | None = None,
         eta: datetime | None = None,
         priority: int = 0,
-    ) -> None:
-        """Fire and forget: queue ``task`` with no result path.
+    ) -> str:
+        """Fire and forget: queue ``task`` with no result path; returns its id.
 
-        A handler's exception is only logged by the worker.  ``timeout``
-        drops the task if it is still queued that many seconds from now
-        (from its due time with ``delay``/``eta``).
+        A handler's exception is only logged by the worker (``bus.status`` /
+        ``bus.result`` by id, with ``keep_result``).  ``timeout`` drops the
+        task if it is still queued that many seconds from now (from its due
+        time with ``delay``/``eta``).
         """
         cls = type(task)
         if cls not in self._resolved:
@@ -427,13 +455,18 @@ class TaskBus(HandlerRegistry):
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
         self.codec.check_serving()
-        data = self.codec.encode_task(task, 0, 0, _pid, b"", deadline, wall)
-        if due:
-            self.transport.put_delayed(routed(self, cls, priority, data), due)
-        elif priority or cls in self._off_default:
-            put_for(self, cls, priority, data, timeout)
-        else:
-            self.transport.put_task(data, timeout)
+        gid, data = self._encode_new(task, 0, 0, b"", deadline, wall, bool(due))
+        try:
+            if due:
+                self.transport.put_delayed(routed(self, cls, priority, data), due)
+            elif priority or cls in self._off_default:
+                put_for(self, cls, priority, data, timeout)
+            else:
+                self.transport.put_task(data, timeout)
+        except BaseException:
+            self._drop_task(gid)
+            raise
+        return _format_id(gid)
 
     def _later(
         self,
@@ -442,7 +475,7 @@ class TaskBus(HandlerRegistry):
         due: float,
         loop: asyncio.AbstractEventLoop | None,
         priority: int = 0,
-    ) -> Future[Any] | asyncio.Future[Any]:
+    ) -> BusFuture | BusAsyncFuture:
         """Dispatch held until ``due`` (Unix seconds; 0 = now)."""
         cls = type(task)
         if cls not in self._resolved:
@@ -454,15 +487,16 @@ class TaskBus(HandlerRegistry):
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        data = self.codec.encode_task(task, tid, FLAG_REPLY, _pid, st.reply, deadline, wall)
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall, bool(due))
         data = routed(self, cls, priority, data)
-        fut: Future[Any] | asyncio.Future[Any]
+        fut: BusFuture | BusAsyncFuture
         if loop is None:
             fut = BusFuture(st)
             st.pending[tid] = fut
         else:
-            fut = loop.create_future()
+            fut = BusAsyncFuture(loop=loop)
             st.pending[tid] = (loop, fut)
+        fut.task_id = _format_id(gid)
         try:
             if due:
                 self.transport.put_delayed(data, due)
@@ -470,6 +504,7 @@ class TaskBus(HandlerRegistry):
                 put_envelope(self.transport, data, timeout)
         except BaseException:
             st.pending.pop(tid, None)
+            self._drop_task(gid)
             raise
         if timeout is not None:
             self._arm(st, deadline, tid, timeout + later, cls)

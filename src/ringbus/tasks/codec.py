@@ -50,6 +50,7 @@ _pack_task = env.TASK_HEADER.pack
 _pack_result = env.RESULT_HEADER.pack
 _unpack_result = env.RESULT_HEADER.unpack_from
 _TASK_MAGIC = env.TASK_MAGIC
+_NO_ID = env.NO_ID  # the global task id field (tasks/identity.py)
 _RESULT_MAGIC = env.RESULT_MAGIC
 _OK, _ERROR = env.OK, env.ERROR
 _RHS = env.RESULT_HEADER_SIZE
@@ -194,10 +195,11 @@ class Codec:
         reply: bytes,
         deadline: float = 0.0,
         wall: float = 0.0,
+        gid: bytes = _NO_ID,
     ) -> bytes:
         body = self._fmt_encode(task)
         head = _pack_task(
-            _TASK_MAGIC, flags | self._task_bits, 1, pid, tid, deadline, wall, len(reply)
+            _TASK_MAGIC, flags | self._task_bits, 1, pid, tid, deadline, wall, len(reply), gid
         )
         data = b"".join((head, reply, body))
         signer = self.signer
@@ -361,10 +363,11 @@ def _encode_plain(
     reply: bytes,
     deadline: float = 0.0,
     wall: float = 0.0,
+    gid: bytes = _NO_ID,
 ) -> bytes:
     """Unsigned pickle: the bytes (and the cost) of ``envelope.encode_task``."""
     return (
-        _pack_task(_TASK_MAGIC, flags, 1, pid, tid, deadline, wall, len(reply))
+        _pack_task(_TASK_MAGIC, flags, 1, pid, tid, deadline, wall, len(reply), gid)
         + reply
         + _dumps(task, 5)
     )

@@ -10,19 +10,20 @@ worker side (server) need them.  This module knows the header bytes;
 Task message::
 
     offset  size  field
-    0       1     magic/version (0xB1)
+    0       1     magic/version (0xB3; 0xB1 was the layout without field 34)
     1       1     flags: bit 0 FLAG_REPLY (the dispatcher waits for a result)
                          bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
                          bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
                          bit 4 FLAG_ROUTED (a route trailer ends the payload)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
-    8       8     task id        (per-dispatcher counter)
+    8       8     task id        (per-dispatcher counter: matches results to futures)
     16      8     deadline       (time.monotonic(), system-wide on Linux; 0.0 = none)
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
-    34      n     reply address (transport-specific bytes, e.g. a ring name)
-    34+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
+    34      16    global task id (``bus.status(id)``; see tasks/identity.py; zeros = none)
+    50      n     reply address (transport-specific bytes, e.g. a ring name)
+    50+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
                   u8 type-name length, type name, document (serializers.py)
     -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1 and 4..end-32
                   (the attempt field is left out: retries rewrite it)
@@ -42,7 +43,7 @@ queue at priority 0 keep the bytes above::
 Result message::
 
     0       1     magic/version (0xB2)
-    1       1     bits 0-3 status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE)
+    1       1     bits 0-3 status (OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED)
                   bit 4 signed, bits 5-6 serializer (as in a task's flags)
     2       8     task id
     10      ...   OK: the value; ERROR: pickled (exception, traceback text), or
@@ -50,8 +51,9 @@ Result message::
                   FAILED/TIMEOUT/LOST: UTF-8 text
     -32     32    signed only: keyed BLAKE2b-256 of every byte before it
 
-Unsigned pickle messages have flag bits 1-3 (results: bits 4-6) clear: the
-bytes are those of earlier versions.
+Unsigned pickle messages have flag bits 1-3 (results: bits 4-6) clear.
+Envelopes of the 0xB1 layout (no global id) are still read by
+``decode_task_header`` (dead letters, delayed tasks of earlier versions).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ __all__ = [
     "TaskHeader",
 ]
 
-TASK_MAGIC = 0xB1
+TASK_MAGIC = 0xB3
+_OLD_TASK_MAGIC = 0xB1  # before the global id: still read (dead letters, timers)
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
 FLAG_SIGNED = 0x02
@@ -87,10 +90,14 @@ FLAG_ROUTED = 0x10
 ROUTE_MAGIC = 0xB7
 DEFAULT_ROUTE = ("default", 0)
 
-OK, ERROR, FAILED, TIMEOUT, LOST, WAKE = range(6)
-STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake")
+OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED = range(7)
+STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake", "cancelled")
 
-TASK_HEADER = struct.Struct("<BBHIQddH")
+TASK_HEADER = struct.Struct("<BBHIQddH16s")
+_OLD_TASK_HEADER = struct.Struct("<BBHIQddH")
+GID_OFFSET = 34
+"""Byte offset of the 16-byte global task id in a task envelope."""
+NO_ID = bytes(16)
 RESULT_HEADER = struct.Struct("<BBQ")
 TASK_HEADER_SIZE = TASK_HEADER.size
 RESULT_HEADER_SIZE = RESULT_HEADER.size
@@ -117,6 +124,7 @@ class TaskHeader(NamedTuple):
     deadline: float
     wall_deadline: float
     reply_len: int
+    gid: bytes = NO_ID
 
 
 def encode_task(
@@ -128,10 +136,13 @@ def encode_task(
     deadline: float = 0.0,
     wall_deadline: float = 0.0,
     attempt: int = 1,
+    gid: bytes = NO_ID,
 ) -> bytes:
     """Header + reply address + already pickled task."""
     return (
-        _pack_task(TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply))
+        _pack_task(
+            TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply), gid
+        )
         + reply
         + payload
     )
@@ -191,13 +202,47 @@ def route_of(data: bytes) -> tuple[str, int]:
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     """Return (header, reply address, offset of the pickled task)."""
-    if len(data) < TASK_HEADER_SIZE or data[0] != TASK_MAGIC:
+    if len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
+        hdr = TaskHeader._make(_OLD_TASK_HEADER.unpack_from(data))
+        size = _OLD_TASK_HEADER.size
+    elif len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+        hdr = TaskHeader._make(_unpack_task(data))
+        size = TASK_HEADER_SIZE
+    else:
         raise EnvelopeError(f"not a ringbus task envelope ({len(data)} bytes)")
-    hdr = TaskHeader._make(_unpack_task(data))
-    end = TASK_HEADER_SIZE + hdr.reply_len
+    end = size + hdr.reply_len
     if end > len(data):
         raise EnvelopeError("task envelope truncated inside its reply address")
-    return hdr, data[TASK_HEADER_SIZE:end], end
+    return hdr, data[size:end], end
+
+
+LEGACY_TASK_MAGIC = _OLD_TASK_MAGIC
+
+
+def from_legacy(data: bytes, signer: Any = None) -> bytes:
+    """A 0xB1 envelope (no global id: older versions, producers in other
+    languages) in this layout, with a zero id (it runs untracked).  A signed
+    one is upgraded only if its tag verifies, and is signed anew; otherwise
+    (or when it is too short) ``data`` comes back unchanged, and the worker
+    refuses it as it refuses any malformed envelope."""
+    if len(data) < _OLD_TASK_HEADER.size or data[0] != _OLD_TASK_MAGIC:
+        return data
+    end = len(data)
+    signed = data[1] & FLAG_SIGNED
+    if signed:
+        if signer is None or not signer.verify(data, True):
+            return data
+        end -= TAG_SIZE
+    at = _OLD_TASK_HEADER.size
+    out = bytes((TASK_MAGIC,)) + bytes(data[1:at]) + NO_ID + bytes(data[at:end])
+    return out + signer.tag_task(out) if signed else out
+
+
+def task_gid(data: bytes) -> bytes:
+    """The global task id of an envelope (``NO_ID`` if it has none)."""
+    if len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+        return bytes(data[GID_OFFSET : GID_OFFSET + 16])
+    return NO_ID
 
 
 def requeue_envelope(data: bytes, tag_task: Callable[[bytes], bytes] | None = None) -> bytes:
@@ -221,6 +266,7 @@ def requeue_envelope(data: bytes, tag_task: Callable[[bytes], bytes] | None = No
         0.0,
         0.0,
         1,
+        hdr.gid,
     )
     return out + tag_task(out) if tag_task is not None and hdr.flags & FLAG_SIGNED else out
 

@@ -36,6 +36,9 @@ class RetryPolicy(NamedTuple):
     dead_letter: bool = True
     """Keep tasks whose last attempt raised in dead letters (worker deaths,
     timeouts and malformed envelopes always are)."""
+    keep_result: float = 0.0
+    """Seconds a finished task's status and result stay for ``bus.status`` /
+    ``bus.result`` (0: dropped when the task ends)."""
 
     @property
     def max_attempts(self) -> int:
@@ -57,7 +60,11 @@ DEFAULT_POLICY = RetryPolicy()
 
 
 def check_policy(
-    retries: int | None, backoff: float, max_backoff: float, dead_letter: bool = True
+    retries: int | None,
+    backoff: float,
+    max_backoff: float,
+    dead_letter: bool = True,
+    keep_result: float = 0.0,
 ) -> RetryPolicy:
     if retries is not None and (
         isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 1000
@@ -66,7 +73,13 @@ def check_policy(
     for label, v in (("backoff", backoff), ("max_backoff", max_backoff)):
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 86400:
             raise ValueError(f"{label} must be a number of seconds in [0, 86400), not {v!r}")
-    return RetryPolicy(retries, float(backoff), float(max_backoff), bool(dead_letter))
+    if isinstance(keep_result, bool) or not isinstance(keep_result, (int, float)) or not (
+        0 <= keep_result <= 366 * 86400
+    ):
+        raise ValueError(f"keep_result must be seconds in [0, 1 year], not {keep_result!r}")
+    return RetryPolicy(
+        retries, float(backoff), float(max_backoff), bool(dead_letter), float(keep_result)
+    )
 
 
 class HandlerRegistry:
@@ -101,19 +114,21 @@ class HandlerRegistry:
         name: str | None = None,
         rate_limit: str | None = None,
         max_concurrency: int | None = None,
+        keep_result: float = 0.0,
         queue: str | None = None,
     ) -> Callable[[F], F]:
         """Decorator: ``@bus.handler(SendEmail)`` registers the function for
         ``SendEmail`` and its subclasses (returns the function unchanged).
 
-        ``retries``/``backoff``/``max_backoff``/``dead_letter``: see ``RetryPolicy``.
+        ``retries``/``backoff``/``max_backoff``/``dead_letter``/``keep_result``:
+        see ``RetryPolicy``.
         ``name``: the type's name on msgpack/JSON buses (default
         ``module.QualName``), e.g. for producers in other languages.
         ``rate_limit`` (``"N/s"``, ``"N/m"``, ``"N/h"``) and ``max_concurrency``:
         machine-wide limits of this handler's starts (see ``tasks/limits.py``).
         ``queue``: the named queue these tasks go to (default: ``"default"``).
         """
-        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        policy = check_policy(retries, backoff, max_backoff, dead_letter, keep_result)
         limits = check_limits(rate_limit, max_concurrency)
         q = self._check_queue(queue)
 
@@ -135,11 +150,13 @@ class HandlerRegistry:
         name: str | None = None,
         rate_limit: str | None = None,
         max_concurrency: int | None = None,
+        keep_result: float = 0.0,
         queue: str | None = None,
     ) -> None:
         """Register ``fn`` for tasks of ``task_type`` (a class or an ABC);
-        ``name``, ``rate_limit``, ``max_concurrency``, ``queue``: see ``handler``."""
-        policy = check_policy(retries, backoff, max_backoff, dead_letter)
+        ``name``, ``rate_limit``, ``max_concurrency``, ``keep_result``,
+        ``queue``: see ``handler``."""
+        policy = check_policy(retries, backoff, max_backoff, dead_letter, keep_result)
         limits = check_limits(rate_limit, max_concurrency)
         self._register(task_type, fn, policy, name, limits, self._check_queue(queue))
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Union
 from ringbus.errors import BusClosed, TaskTimeout, TransportClosed
 from ringbus.tasks import envelope as env
 from ringbus.transport.base import Transport
+from ringbus.transport.task_table import CANCELLED
 
 if TYPE_CHECKING:
     from ringbus.tasks.codec import Codec
@@ -50,6 +51,8 @@ _PLAIN_FUTURE = set(vars(Future())) == {
     "_done_callbacks",
 }
 _OK = env.OK
+_CANCELLED = env.CANCELLED
+_STATUS_MASK = env.RESULT_STATUS_MASK
 _RESULT_HEADER_SIZE = env.RESULT_HEADER_SIZE
 _loads = pickle.loads
 
@@ -69,6 +72,7 @@ class ProcState:
     __slots__ = (
         "caller_last",
         "caller_reading",
+        "cancel",
         "closing",
         "codec",
         "cond",
@@ -118,6 +122,8 @@ class ProcState:
         # after a timeout, or a second answer): for stats and tests.
         self.results = 0
         self.unmatched = 0
+        # bus.cancel, for Future.cancel() (set by the bus; see control.py).
+        self.cancel: Callable[[str], bool] | None = None
 
 
 def _set_async(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -135,6 +141,8 @@ class BusFuture(Future[Any]):
     itself when no other thread does (see ``ProcState``)."""
 
     _rb_waiter = 0  # ident of a thread reading replies for this future
+    task_id = ""
+    """The task's id (``bus.status(fut.task_id)``), set at dispatch."""
     # Future's two lists, made on first use: most futures never get a waiter
     # from wait()/as_completed() nor a callback, and two fewer containers per
     # dispatch mean fewer garbage-collector passes over every pending future
@@ -213,6 +221,14 @@ class BusFuture(Future[Any]):
             st.caller_last = _monotonic()
             st.role.release()
         return None if end is None else max(0.0, end - _monotonic())
+
+    def cancel(self) -> bool:
+        """Cancel the task as ``bus.cancel(task_id)`` does (a queued one never
+        runs), then this future."""
+        cancel = self._rb_state.cancel
+        if self._state == _PENDING and self.task_id and cancel is not None:
+            cancel(self.task_id)
+        return super().cancel()
 
     # ``_state`` is only a hint here (read without the condition); the base
     # class methods called afterwards decide.
@@ -307,6 +323,10 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
         if entry is None:  # timed out, or answered already (e.g. WorkerLost after)
             unmatched += 1
             continue
+        if status & _STATUS_MASK == _CANCELLED:  # bus.cancel from any process: it stopped
+            _cancel_entry(entry)
+            wake = wake or _reads_channel(entry)  # its waiter may block in the channel
+            continue
         if status == fast_status and len(data) < 4096:
             try:
                 ok, value = True, fast_decode(data[_RESULT_HEADER_SIZE:])
@@ -384,6 +404,16 @@ def _finish_all(cond: threading.Condition, items: list[tuple[Any, bool, Any]]) -
         f._invoke_callbacks()
 
 
+def _cancel_entry(entry: Entry) -> None:
+    if type(entry) is tuple:
+        try:
+            entry[0].call_soon_threadsafe(entry[1].cancel)
+        except RuntimeError:  # its loop is closed
+            pass
+    else:
+        Future.cancel(entry)  # type: ignore[arg-type]
+
+
 def fail_entry(entry: Entry, exc: BaseException) -> None:
     if type(entry) is tuple:
         loop, afut = entry
@@ -435,6 +465,7 @@ def cancel_queued(st: ProcState) -> int:
     their futures; tasks of other processes are put back."""
     cancelled = 0
     others: list[bytes] = []
+    table = st.transport.task_table()
     while True:
         try:
             batch = st.transport.get_tasks(READ_BATCH, 0)
@@ -450,10 +481,9 @@ def cancel_queued(st: ProcState) -> int:
                 others.append(data)
                 continue
             cancelled += 1
-            if type(entry) is tuple:
-                entry[0].call_soon_threadsafe(entry[1].cancel)
-            else:
-                entry.cancel()  # type: ignore[union-attr]
+            if table is not None and hdr.gid != env.NO_ID:
+                table.finish(hdr.gid, CANCELLED, 0.0, None)
+            _cancel_entry(entry)
     if others:
         st.transport.put_tasks(others)
     return cancelled

@@ -31,7 +31,7 @@ import sys
 from typing import Any
 
 from ringbus.errors import CodecError, RemoteError, RemoteTraceback, TaskFailed
-from ringbus.tasks.envelope import TASK_HEADER
+from ringbus.tasks.envelope import NO_ID, TASK_HEADER
 from ringbus.tasks.handlers import HandlerRegistry
 
 __all__ = ["FORMATS", "SER_JSON", "SER_MSGPACK", "SER_PICKLE", "MsgspecFormat", "PickleFormat"]
@@ -181,11 +181,12 @@ class MsgspecFormat:
             reply: bytes,
             deadline: float = 0.0,
             wall: float = 0.0,
+            gid: bytes = NO_ID,
         ) -> bytes:
             prefix = prefixes.get(type(task))
             if prefix is None:
                 prefix = name_of(type(task))
-            head = pack(magic, flags | bits, 1, pid, tid, deadline, wall, len(reply))
+            head = pack(magic, flags | bits, 1, pid, tid, deadline, wall, len(reply), gid)
             try:
                 return head + reply + prefix + enc(task)
             except Exception:

@@ -30,11 +30,14 @@ from __future__ import annotations
 import abc
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ringbus._names import DEFAULT_QUEUE, validate_bus_name
 from ringbus.errors import TransportClosed
 from ringbus.transport.limits import LimitsBackend
+
+if TYPE_CHECKING:
+    from ringbus.transport.task_table import TaskTable
 
 __all__ = ["JOURNAL_DATA_AT", "Record", "Transport", "TransportClosed"]
 
@@ -338,6 +341,14 @@ class Transport(abc.ABC):
         """Remove the selected records (all when ``ids`` is None) and return
         them; ``handle(record)`` runs before each one is removed (a crash in
         between duplicates, never loses)."""
+
+    # ------------------------------------------------------------ task table
+
+    def task_table(self) -> TaskTable | None:
+        """The bus's task table (``task_table.py``: a status record per task,
+        kept results), or None where the transport keeps none (then every
+        status reads "unknown" and nothing can be cancelled)."""
+        return None
 
     # ------------------------------------------------------------ lifecycle
 

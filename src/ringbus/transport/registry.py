@@ -8,9 +8,14 @@ __all__ = ["make_transport"]
 
 
 def make_transport(spec: Transport | str | None) -> Transport:
-    """``None`` or ``"shm"`` -> shared memory; a ``Transport`` as is; URLs by scheme."""
+    """``None`` or ``"shm"`` -> shared memory; ``"inline"`` -> the test mode;
+    a ``Transport`` as is; URLs by scheme."""
     if isinstance(spec, Transport):
         return spec
+    if spec == "inline":  # the test mode: handlers run in the dispatching process
+        from ringbus.transport.inline import InlineTransport
+
+        return InlineTransport()
     if spec is None or spec in ("shm", "shm://"):
         from ringbus.transport.shm import ShmTransport
 
@@ -24,5 +29,5 @@ def make_transport(spec: Transport | str | None) -> Transport:
             except ImportError as exc:
                 raise ValueError(f"the Redis transport is not available: {exc}") from exc
             return RedisTransport(spec)
-        raise ValueError(f"unknown transport {spec!r}: use None, 'shm' or a redis:// URL")
+        raise ValueError(f"unknown transport {spec!r}: use None, 'shm', 'inline' or a redis:// URL")
     raise TypeError(f"transport must be a Transport, a URL or None, not {type(spec).__name__}")

@@ -39,6 +39,7 @@ from ringbus.transport.base import JOURNAL_DATA_AT, Record, Transport
 from ringbus.transport.record_file import DEFAULT_MAX_BYTES, RecordFile
 from ringbus.transport.shm_limits import ShmLimitsMixin
 from ringbus.transport.shm_queues import ShmQueues
+from ringbus.transport.shm_results import DEFAULT_RECORD_SIZE, DEFAULT_SLOTS, ShmTaskTable
 from ringbus.transport.shm_time import ShmTime
 
 __all__ = ["ShmTransport"]
@@ -82,6 +83,8 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
         persistent: bool = True,
         record_dir: str | None = None,
         record_max_bytes: int = DEFAULT_MAX_BYTES,
+        task_slots: int = DEFAULT_SLOTS,
+        task_record_size: int = DEFAULT_RECORD_SIZE,
     ) -> None:
         if record_max_bytes < 4096:
             raise ValueError(f"record_max_bytes must be >= 4096, not {record_max_bytes!r}")
@@ -93,6 +96,9 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
         self.reply_maxsize = reply_maxsize
         self.reply_max_message_size = reply_max_message_size
         self.persistent = persistent
+        self.task_slots = task_slots  # the task table's geometry (shm_results.py)
+        self.task_record_size = task_record_size
+        self._table: ShmTaskTable | None = None
         self._reset_process_state()
         _live_transports.add(self)
 
@@ -110,6 +116,8 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
             "persistent": self.persistent,
             "record_dir": self.record_dir,
             "record_max_bytes": self.record_max_bytes,
+            "task_slots": self.task_slots,
+            "task_record_size": self.task_record_size,
         }
 
     def _reset_process_state(self) -> None:
@@ -471,6 +479,16 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
 
     # ------------------------------------------------------------ lifecycle
 
+    def task_table(self) -> ShmTaskTable:
+        t = self._table
+        if t is None:
+            with self._lock:
+                if self._table is None:
+                    path = _names.task_table_path(self.bus_name)
+                    self._table = ShmTaskTable(path, self.task_slots, self.task_record_size)
+                t = self._table
+        return t
+
     def close(self) -> None:
         self.close_replies()
         with self._lock:
@@ -485,6 +503,8 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
         self._close_queues()
         if owned is not None:
             owned.close()  # the owner removes the name
+        if self._table is not None:
+            self._table.close()
         self._close_time()
         self._close_limits()
 
@@ -512,6 +532,7 @@ class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
             os.unlink(_names.shm_path(self.task_ring_name))
         self._destroy_queues()
         self._records().destroy()
+        self.task_table().destroy()
         self._destroy_time()
         self._destroy_limits()
         stale = re.compile(re.escape(self._reply_prefix()) + r"(\d+)-[0-9a-f]+(\.spill)?$")

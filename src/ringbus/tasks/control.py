@@ -1,0 +1,219 @@
+"""Task identity and control on the bus: ``status``, ``result``, ``cancel``.
+
+A mixin of ``TaskBus``: every dispatch registers its task in the
+transport's task table (``transport/task_table.py``) and gets an id; these
+methods look the id up from any process of the bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from concurrent.futures import CancelledError, Future
+from typing import TYPE_CHECKING, Any
+
+from ringbus.tasks.identity import current_pid, new_id, parse_id
+from ringbus.tasks.status import TaskStatus, status_of
+from ringbus.transport.task_table import (
+    CANCELLED,
+    DONE,
+    FINAL,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    TaskRecord,
+    TaskTable,
+)
+
+if TYPE_CHECKING:
+    from ringbus.tasks.codec import Codec
+    from ringbus.tasks.results import ProcState
+    from ringbus.transport.base import Transport
+
+__all__ = ["BusAsyncFuture", "TaskControl"]
+
+_POLL_MIN, _POLL_MAX = 0.001, 0.05  # result(): look again after this long, growing
+DEFAULT_GRACE = 5.0
+
+
+class BusAsyncFuture(asyncio.Future):
+    """The asyncio future of ``dispatch_async``, with the task's id."""
+
+    task_id = ""
+
+
+class TaskControl:
+    """``status`` / ``result`` / ``result_async`` / ``cancel`` by task id."""
+
+    transport: Transport
+    name: str
+    codec: Codec
+    _st: ProcState | None
+
+    def _table(self) -> TaskTable | None:
+        return self.transport.task_table()
+
+    def _new_task(self, counter: int, delayed: bool) -> bytes:
+        """A new task's id (and its status record, where the transport keeps them)."""
+        table = self.transport.task_table()
+        if table is None:
+            return new_id()
+        return table.add(SCHEDULED if delayed else QUEUED, current_pid(), counter)
+
+    def _encode_new(
+        self,
+        task: Any,
+        tid: int,
+        flags: int,
+        reply: bytes,
+        deadline: float = 0.0,
+        wall: float = 0.0,
+        delayed: bool = False,
+    ) -> tuple[bytes, bytes]:
+        """(id, envelope) of a new task: its status record, then its bytes
+        (the record is dropped again if the task cannot be encoded)."""
+        gid = self._new_task(tid, delayed)
+        try:
+            data = self.codec.encode_task(
+                task, tid, flags, current_pid(), reply, deadline, wall, gid=gid
+            )
+        except BaseException:
+            self._drop_task(gid)
+            raise
+        return gid, data
+
+    def _drop_task(self, gid: bytes) -> None:
+        """The task was not queued after all (the channel refused it)."""
+        table = self.transport.task_table()
+        if table is not None:
+            table.finish(gid, CANCELLED, 0.0, None)
+
+    # ------------------------------------------------------------ status
+
+    def status(self, task_id: str) -> TaskStatus:
+        """Where the task is: state ``scheduled``, ``queued``, ``running``,
+        ``done``, ``failed``, ``cancelled`` or ``unknown`` (never dispatched
+        here, or finished and its record dropped: without ``keep_result`` at
+        once, with it after that many seconds).  ``ValueError`` for a
+        malformed id."""
+        gid = parse_id(task_id)
+        table = self._table()
+        return status_of(task_id, None if table is None else table.get(gid))
+
+    def _final(self, task_id: str) -> TaskRecord | None:
+        """The finished record of the task; None while it is not finished."""
+        gid = parse_id(task_id)
+        table = self._table()
+        rec = None if table is None else table.get(gid)
+        if rec is None:
+            raise LookupError(
+                f"task {task_id}: unknown on bus {self.name!r} (never dispatched here, or it "
+                "finished and its result was not kept: the handler has no keep_result, "
+                "or keep_result seconds have passed, or the store evicted it)"
+            )
+        return rec if rec.state in FINAL else None
+
+    def _value(self, task_id: str, rec: TaskRecord) -> Any:
+        if rec.state == CANCELLED:
+            raise CancelledError(f"task {task_id} was cancelled")
+        if rec.result is None:
+            raise LookupError(
+                f"task {task_id} finished ({'done' if rec.state == DONE else 'failed'}) "
+                f"but its result is not kept: {rec.result_dropped or 'no result stored'}"
+            )
+        ok, value = self.codec.decode_result(rec.result, rec.result[1])  # signed or not
+        if ok:
+            return value
+        raise value
+
+    def result(self, task_id: str, timeout: float | None = None) -> Any:
+        """The task's value (or its exception raised here), from any process,
+        waiting up to ``timeout`` seconds (``TimeoutError``) for it to finish.
+        ``LookupError`` when the result is not kept (see ``status``);
+        ``concurrent.futures.CancelledError`` for a cancelled task."""
+        end = None if timeout is None else time.monotonic() + timeout
+        pause = _POLL_MIN
+        while True:
+            rec = self._final(task_id)
+            if rec is not None:
+                return self._value(task_id, rec)
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"task {task_id}: not finished within {timeout} s")
+            left = pause if end is None else min(pause, max(0.0, end - time.monotonic()))
+            time.sleep(left)
+            pause = min(_POLL_MAX, pause * 2)
+
+    async def result_async(self, task_id: str, timeout: float | None = None) -> Any:
+        """``result`` for coroutines: waits without blocking the event loop."""
+        end = None if timeout is None else time.monotonic() + timeout
+        pause = _POLL_MIN
+        while True:
+            rec = self._final(task_id)
+            if rec is not None:
+                return self._value(task_id, rec)
+            if end is not None and time.monotonic() >= end:
+                raise TimeoutError(f"task {task_id}: not finished within {timeout} s")
+            left = pause if end is None else min(pause, max(0.0, end - time.monotonic()))
+            await asyncio.sleep(left)
+            pause = min(_POLL_MAX, pause * 2)
+
+    # ------------------------------------------------------------ cancel
+
+    def cancel(self, task_id: str, terminate: bool = False, grace: float = DEFAULT_GRACE) -> bool:
+        """Cancel the task: a queued or delayed one never runs (its future is
+        cancelled); a running ``async def`` handler gets ``CancelledError``; a
+        running plain one sees ``current_task().cancelled`` become true.
+        ``terminate``: a running task still running after ``grace`` seconds
+        has its worker killed (the worker's other tasks are delivered again).
+        True if the task will not run or was told to stop; False if it is
+        unknown or already finished."""
+        gid = parse_id(task_id)
+        table = self._table()
+        if table is None:
+            return False
+        before = table.request_cancel(gid, terminate)
+        if before is None:
+            return False
+        if before.state in FINAL:
+            return before.state == CANCELLED
+        if before.state in (QUEUED, SCHEDULED):
+            self._cancel_local(before)
+            return True
+        if terminate and before.state == RUNNING and table.same_host:
+            self._terminate(table, gid, grace)
+        return True
+
+    def _cancel_local(self, rec: TaskRecord) -> None:
+        """This process dispatched it: cancel its future now."""
+        st = self._st
+        if st is None or rec.dispatcher_pid != st.pid:
+            return
+        entry = st.pending.pop(rec.counter, None)
+        if entry is None:
+            return
+        if type(entry) is tuple:
+            loop, afut = entry
+            try:
+                loop.call_soon_threadsafe(afut.cancel)
+            except RuntimeError:  # its loop is closed
+                pass
+        else:
+            Future.cancel(entry)  # type: ignore[arg-type]
+
+    def _terminate(self, table: TaskTable, gid: bytes, grace: float) -> None:
+        """Kill the worker of a task that did not stop within ``grace`` seconds."""
+        end = time.monotonic() + grace
+        while time.monotonic() < end:
+            rec = table.get(gid)
+            if rec is None or rec.state != RUNNING:
+                return
+            time.sleep(0.01)
+        rec = table.get(gid)
+        if rec is None or rec.state != RUNNING or not rec.worker_pid:
+            return
+        try:
+            os.kill(rec.worker_pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass

@@ -1,0 +1,451 @@
+"""The task table on shared memory: a fixed-size file of fixed-size records.
+
+``/dev/shm/ringbus-<bus>-tasktable`` (0600, this uid, never through a
+symlink, removed by ``bus.destroy()``).  A header page, a table of block
+owners, then ``slots`` records of ``record_size`` bytes.
+
+Writing a record takes no lock and no system call: each field has one
+writer at a time.  The slots are cut into blocks of 256; a dispatching
+process owns one block at a time (claimed under ``flock``, which the kernel
+drops if it dies, once per 256 dispatches) and is the only one to put new
+records in it.  A task's id names its slot (``identity.py``), so a lookup is
+one read.  A worker writes the running task's state and progress; a
+canceller its cancel flag.  Readers re-read a record until two reads agree.
+
+Full table: a free slot is an empty one, or one whose task finished and
+whose keep time passed.  With none left, a new task's record replaces a
+kept result before its time (a block at a time, in slot order; counted as
+``evicted``).  Records of tasks not finished are never replaced: when all of
+them are such, ``add`` raises ``StoreFull`` and the task is not queued.
+
+Record (little-endian)::
+
+    0  16 id             16 u8 state    17 u8 cancel flag   18 u16 attempt
+    20 u32 worker pid    24 u32 dispatcher pid   28 u32 result length
+    32 u64 dispatcher's counter   40 f64 queued   48 f64 started
+    56 f64 finished      64 f64 expires (0: not finished)
+    72 f32 progress (NaN: none)   76 u16 message length   80 message [128]
+    208 the kept result message (at most record_size - 208 bytes)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import mmap
+import os
+import stat
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from ringbus._proc import pid_alive
+from ringbus.errors import RingError
+from ringbus.tasks.identity import NO_SLOT, id_slot, new_id
+from ringbus.transport.task_table import (
+    CANCEL,
+    CANCELLED,
+    CANCELLED_HOLD,
+    EMPTY,
+    FINAL,
+    QUEUED,
+    RUNNING,
+    SCHEDULED,
+    TERMINATE,
+    StoreFull,
+    TaskRecord,
+    TaskTable,
+)
+
+__all__ = ["DEFAULT_RECORD_SIZE", "DEFAULT_SLOTS", "ShmTaskTable"]
+
+MAGIC = b"RBTTAB01"
+HEAD = struct.Struct("<8sIIIId")  # magic, slots, record size, block, blocks, created
+EVICTED_OFF = 40  # u64 results evicted before their time
+OWNERS_OFF = 64
+OWNER = struct.Struct("<Id")  # pid, claimed at (Unix): a reused pid is not the owner
+OWNER_SIZE = 16
+BLOCK = 256
+DEFAULT_SLOTS = 65536
+DEFAULT_RECORD_SIZE = 1024
+PAGE = 4096
+REC = struct.Struct("<16sBBHIIIQddddfHH")
+RESULT_OFF = 208
+MSG_OFF, MSG_MAX = 80, 128
+_STARTED = struct.Struct("<BBHI")  # at 16: state, cancel, attempt, worker pid
+_RUN_TIME = struct.Struct("<d")
+_FIN = struct.Struct("<dd")  # at 56: finished, expires
+_PROG = struct.Struct("<fH")
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_NAN = float("nan")
+_ZERO16 = bytes(16)
+NOT_KEPT = 0xFFFFFFFF
+
+
+def _header_size(blocks: int) -> int:
+    return -(-(OWNERS_OFF + blocks * OWNER_SIZE) // PAGE) * PAGE
+
+
+class ShmTaskTable(TaskTable):
+    """See the module docstring."""
+
+    def __init__(
+        self, path: str, slots: int = DEFAULT_SLOTS, record_size: int = DEFAULT_RECORD_SIZE
+    ) -> None:
+        if slots < BLOCK or slots % BLOCK or slots >= NO_SLOT:
+            raise ValueError(f"task table slots must be a multiple of {BLOCK}, not {slots}")
+        if record_size < RESULT_OFF + 64 or record_size % 8:
+            raise ValueError(f"task table record size must be >= 272 and 8-aligned: {record_size}")
+        self.path = path
+        self._want = (slots, record_size)
+        self._lock = threading.Lock()
+        self._mm: mmap.mmap | None = None
+        self._fd = -1
+        self._pid = 0
+        self._block = -1
+        self._cursor = 0
+        self._evicting = False
+
+    # ------------------------------------------------------------ the file
+
+    def _map(self) -> mmap.mmap:
+        mm = self._mm
+        if mm is not None and self._pid == os.getpid():
+            return mm
+        with self._lock:
+            if self._mm is None or self._pid != os.getpid():
+                self._block, self._cursor = -1, 0  # a forked child claims its own block
+                self._open()
+            assert self._mm is not None
+            return self._mm
+
+    def _open(self) -> None:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(self.path, flags)
+        except FileNotFoundError:
+            fd = self._create()
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise RingError(f"{self.path} is a symbolic link: refusing to use it") from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise RingError(
+                    f"{self.path} is not a private regular file of this user "
+                    f"(mode {stat.S_IMODE(st.st_mode):04o}, uid {st.st_uid}): not trusted"
+                )
+            head = os.pread(fd, HEAD.size, 0)
+            magic, slots, size, block, blocks, _ = HEAD.unpack(head)
+            if magic != MAGIC or block != BLOCK or blocks * BLOCK != slots:
+                raise RingError(f"{self.path} is not a ringbus task table")
+            if st.st_size != _header_size(blocks) + slots * size:
+                raise RingError(f"{self.path}: {st.st_size} bytes do not match its header")
+            mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+        self._fd, self._mm, self._pid = fd, mm, os.getpid()
+        self.slots, self.record_size, self.blocks = slots, size, blocks
+        self._base = _header_size(blocks)
+
+    def _create(self) -> int:
+        """Made whole under a temporary name, then linked: nobody sees half a header."""
+        slots, size = self._want
+        blocks = slots // BLOCK
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            # Sparse: pages are reserved a block at a time when a block is claimed.
+            os.ftruncate(fd, _header_size(blocks) + slots * size)
+            os.pwrite(fd, HEAD.pack(MAGIC, slots, size, BLOCK, blocks, time.time()), 0)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # another process made it first: use theirs
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+        return os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._mm is not None and self._pid == os.getpid():
+                if self._block >= 0:
+                    self._release_block()
+                with contextlib.suppress(BufferError, ValueError):
+                    self._mm.close()
+                with contextlib.suppress(OSError):
+                    os.close(self._fd)
+            self._mm, self._fd, self._block = None, -1, -1
+
+    def destroy(self) -> None:
+        self.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def _off(self, gid: bytes) -> int:
+        """Where the record of ``gid`` is (-1: not a slot of this table)."""
+        self._map()
+        slot = id_slot(gid)
+        return -1 if slot >= self.slots else self._base + slot * self.record_size
+
+    # ------------------------------------------------------------ blocks
+
+    def _owner_alive(self, mm: mmap.mmap, block: int) -> bool:
+        pid, since = OWNER.unpack_from(mm, OWNERS_OFF + block * OWNER_SIZE)
+        return bool(pid) and pid_alive(pid, since)
+
+    def _release_block(self) -> None:
+        assert self._mm is not None
+        with self._flocked():
+            OWNER.pack_into(self._mm, OWNERS_OFF + self._block * OWNER_SIZE, 0, 0.0)
+        self._block = -1
+
+    @contextlib.contextmanager
+    def _flocked(self):  # type: ignore[no-untyped-def]
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def _usable(self, mm: mmap.mmap, off: int, now: float, evict: bool) -> bool:
+        state = mm[off + 16]
+        if state == EMPTY:
+            return True
+        if state not in FINAL or mm[off + 17]:
+            return False  # not finished, or cancelled while queued: never replaced
+        expires = _RUN_TIME.unpack_from(mm, off + 64)[0]
+        return evict or 0 < expires <= now
+
+    def _claim(self) -> None:
+        """Own a block with room (under the file lock)."""
+        mm = self._mm
+        assert mm is not None
+        me = os.getpid()
+        with self._flocked():
+            if self._block >= 0:
+                OWNER.pack_into(mm, OWNERS_OFF + self._block * OWNER_SIZE, 0, 0.0)
+            start = (self._block + 1) % self.blocks
+            now = time.time()
+            for evict in (False, True):
+                for i in range(self.blocks):
+                    b = (start + i) % self.blocks
+                    if self._owner_alive(mm, b):
+                        continue
+                    first = self._base + b * BLOCK * self.record_size
+                    if not any(
+                        self._usable(mm, first + k * self.record_size, now, evict)
+                        for k in range(BLOCK)
+                    ):
+                        continue
+                    try:  # a full /dev/shm fails here, not with a SIGBUS later
+                        os.posix_fallocate(self._fd, first, BLOCK * self.record_size)
+                    except OSError as exc:
+                        raise StoreFull(f"no room in {self.path} for a block: {exc}") from None
+                    OWNER.pack_into(mm, OWNERS_OFF + b * OWNER_SIZE, me, time.time())
+                    self._block, self._cursor, self._evicting = b, 0, evict
+                    return
+            self._block = -1
+        raise StoreFull(
+            f"the task table {self.path} is full: all {self.slots} records belong to tasks "
+            "not finished (or to other dispatchers' blocks); the task was not queued"
+        )
+
+    # ------------------------------------------------------------ records
+
+    def add(self, state: int, dispatcher_pid: int, counter: int) -> bytes:
+        mm = self._map()
+        size = self.record_size
+        with self._lock:
+            while True:
+                if self._block < 0 or self._cursor >= BLOCK:
+                    self._claim()
+                now = time.time()
+                slot = self._block * BLOCK + self._cursor
+                self._cursor += 1
+                off = self._base + slot * size
+                if self._usable(mm, off, now, False):
+                    break
+                if self._evicting and self._usable(mm, off, now, True):
+                    self._count_eviction(mm)
+                    break
+            gid = new_id(slot)
+            mm[off : off + 16] = _ZERO16  # no reader takes the old id for the new fields
+            REC.pack_into(
+                mm, off, _ZERO16, state, 0, 1, 0, dispatcher_pid, 0, counter,
+                now, 0.0, 0.0, 0.0, _NAN, 0, 0,
+            )  # fmt: skip
+            mm[off : off + 16] = gid
+            return gid
+
+    def _count_eviction(self, mm: mmap.mmap) -> None:
+        n = _U64.unpack_from(mm, EVICTED_OFF)[0]
+        _U64.pack_into(mm, EVICTED_OFF, n + 1)  # approximate: for stats only
+
+    def _head(self, gid: bytes) -> tuple[int, tuple[object, ...]] | None:
+        off = self._off(gid)
+        if off < 0:
+            return None
+        mm = self._mm
+        assert mm is not None
+        raw = mm[off : off + RESULT_OFF]
+        for _ in range(4):
+            again = mm[off : off + RESULT_OFF]
+            if again == raw:
+                break
+            raw = again
+        fields = REC.unpack_from(raw)
+        if fields[0] != gid or fields[1] == EMPTY:
+            return None
+        if fields[1] in FINAL and 0 < fields[11] <= time.time():
+            return None  # expired
+        return off, fields
+
+    def get(self, gid: bytes) -> TaskRecord | None:
+        found = self._head(gid)
+        if found is None:
+            return None
+        off, f = found
+        (_, state, cancel, attempt, wpid, dpid, rlen, counter, q, s, fin, exp, prog, mlen, _) = f
+        mm = self._mm
+        assert mm is not None
+        msg = bytes(mm[off + MSG_OFF : off + MSG_OFF + min(int(mlen), MSG_MAX)])  # type: ignore[call-overload]
+        result = None
+        dropped = ""
+        if state in FINAL and rlen == NOT_KEPT:
+            dropped = (
+                f"the result was larger than the task table's {self.record_size - RESULT_OFF} "
+                f"bytes for one, and was not kept"
+            )
+        elif state in FINAL and rlen:
+            result = bytes(mm[off + RESULT_OFF : off + RESULT_OFF + int(rlen)])  # type: ignore[call-overload]
+        if mm[off : off + 16] != gid:  # replaced while we read
+            return None
+        return TaskRecord(
+            gid, int(state), int(cancel), int(attempt), int(wpid), int(dpid), int(counter),  # type: ignore[call-overload]
+            float(q), float(s), float(fin), float(exp),  # type: ignore[arg-type]
+            None if math.isnan(prog) else float(prog),  # type: ignore[arg-type]
+            msg.decode("utf-8", "replace"), result, dropped,
+        )  # fmt: skip
+
+    def _mine(self, gid: bytes) -> int:
+        """Offset of a live record of ``gid`` (-1: none)."""
+        off = self._off(gid)
+        if off < 0:
+            return -1
+        mm = self._mm
+        assert mm is not None
+        return off if mm[off : off + 16] == gid and mm[off + 16] != EMPTY else -1
+
+    def start(self, gid: bytes, attempt: int, worker_pid: int) -> bool:
+        off = self._mine(gid)
+        if off < 0:
+            return True  # untracked: run it
+        mm = self._mm
+        assert mm is not None
+        if mm[off + 17]:
+            return False
+        _STARTED.pack_into(mm, off + 16, RUNNING, 0, min(attempt, 0xFFFF), worker_pid)
+        _RUN_TIME.pack_into(mm, off + 48, time.time())
+        return not mm[off + 17]  # a cancel that landed meanwhile
+
+    def set_state(self, gid: bytes, state: int, attempt: int = 0) -> None:
+        off = self._mine(gid)
+        if off >= 0:
+            mm = self._mm
+            assert mm is not None
+            if attempt:
+                struct.pack_into("<H", mm, off + 18, min(attempt, 0xFFFF))
+            mm[off + 16] = state
+
+    def progress(self, gid: bytes, fraction: float | None, message: str) -> None:
+        off = self._mine(gid)
+        if off >= 0:
+            self.write_progress(off, fraction, message)
+
+    def write_progress(self, off: int, fraction: float | None, message: str) -> None:
+        mm = self._mm
+        assert mm is not None
+        b = message.encode("utf-8", "replace")[:MSG_MAX]
+        mm[off + MSG_OFF : off + MSG_OFF + len(b)] = b
+        _PROG.pack_into(mm, off + 72, _NAN if fraction is None else fraction, len(b))
+
+    def finish(self, gid: bytes, state: int, keep: float, result: bytes | None) -> None:
+        off = self._mine(gid)
+        if off < 0:
+            return
+        mm = self._mm
+        assert mm is not None
+        now = time.time()
+        if keep <= 0:
+            mm[off : off + 16] = _ZERO16  # dropped now: its slot is free
+            mm[off + 16] = EMPTY
+            return
+        room = self.record_size - RESULT_OFF
+        n = 0
+        if result is not None:
+            n = len(result) if len(result) <= room else NOT_KEPT
+            if n != NOT_KEPT:
+                mm[off + RESULT_OFF : off + RESULT_OFF + n] = result
+        _U32.pack_into(mm, off + 28, n)
+        _FIN.pack_into(mm, off + 56, now, now + keep)
+        mm[off + 16] = state
+
+    def request_cancel(self, gid: bytes, terminate: bool = False) -> TaskRecord | None:
+        before = self.get(gid)
+        if before is None or before.state in FINAL:
+            return before
+        off = self._mine(gid)
+        if off < 0:
+            return None
+        mm = self._mm
+        assert mm is not None
+        mm[off + 17] = TERMINATE if terminate else CANCEL
+        if before.state in (QUEUED, SCHEDULED) and mm[off + 16] in (QUEUED, SCHEDULED):
+            # Still waiting: cancelled now; the worker that meets it drops it.
+            now = time.time()
+            _FIN.pack_into(mm, off + 56, now, now + CANCELLED_HOLD)
+            mm[off + 16] = CANCELLED
+        return before
+
+    def cancel_flag_at(self, off: int) -> int:
+        mm = self._mm
+        return 0 if mm is None else mm[off + 17]
+
+    def accessors(
+        self, gid: bytes
+    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]]:
+        off = self._mine(gid)
+        if off < 0:
+            return super().accessors(gid)
+        # Bound to the record's offset: a read or a write into the map, no lookup.
+        return (lambda: self.cancel_flag_at(off)), (lambda f, m: self.write_progress(off, f, m))
+
+    def stats(self) -> dict[str, int]:
+        """Records in use (tasks not finished, kept ones) and evictions."""
+        mm = self._map()
+        now = time.time()
+        live = kept = 0
+        for slot in range(self.slots):
+            off = self._base + slot * self.record_size
+            state = mm[off + 16]
+            if state == EMPTY:
+                continue
+            if state in FINAL:
+                if _RUN_TIME.unpack_from(mm, off + 64)[0] > now:
+                    kept += 1
+            else:
+                live += 1
+        evicted = _U64.unpack_from(mm, EVICTED_OFF)[0]
+        return {"slots": self.slots, "live": live, "kept": kept, "evicted": evicted}

@@ -1,0 +1,94 @@
+"""The shared-memory task table under load and when full (real workers)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import cast
+
+import pytest
+
+from _identity_tasks import Report, Tiny, make_identity_bus
+from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
+from ringbus import ShmTransport, TaskBus, TaskServer
+from ringbus.tasks.results import BusFuture
+from ringbus.transport.shm_results import ShmTaskTable
+from ringbus.transport.task_table import StoreFull
+
+
+def _bus(name: str, slots: int, record: int = 512) -> TaskBus:
+    transport = ShmTransport(task_slots=slots, task_record_size=record)
+    return make_identity_bus(name, transport=transport)
+
+
+@pytest.fixture(name="small")
+def small_fixture(bus_name: str) -> Iterator[TaskBus]:
+    bus = _bus(bus_name, 512)
+    try:
+        yield bus
+    finally:
+        bus.destroy(force=True)
+
+
+def test_100k_kept_results_expire(bus_name: str, servers: list[TaskServer]) -> None:
+    bus = _bus(bus_name, 131072)
+    try:
+        servers.append(TaskServer(bus, workers=2).start())
+        n = 100_000
+        futs = bus.dispatch_many(Tiny(i) for i in range(n))  # keep_result=1
+        assert [f.result(timeout=300) for f in futs[:: n // 10]] == list(range(0, n, n // 10))
+        last = cast(BusFuture, futs[-1])  # dispatch_many's futures carry task_id too
+        assert last.result(timeout=300) == n - 1
+        table = bus.transport.task_table()
+        assert isinstance(table, ShmTaskTable)
+        assert table.stats()["live"] == 0
+        # Kept for 1 s, then gone: no record left, lookups say so.
+        wait_for(lambda: table.stats()["kept"] == 0, timeout=60, what="kept results to expire")
+        assert bus.status(last.task_id).state == "unknown"
+        with pytest.raises(LookupError, match=r"not kept|unknown"):
+            bus.result(last.task_id)
+        assert table.stats()["evicted"] == 0
+        assert bus.dispatch(Tiny(7)).result(timeout=60) == 7  # expired slots are reused
+    finally:
+        bus.destroy(force=True)
+
+
+def test_a_table_full_of_unfinished_tasks_refuses_new_ones(small: TaskBus) -> None:
+    ids = [small.send(Tiny(i)) for i in range(512)]  # no server: all stay queued
+    assert len(set(ids)) == 512
+    queued = small.pending_tasks()
+    with pytest.raises(StoreFull, match="full"):
+        small.send(Tiny(-1))
+    with pytest.raises(StoreFull):
+        small.dispatch(Tiny(-1))
+    assert small.pending_tasks() == queued  # nothing was queued
+    assert all(small.status(i).state == "queued" for i in ids[:5])
+
+
+def test_kept_results_are_evicted_when_full(small: TaskBus, servers: list[TaskServer]) -> None:
+    servers.append(TaskServer(small, workers=1).start())
+    futs = [small.dispatch(Report(i)) for i in range(512)]  # keep_result=60
+    assert [f.result(timeout=120) for f in futs] == [2 * i for i in range(512)]
+    fut = small.dispatch(Report(1000))  # no free slot: replaces a kept result
+    assert fut.result(timeout=60) == 2000
+    assert small.result(fut.task_id) == 2000
+    table = small.transport.task_table()
+    assert isinstance(table, ShmTaskTable)
+    assert table.stats()["evicted"] >= 1
+    gone = [f.task_id for f in futs if small.status(f.task_id).state == "unknown"]
+    assert 1 <= len(gone) <= 256
+    with pytest.raises(LookupError):
+        small.result(gone[0])
+
+
+def test_a_result_too_large_to_keep_says_so(small: TaskBus, servers: list[TaskServer]) -> None:
+    from _tasks_basic import Echo
+
+    small.register(Echo, lambda t: t.value, keep_result=60)
+    servers.append(TaskServer(small, workers=1).start())
+    fut = small.dispatch(Echo(b"x" * 4096))
+    assert fut.result(timeout=60) == b"x" * 4096  # the caller's future still gets it
+    assert small.status(fut.task_id).state == "done"
+    with pytest.raises(LookupError, match="larger than"):
+        small.result(fut.task_id)
+    assert os.path.exists(f"/dev/shm/ringbus-{small.name}-tasktable")
