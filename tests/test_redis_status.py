@@ -17,23 +17,12 @@ from ringbus import TaskBus, TaskServer
 pytest.importorskip("redis", reason="redis-py is not installed")
 
 from ringbus.transport.redis import RedisTransport
-from ringbus.transport.redis_status import RedisTaskTable
-
-
-class _WiredRedis(RedisTransport):
-    """What RedisTransport is asked to add (README, Task identity and control)."""
-
-    def task_table(self) -> RedisTaskTable:
-        t = self.__dict__.get("_task_table")
-        if t is None:
-            t = self.__dict__["_task_table"] = RedisTaskTable(self._redis, self._prefix)
-        return t
 
 
 @pytest.fixture(name="rbus")
 def rbus_fixture(bus_name: str, redis_server: Any) -> Iterator[TaskBus]:
     # Signed: a broker bus refuses unsigned pickle (the cancel answers are signed too).
-    transport = _WiredRedis(redis_server.url, visibility_timeout=5)
+    transport = RedisTransport(redis_server.url, visibility_timeout=5)
     bus = make_identity_bus(bus_name, transport=transport, secret="identity-test-secret")
     try:
         yield bus

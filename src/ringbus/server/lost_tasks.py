@@ -23,6 +23,7 @@ from ringbus.tasks.dead_letters import DeadLetterStore
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
 from ringbus.transport.base import Transport
+from ringbus.transport.task_table import FAILED, QUEUED
 
 __all__ = ["LostTask", "adopt_orphaned_pools", "adopt_pool_file", "bury", "deliver_again"]
 
@@ -65,7 +66,24 @@ def deliver_again(transport: Transport, task: LostTask, died: str) -> bool:
         log.error("ringbus: %s; could not queue it again: %s", died, exc)
         return False
     log.warning("ringbus: %s; delivering it again (attempt %d)", died, task.attempt + 1)
+    _mark(transport, task.record, QUEUED, task.attempt + 1)
     return True
+
+
+def _mark(transport: Transport, record: bytes, state: int, attempt: int = 0) -> None:
+    """Keep the task's status record true (``bus.status``) when a supervisor,
+    not a worker, decides what becomes of it."""
+    try:
+        table = transport.task_table()
+        gid = env.task_gid(record)
+        if table is None or gid == env.NO_ID:
+            return
+        if state == FAILED:
+            table.finish(gid, FAILED, 0.0, None)
+        else:
+            table.set_state(gid, state, attempt)
+    except Exception:
+        log.exception("ringbus: could not update the status of a dead worker's task")
 
 
 def bury(
@@ -85,6 +103,7 @@ def bury(
         transport.settle(record)
     except Exception:
         log.exception("ringbus: could not settle a buried task (%s)", reason)
+    _mark(transport, record, FAILED)
     return kept
 
 

@@ -63,6 +63,7 @@ from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
 from ringbus.transport.redis_sender import ReplySender
+from ringbus.transport.redis_status import RedisTaskTable
 from ringbus.transport.redis_tasks import TaskChannel
 from ringbus.transport.redis_time import RedisTime
 
@@ -140,6 +141,13 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
             held = self._limits_held = (os.getpid(), lim)
         return held[1]
 
+    def task_table(self) -> RedisTaskTable:
+        """Task status and kept results: a hash per task (``bus.status``)."""
+        t = self.__dict__.get("_task_table")
+        if t is None:
+            t = self.__dict__["_task_table"] = RedisTaskTable(self._redis, self._prefix)
+        return t
+
     def close(self) -> None:
         """Send queued results, acknowledge finished tasks, drop this process's
         reply key and consumer (when it holds nothing), close the connections
@@ -162,6 +170,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         def drop(r: R) -> None:
             keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
             keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
+            keys += list(r.scan_iter(f"{self._prefix}:task:*", count=1000))
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):
