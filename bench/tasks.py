@@ -127,7 +127,7 @@ def bench_ringbus(workers: int, n_lat: int, n_tp: int, warmup: int) -> list[Row]
 
 def bench_ringbus_redis(workers: int, n_lat: int, n_tp: int, warmup: int, url: str) -> list[Row]:
     """The same bus over Redis Streams (a broker in the path: for scale, not speed)."""
-    bus = TaskBus(f"bench-redis-{os.getpid()}", transport=url)
+    bus = TaskBus(f"bench-redis-{os.getpid()}", transport=url, allow_unsigned_pickle=True)
     bus.register(tuple, handle_tuple)
     try:
         with TaskServer(bus, workers=workers):

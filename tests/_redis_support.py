@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from ringbus.testing.redis_server import RedisServer, RedisServerNotFound
+from ringbus.testing.redis_server import RedisCluster, RedisServer, RedisServerNotFound
 
-__all__ = ["RedisServer", "redis_aof_server", "redis_server"]
+__all__ = ["RedisCluster", "RedisServer", "redis_aof_server", "redis_cluster", "redis_server"]
 
 
 def _server(aof: bool = False) -> RedisServer:
@@ -34,3 +34,15 @@ def redis_aof_server() -> Iterator[RedisServer]:
     """A server of its own with AOF on (for restart tests)."""
     with _server(aof=True) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A real 3-node Redis Cluster (skips without redis-server or redis-cli)."""
+    pytest.importorskip("redis", reason="redis-py is not installed (pip install 'ringbus[redis]')")
+    try:
+        cluster = RedisCluster(3)
+    except RedisServerNotFound as exc:
+        pytest.skip(str(exc))
+    with cluster:
+        yield cluster

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from ringbus import TaskBus
 
+SECRET = "ringbus-test-secret"
+
 
 @dataclass
 class Stamp:
@@ -41,8 +43,10 @@ def fail_once(task: FailOnce) -> str:
     return "second attempt"
 
 
-def make_bus(name: str) -> TaskBus:
-    bus = TaskBus(name)
+def make_bus(name: str, transport: str | None = None) -> TaskBus:
+    """The time tests' bus: on shared memory, or on ``transport`` (a Redis URL)."""
+    # Over Redis the envelopes are signed (a bus that spans hosts refuses unsigned pickle).
+    bus = TaskBus(name, transport=transport, secret=SECRET) if transport else TaskBus(name)
     bus.register(Stamp, stamp)
     bus.register(FailOnce, fail_once, retries=2, backoff=2.0, max_backoff=2.0)
     return bus

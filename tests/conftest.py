@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from _redis_support import redis_aof_server, redis_server  # noqa: F401 - fixtures
+from _redis_support import redis_aof_server, redis_cluster, redis_server  # noqa: F401 - fixtures
 from ringbus._proc import pid_alive
 
 SHM = Path("/dev/shm")

@@ -1,7 +1,8 @@
 """Scope: delayed tasks, periodic schedules with one leader per bus, and
 retries that wait in the timer store instead of a worker.  Real servers in
 process groups of their own, real SIGKILL; times are only compared with
-bounds far from what the defects produced."""
+bounds far from what the defects produced.  Every test that applies runs
+on shared memory and on a real redis-server (``spec``: None or its URL)."""
 
 from __future__ import annotations
 
@@ -23,16 +24,37 @@ from ringbus._proc import pid_alive
 ctx = mp.get_context("fork")
 
 
+@pytest.fixture(params=["shm", "redis"])
+def spec(request: pytest.FixtureRequest) -> str | None:
+    """None (shared memory) or the URL of the session's redis-server."""
+    if request.param == "shm":
+        return None
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?visibility_timeout=1.5"
+
+
 @pytest.fixture
-def tbus(bus_name: str) -> Any:
-    bus = make_bus(bus_name)
+def tbus(bus_name: str, spec: str | None) -> Any:
+    bus = make_bus(bus_name, spec)
     yield bus
     bus.destroy(force=True)
 
 
-def _server_group(bus_name: str, ready: Any, periodic_log: str = "") -> None:
+def _leader_pid(bus: TaskBus) -> int | None:
+    """Who leads: a pid on shared memory, a lease token naming one on Redis."""
+    who = bus.transport.leader()
+    if who is None or who.isdigit():
+        return None if who is None else int(who)
+    from ringbus.transport.redis_time import leader_pid
+
+    return leader_pid(who)
+
+
+def _server_group(
+    bus_name: str, ready: Any, periodic_log: str = "", spec: str | None = None
+) -> None:
     os.setsid()  # its workers share its fate: SIGKILL the group
-    bus = make_bus(bus_name)
+    bus = make_bus(bus_name, spec)
     if periodic_log:
         # The key records which process fired it: the leader.
         bus.periodic(lambda: Stamp(periodic_log, os.getpid()), every=0.2, name="stamp")
@@ -42,9 +64,11 @@ def _server_group(bus_name: str, ready: Any, periodic_log: str = "") -> None:
         time.sleep(1)
 
 
-def _start_group(bus_name: str, periodic_log: str = "") -> mp.process.BaseProcess:
+def _start_group(
+    bus_name: str, periodic_log: str = "", spec: str | None = None
+) -> mp.process.BaseProcess:
     ready = ctx.Event()
-    p = ctx.Process(target=_server_group, args=(bus_name, ready, periodic_log))
+    p = ctx.Process(target=_server_group, args=(bus_name, ready, periodic_log, spec))
     p.start()
     assert ready.wait(30)
     return p
@@ -72,9 +96,9 @@ def test_a_delayed_task_waits_its_delay(
 
 
 def test_delayed_tasks_survive_a_killed_server_and_run_once(
-    tbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+    tbus: TaskBus, spec: str | None, servers: list[TaskServer], tmp_path: Path
 ) -> None:
-    group = _start_group(tbus.name)
+    group = _start_group(tbus.name, spec=spec)
     log = tmp_path / "log"
     try:
         futs = [tbus.dispatch(Stamp(str(log), i), delay=1.5) for i in range(100)]
@@ -89,16 +113,17 @@ def test_delayed_tasks_survive_a_killed_server_and_run_once(
 
 
 def test_a_periodic_task_fires_once_per_due_time_with_two_servers(
-    bus_name: str, tmp_path: Path
+    bus_name: str, spec: str | None, tmp_path: Path
 ) -> None:
     log = tmp_path / "periodic"
-    groups = [_start_group(bus_name, str(log)), _start_group(bus_name, str(log))]
+    groups = [_start_group(bus_name, str(log), spec), _start_group(bus_name, str(log), spec)]
     try:
         time.sleep(2.0)
         runs = lines(log)
         assert 5 <= len(runs) <= 14, runs  # every 0.2 s for 2 s: about 10, not 20
         assert len({k for _, k, _ in runs}) == 1, runs  # one leader fired them all
-        leader_pid = int(Path(f"/dev/shm/ringbus-{bus_name}-leader").read_text())
+        leader_pid = _leader_pid(make_bus(bus_name, spec))
+        assert leader_pid is not None
         leader = next(g for g in groups if g.pid == os.getpgid(leader_pid))
         _kill_group(leader)
         killed_at = time.time()
@@ -109,7 +134,7 @@ def test_a_periodic_task_fires_once_per_due_time_with_two_servers(
     finally:
         for g in groups:
             _kill_group(g)
-        make_bus(bus_name).destroy(force=True)
+        make_bus(bus_name, spec).destroy(force=True)
 
 
 def test_a_retry_waits_in_the_timer_not_in_a_worker(
@@ -135,7 +160,7 @@ def test_a_retry_waits_in_the_timer_not_in_a_worker(
 )
 def test_bad_times_are_refused_and_nothing_is_queued(
     tbus: TaskBus, kwargs: dict[str, Any], message: str, tmp_path: Path
-) -> None:
+) -> None:  # on both transports (tbus)
     with pytest.raises(ValueError, match=message):
         tbus.dispatch(Stamp(str(tmp_path / "log")), **kwargs)
     with pytest.raises(ValueError, match=message):
@@ -164,30 +189,45 @@ def test_bad_schedules_are_refused(tbus: TaskBus, tmp_path: Path) -> None:
     assert set(tbus.schedules) == {"Stamp", "test_bad_schedules_are_refused.<locals>.digest"}
 
 
-def test_stats_shows_delayed_tasks_and_schedules(bus_name: str, tmp_path: Path) -> None:
+def test_stats_shows_delayed_tasks_and_schedules(
+    bus_name: str, spec: str | None, tmp_path: Path
+) -> None:
     import json
     import subprocess
     import sys
 
     log = tmp_path / "periodic"
-    group = _start_group(bus_name, str(log))
-    bus = make_bus(bus_name)
+    group = _start_group(bus_name, str(log), spec)
+    bus = make_bus(bus_name, spec)
+    on = ["--transport", spec] if spec else []
     try:
         bus.send(Stamp(str(tmp_path / "later")), delay=60)
         wait_for(lambda: len(lines(log)) >= 2, 30, "two periodic runs")
         out = subprocess.run(
-            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--json", "--interval", "0"],
+            [
+                sys.executable,
+                "-m",
+                "ringbus.cli",
+                "stats",
+                bus_name,
+                "--json",
+                "--interval",
+                "0",
+                *on,
+            ],
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert out.returncode == 0, out.stderr
-        t = json.loads(out.stdout)["bus"]["time"]
+        doc = json.loads(out.stdout)
+        t = doc["broker"]["time"] if spec else doc["bus"]["time"]
         assert t["scheduled"] == 1 and t["next_due"] > time.time() + 30
-        assert t["leader"] is not None and int(t["leader"]) != os.getpid()
+        assert t["leader"] is not None
+        assert _leader_pid(bus) not in (None, os.getpid())  # the server group's
         assert t["schedules"]["stamp"]["last"] is not None
         text = subprocess.run(
-            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--interval", "0"],
+            [sys.executable, "-m", "ringbus.cli", "stats", bus_name, "--interval", "0", *on],
             capture_output=True,
             text=True,
             timeout=60,

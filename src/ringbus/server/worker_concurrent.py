@@ -3,8 +3,9 @@
 ``async def`` handlers run on the worker's event loop; plain handlers in a
 thread pool of the same size (blocking I/O overlaps; CPU-bound work wants
 processes).  A taker thread waits on the task channel, and only while a
-task slot is free (no prefetch beyond ``concurrency``): each slot of the
-pool state has its own journal, so a worker killed with 64 tasks running
+task slot is free (no prefetch beyond ``concurrency``; a transport that
+takes batches, Redis, gets one call for every slot free at the time): each
+slot of the pool state has its own journal, so a worker killed with 64 tasks running
 leaves all 64 for the supervisor to deliver again.
 
 Time limits are the worker's own here: an overrunning coroutine is
@@ -143,6 +144,9 @@ class ConcurrentWorker(WorkerBase):
 
     def _take_loop(self) -> None:
         transport = self.transport
+        if transport.takes_batches:
+            self._take_batches()
+            return
         counts = transport.redelivers_lost_tasks
         takers = [transport.task_taker(j) for j in self.journals]
         call = self.loop.call_soon_threadsafe
@@ -170,6 +174,63 @@ class ConcurrentWorker(WorkerBase):
                     self._drain_due = True
                     call(self._drain)
                 self.taken += 1
+                if self.max_tasks and self.taken >= self.max_tasks:
+                    break  # recycled once these finish
+        except BaseException:
+            log.exception("ringbus worker %d: the task taker failed", os.getpid())
+        finally:
+            call(self._taker_done.set)
+
+    def _free_slots(self, first: int) -> list[int] | None:
+        """``first`` and every other slot free now (None: stop taking)."""
+        slots = [first]
+        while True:
+            try:
+                i = self.free.get_nowait()
+            except queue.Empty:
+                break
+            if i < 0:
+                for j in slots:
+                    self.free.put(j)
+                return None
+            slots.append(i)
+        if self.max_tasks:
+            for j in slots[max(1, self.max_tasks - self.taken) :]:
+                self.free.put(j)
+            del slots[max(1, self.max_tasks - self.taken) :]
+        return slots
+
+    def _take_batches(self) -> None:
+        """The taker of a transport that takes batches (a broker): as many
+        envelopes in one call as slots are free (never more: no prefetch)."""
+        transport = self.transport
+        counts = transport.redelivers_lost_tasks
+        call = self.loop.call_soon_threadsafe
+        try:
+            while not self.flag.stop:
+                i = self.free.get()
+                if i < 0 or self.flag.stop:
+                    break
+                slots = self._free_slots(i)
+                if slots is None or self.flag.stop:
+                    break
+                try:
+                    got = transport.take_tasks([self.journals[s] for s in slots])
+                except TransportClosed:
+                    break
+                except queue.Empty:
+                    got = []
+                for s in slots[len(got) :]:
+                    self.free.put(s)
+                if not got:
+                    transport.check_channel()
+                    continue
+                for s, (data, deliveries, tag) in zip(slots, got, strict=False):
+                    self._inbox.append((s, data, deliveries if counts else 1, tag))
+                if not self._drain_due:  # one wake-up of the loop for the batch
+                    self._drain_due = True
+                    call(self._drain)
+                self.taken += len(got)
                 if self.max_tasks and self.taken >= self.max_tasks:
                     break  # recycled once these finish
         except BaseException:

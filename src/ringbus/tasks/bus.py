@@ -32,7 +32,7 @@ from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
-from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, run_reader
+from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, put_off_loop, run_reader
 from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.tasks.signing import Secret, load_secret
@@ -254,10 +254,8 @@ class TaskBus(HandlerRegistry, TaskControl):
         eta: datetime | None = None,
         priority: int = 0,
     ) -> BusAsyncFuture:
-        """Like ``dispatch`` but returns an asyncio future of the running loop.
-
-        The reader thread resolves it through ``loop.call_soon_threadsafe``.
-        """
+        """Like ``dispatch`` but returns an asyncio future of the running loop,
+        resolved by the reader thread (a broker queues it off the loop: ``put_off_loop``)."""
         loop = asyncio.get_running_loop()
         if delay is not None or eta is not None:
             due = check_due(delay, eta, time.time())
@@ -275,6 +273,9 @@ class TaskBus(HandlerRegistry, TaskControl):
         afut = BusAsyncFuture(loop=loop)
         afut.task_id = _format_id(gid)
         st.pending[tid] = (loop, afut)
+        if self.transport.puts_off_loop:  # a broker's round trip never blocks the loop
+            job = (gid, tid, data, timeout, deadline, priority, cls)
+            return put_off_loop(self, loop, afut, st, job)
         try:
             if priority or cls in self._off_default:
                 put_for(self, cls, priority, data, timeout)

@@ -23,7 +23,7 @@ from ringbus.transport.task_table import CANCELLED
 if TYPE_CHECKING:
     from ringbus.tasks.codec import Codec
 
-__all__ = ["BusFuture", "ProcState", "run_reader"]
+__all__ = ["BusFuture", "ProcState", "put_off_loop", "run_reader"]
 
 log = logging.getLogger("ringbus.bus")
 
@@ -487,3 +487,38 @@ def cancel_queued(st: ProcState) -> int:
     if others:
         st.transport.put_tasks(others)
     return cancelled
+
+
+
+def put_off_loop(
+    bus: Any, loop: asyncio.AbstractEventLoop, afut: Any, st: ProcState, task: tuple[Any, ...]
+) -> Any:
+    """``dispatch_async`` on a broker (``Transport.puts_off_loop``): the put
+    waits for a network round trip, so it runs in a thread of the loop's
+    default executor, never on the loop, and puts of coroutines dispatching
+    meanwhile share round trips.  An error queueing the task (such as
+    ``BrokerUnavailable``) fails the future instead of the call, and tasks of
+    one loop dispatched without an await in between may reach the channel in
+    any order.  ``task``: (gid, tid, envelope, timeout, deadline, priority, cls)."""
+    from ringbus.tasks.routing import put_for
+
+    gid, tid, data, timeout, deadline, priority, cls = task
+
+    def put() -> None:
+        if priority or cls in bus._off_default:
+            put_for(bus, cls, priority, data, timeout)
+        else:
+            bus.transport.put_task(data, timeout)
+        if timeout is not None:
+            bus._arm(st, deadline, tid, timeout, cls)
+
+    def done(f: asyncio.Future[None]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            st.pending.pop(tid, None)
+            bus._drop_task(gid)
+            if not afut.done():
+                afut.set_exception(exc)
+
+    loop.run_in_executor(None, put).add_done_callback(done)
+    return afut

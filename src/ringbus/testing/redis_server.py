@@ -23,10 +23,16 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from types import TracebackType
 
-__all__ = ["RedisServer", "RedisServerNotFound", "find_redis_server", "free_port"]
+__all__ = [
+    "RedisCluster",
+    "RedisServer",
+    "RedisServerNotFound",
+    "find_redis_server",
+    "free_port",
+]
 
 HOST = "127.0.0.1"
 _PR_SET_PDEATHSIG = 1
@@ -91,11 +97,14 @@ class RedisServer:
         *,
         executable: str | None = None,
         startup_timeout: float = 20.0,
+        extra_args: Sequence[str] = (),
+        port: int | None = None,
     ) -> None:
         self.executable = find_redis_server(executable)
         self.aof = aof
+        self.extra_args = list(extra_args)
         self.startup_timeout = startup_timeout
-        self.port = free_port()
+        self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="ringbus-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
         try:
@@ -131,6 +140,7 @@ class RedisServer:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        args += self.extra_args
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL,
@@ -179,6 +189,97 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+def cluster_port(host: str = HOST) -> int:
+    """A free port for a cluster node: at most 55535, with the cluster bus
+    port (``port + 10000``) free too."""
+    import random
+
+    for _ in range(1000):
+        port = random.randint(20000, 55535)
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind((host, p))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of ``nodes`` masters (no replicas) on loopback ports,
+    each a ``RedisServer`` with ``--cluster-enabled yes`` in its own
+    directory, joined with ``redis-cli --cluster create`` and ready once
+    every node reports ``cluster_state:ok``.  ``close()`` kills them by pid.
+    Raises ``RedisServerNotFound`` without ``redis-server`` or ``redis-cli``.
+
+        with RedisCluster() as cluster:
+            use(cluster.url)  # redis+cluster://127.0.0.1:<port>
+    """
+
+    def __init__(self, nodes: int = 3, *, startup_timeout: float = 60.0) -> None:
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            raise RedisServerNotFound("redis-cli is not installed or not on PATH")
+        self.nodes: list[RedisServer] = []
+        try:
+            args = [
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", "5000",
+            ]  # fmt: skip
+            for _ in range(nodes):
+                self.nodes.append(RedisServer(port=cluster_port(), extra_args=args))
+            addrs = [f"{HOST}:{n.port}" for n in self.nodes]
+            subprocess.run(
+                [cli, "--cluster", "create", *addrs, "--cluster-yes"],
+                check=True,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=startup_timeout,
+            )
+            self._wait_ok(cli, startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_ok(self, cli: str, timeout: float) -> None:
+        end = time.monotonic() + timeout
+        for n in self.nodes:
+            while True:
+                out = subprocess.run(
+                    [cli, "-h", HOST, "-p", str(n.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                ).stdout
+                if "cluster_state:ok" in out:
+                    break
+                if time.monotonic() > end:
+                    raise RuntimeError(f"Redis Cluster node {n.port} not ok: {out[:200]}")
+                time.sleep(0.1)
+
+    @property
+    def url(self) -> str:
+        """``redis+cluster://127.0.0.1:<port of the first node>`` (the seed)."""
+        return f"redis+cluster://{HOST}:{self.nodes[0].port}"
+
+    def close(self) -> None:
+        for n in self.nodes:
+            n.close()
+
+    def __enter__(self) -> RedisCluster:
         return self
 
     def __exit__(

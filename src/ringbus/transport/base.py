@@ -122,6 +122,23 @@ class Transport(abc.ABC):
         raises ``TransportClosed`` once interrupted)."""
         return lambda: self.take_task(journal)
 
+    puts_off_loop: bool = False
+    """Whether ``dispatch_async`` queues from an executor thread rather than on
+    the event loop (a put that waits for a network round trip)."""
+
+    takes_batches: bool = False
+    """Whether ``take_tasks`` takes several envelopes in one call (a broker's
+    batched read); a consumer with several free slots then uses it."""
+
+    def take_tasks(
+        self, journals: list[Any], timeout: float | None = None
+    ) -> list[tuple[bytes, int, object]]:
+        """Wait for at least one and at most ``len(journals)`` envelopes, the
+        i-th recorded in ``journals[i]``; returns (envelope, deliveries,
+        delivery_tag) per envelope taken, in order.  This default takes one."""
+        data = self.take_task(journals[0], timeout)
+        return [(data, self.deliveries, self.delivery_tag)]
+
     def ack_tasks(self, n: int = 1) -> None:  # noqa: B027 - optional hook
         """The oldest ``n`` envelopes this process took are finished."""
 

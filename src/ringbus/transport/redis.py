@@ -21,6 +21,9 @@ Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
   reader, expiring ``reply_ttl`` seconds after the process is gone) tells
   workers whether anyone still listens.
 - ``ringbus:{<bus>}:dead``: the record store (dead letters).
+- ``ringbus:{<bus>}:delayed``, ``:timers-bell``, ``:leader``, ``:schedule``:
+  delayed tasks, the leader's wake-up list, its lease and the schedule state
+  (``redis_time``).
 
 Trimming only removes entries that the group has acknowledged.  Connection
 errors: a dispatch raises ``BrokerUnavailable`` at once when Redis is down,
@@ -30,17 +33,28 @@ and workers create the task stream again when it was deleted under them.
 Every dispatch sets its process's ``:alive`` key in the same round trip, so
 a Redis restarted without persistence drops no result of a later task.
 
+Batches: a concurrent worker reads as many entries as it has free slots
+(``take_tasks``); its results and acknowledgements go out pipelined, one
+round trip per batch (``redis_sender``); dispatches of a process's threads
+that overlap share round trips (``redis_combine``).  Redis Cluster
+(``redis+cluster://host:port``): every key of a bus shares the ``{<bus>}``
+hash tag, so the transport talks to the one node that holds that slot.
+
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
-``redis_conn`` (options, connections, retries), ``redis_scripts`` (Lua),
-``redis_tasks`` (the task stream), ``redis_identity`` (consumer names),
-``redis_replies`` (reply lists) and
-``redis_records`` (the record store); this module puts them together.
+``redis_conn`` (options, connections, retries, the cluster node),
+``redis_scripts`` (Lua), ``redis_tasks`` (the task stream),
+``redis_combine`` (shared dispatch round trips), ``redis_sender`` (a
+worker's results and acknowledgements), ``redis_identity`` (consumer names),
+``redis_replies`` (reply lists), ``redis_records`` (the record store) and
+``redis_time`` (delayed tasks, the leader); this module puts them together.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable
@@ -48,7 +62,9 @@ from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
+from ringbus.transport.redis_sender import ReplySender
 from ringbus.transport.redis_tasks import TaskChannel
+from ringbus.transport.redis_time import RedisTime
 
 __all__ = ["BrokerUnavailable", "RedisTransport"]
 
@@ -63,7 +79,7 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
+class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
     """Task, reply and dead-letter channels on a Redis server (see the module
     docstring).
 
@@ -101,6 +117,20 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         # Spawned workers get the configuration; connections are per process.
         return (_rebuild, (self.url, self._config(), self.bus_name))
 
+    def reply_putter(self, address: bytes) -> Callable[[bytes, bool], object] | None:
+        """A worker's results go out through one sending thread, pipelined with
+        the acknowledgements of the tasks that made them (``redis_sender``)."""
+        key = address.decode("utf-8", "replace")
+        if not key.startswith(f"{self._prefix}:reply:"):
+            return None  # send_reply logs and drops it
+        sender = self._sender
+        if sender is None:
+            with self._lock:
+                if self._sender is None:
+                    self._sender = ReplySender(self)
+                sender = self._sender
+        return functools.partial(sender.put, key)
+
     def limits(self) -> RedisLimits:
         """Handlers' rate limits and caps, shared by every machine (one per
         process: made anew after fork)."""
@@ -111,11 +141,15 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         return held[1]
 
     def close(self) -> None:
-        """Acknowledge finished tasks, drop this process's reply key and consumer
-        (when it holds nothing), close the connections (the streams stay)."""
+        """Send queued results, acknowledge finished tasks, drop this process's
+        reply key and consumer (when it holds nothing), close the connections
+        (the streams stay)."""
         held = self.__dict__.pop("_limits_held", None)
         if held is not None and held[0] == os.getpid():
             held[1].close()
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            self._to_ack.extend(sender.close(self.socket_timeout))
         self._close_tasks()
         self.close_replies()
         self._close_connections()
@@ -126,7 +160,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore):
         self.close()
 
         def drop(r: R) -> None:
-            keys: list[Any] = [self.stream, self.dead_stream]
+            keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
             keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)

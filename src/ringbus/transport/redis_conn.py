@@ -24,7 +24,16 @@ try:
 except ImportError as exc:  # pragma: no cover - the extra is not installed
     raise ImportError("the Redis transport needs redis-py: pip install 'ringbus[redis]'") from exc
 
-__all__ = ["GROUP", "NET_ERRORS", "R", "RedisBase", "as_bytes", "as_text", "id_key"]
+__all__ = [
+    "CLUSTER_SCHEMES",
+    "GROUP",
+    "NET_ERRORS",
+    "R",
+    "RedisBase",
+    "as_bytes",
+    "as_text",
+    "id_key",
+]
 
 log = logging.getLogger("ringbus.redis")
 
@@ -33,6 +42,8 @@ R = Any
 """A redis.Redis client, typed loosely: redis-py types replies as wide unions."""
 
 GROUP = "workers"
+CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
+_CLUSTER_MOVES = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 _OPTIONS = ("stream_maxlen", "visibility_timeout", "reply_ttl", "socket_timeout")
@@ -50,7 +61,7 @@ class RedisBase(Transport):
         reply_ttl: float = 60.0,
         socket_timeout: float = 10.0,
     ) -> None:
-        if not url.startswith(("redis://", "rediss://", "unix://")):
+        if not url.startswith(("redis://", "rediss://", "unix://", *CLUSTER_SCHEMES)):
             raise ValueError(f"not a Redis URL: {url!r}")
         # Options in the URL (``?visibility_timeout=30``) serve ``ringbus worker
         # --transport URL``; redis-py never sees them.
@@ -89,6 +100,8 @@ class RedisBase(Transport):
         self._host = socket.gethostname()
         self._dpool: redis.ConnectionPool | None = None
         self._dconns: list[Any] = []  # idle connections of dispatches
+        self._rpool: redis.ConnectionPool | None = None
+        self._node_url = ""  # Redis Cluster: the node that holds the bus's slot
         self._outages = 0  # how often a retried request found Redis back
 
     @property
@@ -121,10 +134,61 @@ class RedisBase(Transport):
             with self._lock:
                 if self._client is None:
                     self._client = redis.Redis.from_url(
-                        self.url, **self._options(self.socket_timeout + self._slice)
+                        self._server_url(), **self._options(self.socket_timeout + self._slice)
                     )
                 c = self._client
         return c
+
+    @property
+    def cluster(self) -> bool:
+        """Whether the URL names a Redis Cluster (``redis+cluster://``)."""
+        return self.url.startswith(CLUSTER_SCHEMES)
+
+    def _server_url(self) -> str:
+        """The URL to connect to: the configured server, or in a Redis Cluster
+        the node that holds the bus's hash slot (every key of a bus carries
+        the ``{<bus>}`` tag, so one node serves all of them, scripts included)."""
+        if not self.cluster:
+            return self.url
+        if not self._node_url:
+            self._node_url = self._find_node()
+        return self._node_url
+
+    def _find_node(self) -> str:
+        from urllib.parse import urlsplit, urlunsplit
+
+        from redis.cluster import RedisCluster
+
+        scheme, _, rest = self.url.partition("+cluster://")
+        seed = f"{scheme}://{rest}"
+        try:
+            rc = RedisCluster.from_url(
+                seed, socket_timeout=self.socket_timeout, socket_connect_timeout=5.0
+            )
+            try:
+                node = rc.get_node_from_key(self.stream)
+            finally:
+                rc.close()
+        except (redis.RedisError, OSError) as exc:
+            raise redis.ConnectionError(f"no Redis Cluster node for {self.stream}: {exc}") from exc
+        parts = urlsplit(seed)
+        cred = parts.netloc.rpartition("@")[0]
+        netloc = f"{cred}@{node.host}:{node.port}" if cred else f"{node.host}:{node.port}"
+        return urlunsplit(parts._replace(netloc=netloc, path="/0"))
+
+    def _moved(self, exc: BaseException) -> bool:
+        """A cluster answered MOVED/ASK/CLUSTERDOWN (the slot moved, a failover):
+        forget the node and the connections to it (True), so the next request
+        finds the node that holds the slot now."""
+        text = str(exc)
+        if not self.cluster or not text.startswith(_CLUSTER_MOVES):
+            return False
+        log.warning(
+            "ringbus: bus %r: %s; finding its Redis Cluster node again", self.bus_name, text
+        )
+        self._close_connections()
+        self._node_url = ""
+        return True
 
     def _script(self, name: str, source: str) -> Any:
         s = self._scripts.get(name)
@@ -151,6 +215,9 @@ class RedisBase(Transport):
             except NET_ERRORS as exc:
                 if attempt == 2:
                     raise self._unavailable(exc, what) from None
+            except redis.ResponseError as exc:
+                if attempt == 2 or not self._moved(exc):
+                    raise
         raise AssertionError("unreachable")
 
     def _dispatch_commands(self) -> list[tuple[Any, ...]]:
@@ -194,8 +261,11 @@ class RedisBase(Transport):
             self._dconns.append(conn)
             for reply in replies:
                 if isinstance(reply, Exception):
+                    if attempt == 1 and self._moved(reply):
+                        break  # to the slot's new node, once
                     raise reply
-            return replies
+            else:
+                return replies
         raise AssertionError("unreachable")
 
     def _dispatch_conn(self, left: float) -> Any:
@@ -207,7 +277,7 @@ class RedisBase(Transport):
             with self._lock:
                 if self._dpool is None:
                     self._dpool = redis.ConnectionPool.from_url(
-                        self.url, **self._options(self.socket_timeout)
+                        self._server_url(), **self._options(self.socket_timeout)
                     )
                 pool = self._dpool
             conn = pool.make_connection()
@@ -219,6 +289,16 @@ class RedisBase(Transport):
         else:
             sock.settimeout(left)
         return conn
+
+    def _raw_connection(self, key: str) -> Any:
+        """A connection of this process's own (not pooled) to the server
+        that holds ``key``, for pipelines sent with ``pack_commands``."""
+        with self._lock:
+            if self._rpool is None:
+                self._rpool = redis.ConnectionPool.from_url(
+                    self._server_url(), **self._options(self.socket_timeout + self._slice)
+                )
+            return self._rpool.make_connection()
 
     def _retrying(
         self,
@@ -236,6 +316,10 @@ class RedisBase(Transport):
         while True:
             try:
                 out = fn(self._redis())
+            except redis.ResponseError as exc:
+                if not self._moved(exc):
+                    raise
+                continue
             except NET_ERRORS as exc:
                 if stop is not None and stop():
                     raise TransportClosed(f"bus {self.bus_name!r}: {what} stopped") from None
@@ -268,7 +352,7 @@ class RedisBase(Transport):
         with self._lock:
             c, self._client = self._client, None
             conns, self._dconns = self._dconns, []
-            self._dpool = None
+            self._dpool = self._rpool = None
             self._scripts = {}
         for conn in conns:
             with contextlib.suppress(Exception):

@@ -3,7 +3,7 @@ split by another client's command."""
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "DROP_CONSUMER", "KEEP", "SEND"]
+__all__ = ["CLAIM", "DROP_CONSUMER", "KEEP", "MOVE_DUE", "RELEASE", "RENEW", "SEND", "SEND_MANY"]
 
 SEND = """
 -- Deliver a result only while its dispatcher's reader is alive.
@@ -66,6 +66,54 @@ for _, e in ipairs(xp) do
             -- deleted from the stream (Redis < 7 keeps it pending): done with
             redis.call('xack', KEYS[1], ARGV[1], e[1])
         end
+    end
+end
+return out
+"""
+
+MOVE_DUE = """
+-- Move the delayed envelopes due by ARGV[1] (Unix ms) from the sorted set
+-- KEYS[1] to the task stream KEYS[2], in due order, at most ARGV[2] of them.
+-- Members are 8 random bytes + the envelope.  Returns {moved, next due or nil}.
+local due = redis.call('zrangebyscore', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+    redis.call('xadd', KEYS[2], '*', 'd', string.sub(m, 9))
+end
+if #due > 0 then redis.call('zrem', KEYS[1], unpack(due)) end
+local nxt = redis.call('zrange', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or false}
+"""
+
+RENEW = """
+-- Extend the lease KEYS[1] by ARGV[2] ms while it still holds our token ARGV[1].
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('pexpire', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE = """
+-- Delete the lease KEYS[1] only while it holds the token ARGV[1].
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    return redis.call('del', KEYS[1])
+end
+return 0
+"""
+
+SEND_MANY = """
+-- SEND for a batch of results: KEYS[2i-1] the reply list, KEYS[2i] its
+-- :alive key, ARGV[i] the result, ARGV[#KEYS/2 + 1] the TTL.  Returns one
+-- 1 (delivered) or 0 (its dispatcher is gone) per result.
+local n = #KEYS / 2
+local ttl = ARGV[n + 1]
+local out = {}
+for i = 1, n do
+    if redis.call('exists', KEYS[2 * i]) == 1 then
+        redis.call('rpush', KEYS[2 * i - 1], ARGV[i])
+        redis.call('expire', KEYS[2 * i - 1], ttl)
+        out[i] = 1
+    else
+        out[i] = 0
     end
 end
 return out

@@ -17,6 +17,7 @@ from typing import Any
 
 from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.base import write_journal
+from ringbus.transport.redis_combine import Combiner
 from ringbus.transport.redis_conn import (
     GROUP,
     NET_ERRORS,
@@ -56,6 +57,8 @@ class TaskChannel(RedisBase):
         self._keeper: threading.Thread | None = None
         self._keeper_stop = threading.Event()
         self._was_consumer = False
+        self._dispatches: Combiner | None = None
+        self._sender: Any = None  # ReplySender of a worker (redis_replies)
 
     def open(self) -> None:
         """Create the stream and the consumer group (from the first entry, so
@@ -72,22 +75,39 @@ class TaskChannel(RedisBase):
         self._opened = True
 
     def put_task(self, data: bytes, timeout: float | None = None) -> None:
-        cmds = [*self._dispatch_commands(), ("XADD", self.stream, "*", b"d", data)]
-        self._call(cmds, "queueing a task", timeout)
+        self._combiner().put([data], timeout)
 
     def put_tasks(self, items: list[bytes], timeout: float | None = None) -> None:
-        if not items:
-            return
+        if items:
+            self._combiner().put(items, timeout)
+
+    def _combiner(self) -> Combiner:
+        """Dispatches of this process's threads that overlap share round trips."""
+        c = self._dispatches
+        if c is None:
+            with self._lock:
+                if self._dispatches is None:
+                    self._dispatches = Combiner(self._send_tasks)
+                c = self._dispatches
+        return c
+
+    def _send_tasks(self, items: list[bytes], timeout: float | None) -> None:
         cmds = self._dispatch_commands()
-        cmds += [("XADD", self.stream, "*", b"d", data) for data in items]
+        stream = self.stream
+        cmds += [("XADD", stream, "*", b"d", data) for data in items]
         self._call(cmds, "queueing tasks", timeout)
+
+    def _sender_holds(self) -> list[bytes]:
+        """Finished entries whose acknowledgement waits behind their results."""
+        sender = self._sender
+        return [] if sender is None else sender.holds()
 
     def _task_conn(self) -> Any:
         """This process's connection for blocking reads: one we can shut down
         from a signal handler (interrupt) to wake the read at once."""
         if self._tconn is None:
             self._tpool = redis.ConnectionPool.from_url(
-                self.url, **self._options(self.socket_timeout + self._slice)
+                self._server_url(), **self._options(self.socket_timeout + self._slice)
             )
             self._tconn = self._tpool.make_connection()
         conn = self._tconn
@@ -141,11 +161,28 @@ class TaskChannel(RedisBase):
         if self._interrupted:
             raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
         with self._tlock:
-            ((data, deliveries),) = self._get_tasks(1, timeout)
+            ((data, deliveries, tag),) = self._get_tasks(1, timeout)
             self.deliveries = deliveries
-            self.delivery_tag = self._taken[-1] if self._taken else None
+            self.delivery_tag = tag
         write_journal(journal, data)
         return data
+
+    takes_batches = True
+    puts_off_loop = True  # a dispatch_async put waits for Redis: not on the caller's loop
+
+    def take_tasks(
+        self, journals: list[Any], timeout: float | None = None
+    ) -> list[tuple[bytes, int, object]]:
+        """Up to ``len(journals)`` entries in one XREADGROUP (the worker's free
+        slots bound the batch: no prefetch), each recorded in its journal;
+        (envelope, its delivery count, its entry id) per entry."""
+        if self._interrupted:
+            raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        with self._tlock:
+            got = self._get_tasks(len(journals), timeout)
+        for journal, (data, _, _) in zip(journals, got, strict=False):
+            write_journal(journal, data)
+        return got  # type: ignore[return-value]
 
     def get_tasks(self, max_items: int = 1, timeout: float | None = None) -> list[bytes]:
         if self._interrupted:
@@ -153,11 +190,11 @@ class TaskChannel(RedisBase):
         with self._tlock:
             got = self._get_tasks(max_items, timeout)
             self.deliveries = got[-1][1]
-        return [data for data, _ in got]
+        return [data for data, _, _ in got]
 
-    def _get_tasks(self, max_items: int, timeout: float | None) -> list[tuple[bytes, int]]:
-        """(envelope, deliveries) of up to ``max_items`` entries: taken over
-        from dead workers first, else new ones."""
+    def _get_tasks(self, max_items: int, timeout: float | None) -> list[tuple[bytes, int, bytes]]:
+        """(envelope, deliveries, entry id) of up to ``max_items`` entries:
+        taken over from dead workers first, else new ones."""
         if not self._opened:
             self._retrying(lambda r: self.open(), "creating the task stream", self._stop_reading)
         self._was_consumer = True
@@ -229,7 +266,7 @@ class TaskChannel(RedisBase):
                 out = []
                 for entry_id, data in entries:
                     self._taken.append(entry_id)
-                    out.append((data, 1))  # read as new: its first delivery
+                    out.append((data, 1, entry_id))  # read as new: its first delivery
                 if timeout == 0:
                     # A look without waiting is how a dispatcher takes its own
                     # queued tasks off the channel (cancel; the others are put
@@ -243,6 +280,9 @@ class TaskChannel(RedisBase):
         """The stream or its group was deleted under this worker (DEL,
         FLUSHDB, destroy() elsewhere, a Redis without persistence restarted):
         create them again.  Any other error is raised."""
+        if self._moved(exc):  # a Redis Cluster moved the bus's slot
+            self._tconn = self._tsock = self._tpool = None
+            return
         text = str(exc)
         if not any(m in text for m in ("NOGROUP", "UNBLOCKED", "no such key")):
             raise exc
@@ -253,7 +293,7 @@ class TaskChannel(RedisBase):
         self._opened = False
         self._retrying(lambda r: self.open(), "creating the task stream", self._stop_reading)
 
-    def _reclaim(self, r: R, count: int) -> list[tuple[bytes, int]]:
+    def _reclaim(self, r: R, count: int) -> list[tuple[bytes, int, bytes]]:
         """Entries whose worker died: those of dead processes on this host at
         once, the others once idle past the visibility timeout."""
         claimed = self._reclaim_local(r, count)
@@ -262,7 +302,7 @@ class TaskChannel(RedisBase):
         idle_ms = int(self.visibility_timeout * 1000)
         return self._claim(r, idle_ms, count, "", "idle past the timeout")
 
-    def _reclaim_local(self, r: R, count: int) -> list[tuple[bytes, int]]:
+    def _reclaim_local(self, r: R, count: int) -> list[tuple[bytes, int, bytes]]:
         grace_ms = int(min(self.visibility_timeout, 1.0) * 1000)
         for c in r.xinfo_consumers(self.stream, GROUP):
             name = as_text(c.get("name", b""))
@@ -281,7 +321,7 @@ class TaskChannel(RedisBase):
 
     def _claim(
         self, r: R, idle_ms: int, count: int, owner: str, why: str
-    ) -> list[tuple[bytes, int]]:
+    ) -> list[tuple[bytes, int, bytes]]:
         """Take over entries idle for ``idle_ms`` (of ``owner`` only, if given),
         never one this consumer holds: (envelope, its delivery count)."""
         got = self._script("claim", CLAIM)(
@@ -289,7 +329,7 @@ class TaskChannel(RedisBase):
             args=[GROUP, self._consumer, idle_ms, count, max(100, count), owner],
             client=r,
         )
-        out: list[tuple[bytes, int]] = []
+        out: list[tuple[bytes, int, bytes]] = []
         for entry_id, flat, deliveries in got or ():
             entry_id = as_bytes(entry_id)
             fields = dict(zip(flat[::2], flat[1::2], strict=False))
@@ -302,7 +342,7 @@ class TaskChannel(RedisBase):
                 int(deliveries),
             )
             self._taken.append(entry_id)
-            out.append((_envelope(entry_id, fields, self.bus_name), int(deliveries)))
+            out.append((_envelope(entry_id, fields, self.bus_name), int(deliveries), entry_id))
         return out
 
     def ack_tasks(self, n: int = 1) -> None:
@@ -319,6 +359,9 @@ class TaskChannel(RedisBase):
             self._taken.remove(tag)  # type: ignore[arg-type]
         except ValueError:
             return  # not ours (any more): nothing to acknowledge
+        sender = self._sender
+        if sender is not None and sender.ack(tag):
+            return  # after the results queued before it, in their round trip
         self._to_ack.append(tag)  # type: ignore[arg-type]
 
     def _acked(self, n: int) -> None:
@@ -375,7 +418,7 @@ class TaskChannel(RedisBase):
 
         def keep() -> None:
             while not stop.wait(period) and os.getpid() == pid:
-                ids = list(self._taken) + list(self._to_ack)
+                ids = [*self._taken, *self._to_ack, *self._sender_holds()]
                 if not ids:
                     continue
                 try:

@@ -21,7 +21,9 @@ def make_transport(spec: Transport | str | None) -> Transport:
 
         return ShmTransport()
     if isinstance(spec, str):
-        if spec.startswith(("redis://", "rediss://", "unix://")):
+        if spec.startswith(
+            ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+        ):
             try:
                 from ringbus.transport.redis import RedisTransport
             except ImportError as exc:
