@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ringbus import _names
 from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.base import Transport
+from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 try:
     import redis
@@ -240,13 +241,7 @@ class RedisBase(Transport):
             conn: Any = None
             try:
                 conn = self._dispatch_conn(left)
-                conn.send_packed_command(conn.pack_commands(cmds))
-                replies: list[Any] = []
-                for _ in cmds:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        replies.append(exc)
+                replies = wire_pipeline(conn, cmds, end)  # redis_wire: hiredis, no redis-py layers
             except NET_ERRORS as exc:
                 if conn is not None:
                     conn.disconnect()

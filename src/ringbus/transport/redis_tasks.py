@@ -31,6 +31,7 @@ from ringbus.transport.redis_conn import (
 )
 from ringbus.transport.redis_identity import Identity
 from ringbus.transport.redis_scripts import CLAIM, DROP_CONSUMER, KEEP
+from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 __all__ = ["TaskChannel"]
 
@@ -119,7 +120,8 @@ class TaskChannel(RedisBase):
         return conn
 
     def _read(self, count: int, block_ms: int | None) -> list[tuple[bytes, bytes]]:
-        """XACK what was finished and XREADGROUP, pipelined in one round trip."""
+        """XACK what was finished and XREADGROUP, pipelined in one round trip
+        (behind the results of a one-at-a-time worker: ``ReplySender.ride``)."""
         acks = list(self._to_ack)
         cmds: list[tuple[Any, ...]] = []
         if acks:
@@ -129,18 +131,21 @@ class TaskChannel(RedisBase):
             read += ("BLOCK", block_ms)
         cmds.append((*read, "STREAMS", self.stream, ">"))
         conn = self._task_conn()
+        sender = self._sender
+        riding = sender.ride() if self._rides and sender is not None else None
         try:
-            conn.send_packed_command(conn.pack_commands(cmds))
-            replies: list[Any] = []
-            for _ in cmds:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
+            if riding is not None:
+                cmds = riding[0] + cmds  # results first, then every XACK
+            replies = wire_pipeline(conn, cmds)  # redis_wire: hiredis, no redis-py layers
         except BaseException:
+            if riding is not None:
+                sender.fell(riding[1])
             conn.disconnect()
             self._tsock = None
             raise
+        if riding is not None:
+            sender.rode(riding[1], replies[: len(riding[0])])
+            replies = replies[len(riding[0]) :]
         if acks:
             if isinstance(replies[0], Exception):
                 raise replies[0]
@@ -160,6 +165,7 @@ class TaskChannel(RedisBase):
         entry's own delivery count."""
         if self._interrupted:
             raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        self._rides = True  # one task at a time: its result rides the next read
         with self._tlock:
             ((data, deliveries, tag),) = self._get_tasks(1, timeout)
             self.deliveries = deliveries
