@@ -224,7 +224,7 @@ class _WorkerLoop(WorkerBase):
         max_tasks = self.max_tasks
         tracker = self.tracker
         no_id = env.NO_ID
-        legacy = bytes((env.LEGACY_TASK_MAGIC,))
+        legacy = env.LEGACY_MAGICS
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -247,10 +247,10 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
-            if data[:1] == legacy:  # the layout before task ids (other producers)
+            if data[:1] in legacy:  # earlier layouts (other producers, older versions)
                 data = self._legacy(data)
             try:
-                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = unpack(data)
+                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = unpack(data)
             except struct.error:
                 magic = rlen = -1
                 gid = no_id
@@ -374,6 +374,7 @@ class _WorkerLoop(WorkerBase):
                     tracker.done(gid, tid, value, policy.keep_result, out)
                     del value
                     break
+            pool.observe(slot, now, enq, type_name, data)  # run time and queue wait
             reset_current(token)
             if permit:  # -- limits: the handler is done with its permit
                 limiter.release(cls, permit)

@@ -14,6 +14,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus.tasks import envelope as env
 from ringbus.tasks.identity import current_pid, new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
@@ -70,11 +71,12 @@ class TaskControl:
         reply: bytes,
         deadline: float = 0.0,
         wall: float = 0.0,
-        delayed: bool = False,
+        due: float = 0.0,
     ) -> tuple[bytes, bytes]:
         """(id, envelope) of a new task: its status record, then its bytes
-        (the record is dropped again if the task cannot be encoded)."""
-        gid = self._new_task(tid, delayed)
+        (the record is dropped again if the task cannot be encoded).
+        ``due``: when a delayed task is due (Unix seconds; 0: now)."""
+        gid = self._new_task(tid, bool(due))
         try:
             data = self.codec.encode_task(
                 task, tid, flags, current_pid(), reply, deadline, wall, gid=gid
@@ -82,6 +84,8 @@ class TaskControl:
         except BaseException:
             self._drop_task(gid)
             raise
+        if due:  # its queue wait counts from when it is due (metrics)
+            data = env.with_enqueued(data, due)
         return gid, data
 
     def _drop_task(self, gid: bytes) -> None:
