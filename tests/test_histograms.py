@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from _ops_support import SHM, TESTS, cli_env, free_port, ringbus_cli, wait_for
 from _hist_tasks import Block, Flaky, Long, Quick, Ran, Short, Touch
+from _ops_support import SHM, TESTS, cli_env, free_port, ringbus_cli, wait_for
 from ringbus import TaskBus, TaskServer
 from ringbus.server import histograms as hist
 from ringbus.server.pool_state import PoolState, read_pool_states
@@ -98,8 +98,8 @@ def hbus_fixture() -> Iterator[TaskBus]:
         )  # fmt: skip
     yield b
     b.destroy(force=True)
-    for p in SHM.glob(f"ringbus-{name}-*"):
-        p.unlink(missing_ok=True)
+    for path in SHM.glob(f"ringbus-{name}-*"):
+        path.unlink(missing_ok=True)
 
 
 @pytest.fixture(name="hworkers")
@@ -119,7 +119,7 @@ def servers_fixture() -> Iterator[list[TaskServer]]:
             s.stop(timeout=10)
 
 
-Hist = dict[str, Any]  # le -> cumulative count, "count", "sum"
+Hist = dict[str | float, Any]  # le -> cumulative count, "count", "sum"
 
 
 def families(text: str, name: str, **want: str) -> dict[tuple[str, str], Hist]:
@@ -153,7 +153,9 @@ def check_bounds(h: Hist, lo: list[float], hi: list[float], what: str) -> None:
     for le in (*hist.BOUNDS, INF):
         surely = sum(1 for v in hi if v + SLACK <= le)
         possibly = sum(1 for v in lo if v - SLACK <= le)
-        assert surely <= h[le] <= possibly, f"{what}: le={le}: {h[le]} not in [{surely}, {possibly}]"
+        assert surely <= h[le] <= possibly, (
+            f"{what}: le={le}: {h[le]} not in [{surely}, {possibly}]"
+        )
     assert sum(lo) - SLACK * len(lo) <= h["sum"] <= sum(hi) + SLACK * len(hi), what
 
 

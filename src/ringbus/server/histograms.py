@@ -43,6 +43,7 @@ from __future__ import annotations
 import struct
 import time
 from bisect import bisect_left
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -188,7 +189,8 @@ class SlotHistograms:
             view.release()
 
 
-class Histogram(NamedTuple):
+@dataclass(frozen=True, slots=True)
+class Histogram:
     """Bucket counts (per bucket, the last one ``+Inf``) and the sum of the
     observed values (seconds)."""
 
@@ -300,7 +302,7 @@ def total(times: dict[tuple[str, str], TaskTimes]) -> TaskTimes:
 def times_doc(times: dict[tuple[str, str], TaskTimes]) -> list[dict[str, Any]]:
     """``ringbus stats --json``: one row per (task type, queue), then when
     there are several, a row of every type together (``task_type`` null)."""
-    rows = [
+    rows: list[dict[str, Any]] = [
         {
             "task_type": task_type,
             "queue": queue,

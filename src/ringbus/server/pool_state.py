@@ -411,7 +411,9 @@ class PoolState:
 
     # ------------------------------------------------------------ histograms
 
-    def observe(self, slot: int, started: float, enqueued: float, task_type: str, data: bytes) -> None:
+    def observe(
+        self, slot: int, started: float, enqueued: float, task_type: str, data: bytes
+    ) -> None:
         """Worker: count one task whose handler ran in the histograms of
         ``slot`` (see ``histograms.SlotHistograms.observe``).  Plain stores
         in shared memory: no lock, no syscall."""

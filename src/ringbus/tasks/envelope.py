@@ -244,10 +244,10 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
         hdr = TaskHeader._make(_unpack_task(data))
         size = TASK_HEADER_SIZE
     elif len(data) >= _V3_TASK_HEADER.size and data[0] == _V3_TASK_MAGIC:
-        hdr = TaskHeader._make(_V3_TASK_HEADER.unpack_from(data))
+        hdr = TaskHeader(*_V3_TASK_HEADER.unpack_from(data))  # enqueued: 0.0
         size = _V3_TASK_HEADER.size
     elif len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
-        hdr = TaskHeader._make(_OLD_TASK_HEADER.unpack_from(data))
+        hdr = TaskHeader(*_OLD_TASK_HEADER.unpack_from(data))  # (_make wants every field)
         size = _OLD_TASK_HEADER.size
     else:
         raise EnvelopeError(f"not a ringbus task envelope ({len(data)} bytes)")
