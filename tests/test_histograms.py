@@ -319,6 +319,34 @@ def test_histograms_survive_sigkilled_workers(hbus: TaskBus, hworkers: list[Hist
     assert w.stop() == 0
 
 
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_redis_workers_keep_them_in_their_pool_state_too(
+    redis_server: Any, servers: list[TaskServer], concurrency: int
+) -> None:
+    """Over Redis (signed envelopes) the workers are still a pool with a
+    pool-state segment on this machine; the concurrent worker counts too."""
+    import _hist_tasks
+    from ringbus.transport.redis import RedisTransport
+
+    name = f"test-hist-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    bus = TaskBus(name, transport=RedisTransport(redis_server.url), secret="hist-secret")
+    for cls, fn in _hist_tasks.bus.handlers.items():  # Redis: the default queue only
+        bus.register(cls, fn)
+    try:
+        servers.append(TaskServer(bus, workers=1, concurrency=concurrency).start())
+        assert [f.result(timeout=60) for f in [bus.dispatch(Quick(i)) for i in range(7)]] == list(
+            range(7)
+        )
+        key = ("_hist_tasks.Quick", "default")
+        t = wait_for(lambda: (t := _times(name).get(key)) and t.run.count == 7 and t, what="7")
+        assert t.wait.count == 7
+        assert t.run.buckets[-1] == 0  # none over 300 s
+    finally:
+        for s in servers:
+            s.stop(timeout=10)
+        bus.destroy()
+
+
 # ---------------------------------------------------------------- the envelope
 
 
