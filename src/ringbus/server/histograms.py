@@ -3,8 +3,9 @@
 Each worker slot of the pool state ends in a *histogram area* (its size is
 in the segment's header, ``pool_state.HIST_AREA_OFF``).  Only the worker
 process that owns the slot writes it, with plain stores (no lock, no
-syscall); readers (``ringbus stats``, the Prometheus collector) copy it and
-tolerate a torn read of one counter.  Counts are per bucket (not
+syscall: ``_ring.HistWriter``, in C, as it runs once per task); readers
+(``ringbus stats``, the Prometheus collector) copy it and tolerate a torn
+read of one counter (the writer's 8-byte stores are atomic).  Counts are per bucket (not
 cumulative), so a reader's count is the sum of its buckets and the ``+Inf``
 bucket always equals the count.
 
@@ -41,8 +42,6 @@ queued (layouts 0xB1 and 0xB3) have no queue wait.
 from __future__ import annotations
 
 import struct
-import time
-from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -104,9 +103,6 @@ _U32 = struct.Struct("<I")
 _KEY = struct.Struct("<BB")
 _HIST = struct.Struct(f"<{NB}Qd")
 _Q_RUN = KEY_SIZE // 8  # in an entry, in 8-byte words: run time, then queue wait
-_Q_WAIT = NB + 1  # from the run time's first word
-
-_monotonic, _time, _bisect = time.monotonic, time.time, bisect_left
 
 assert ENTRY_SIZE % 8 == 0 and HIST_AREA % 8 == 0 and ENTRIES >= 2
 
@@ -117,41 +113,28 @@ def _words(i: int) -> int:
 
 
 class SlotHistograms:
-    """The writer of one slot's area (the worker process that owns it)."""
+    """The writer of one slot's area (the worker process that owns it).
 
-    __slots__ = ("_buf", "_d", "_entries", "_n", "_q")
+    ``observe(started, enqueued, task_type, data)`` counts one task done
+    with: ``started`` is when the worker took it (``time.monotonic()``),
+    ``enqueued`` when it was queued or became due (Unix seconds; 0: not
+    known), ``data`` its envelope (its queue names the entry of a new task
+    type).  The counting is ``_ring.HistWriter`` (C: it runs once per task);
+    the entries' keys are written here, once per task type."""
+
+    __slots__ = ("_buf", "_n", "observe", "writer")
 
     def __init__(self, mm: Any, offset: int) -> None:
+        from ringbus._ring import HistWriter
+
         self._buf = memoryview(mm)[offset : offset + HIST_AREA]
-        self._q = self._buf.cast("Q")  # counters, by 8-byte word
-        self._d = self._buf.cast("d")  # sums, the same words
-        self._entries: dict[str, int] = {}
-        """Task type -> word offset of its entry's run-time buckets."""
+        self.writer = HistWriter(mm, offset, HIST_AREA, BOUNDS, self._add)
+        self.observe = self.writer.observe
         # The slot may have served other workers: go on from their entries.
         self._n = min(_U32.unpack_from(self._buf, 0)[0], ENTRIES)
+        entries = self.writer.entries  # task type -> word offset of its run-time buckets
         for i, (name, _queue, _run, _wait) in enumerate(_entries(bytes(self._buf), self._n)):
-            self._entries.setdefault(name, _words(i))
-
-    def observe(self, started: float, enqueued: float, task_type: str, data: bytes) -> None:
-        """One task done with: ``started`` is when the worker took it
-        (``time.monotonic()``), ``enqueued`` when it was queued or became due
-        (Unix seconds; 0: not known); ``data`` its envelope (for its queue)."""
-        e = self._entries.get(task_type)
-        if e is None:
-            e = self._add(task_type, data)
-        run = _monotonic() - started
-        q, d = self._q, self._d
-        q[e + _bisect(BOUNDS, run)] += 1
-        d[e + NB] += run
-        if enqueued:
-            # When it was taken, on the wall clock; another host's clock may
-            # be ahead of this one (over a broker): no negative waits.
-            wait = _time() - run - enqueued
-            if wait < 0.0:
-                wait = 0.0
-            e += _Q_WAIT
-            q[e + _bisect(BOUNDS, wait)] += 1
-            d[e + NB] += wait
+            entries.setdefault(name, _words(i))
 
     def _add(self, task_type: str, data: bytes) -> int:
         """The word offset of a new entry for ``task_type`` (or of OTHER)."""
@@ -160,15 +143,13 @@ class SlotHistograms:
             if n == ENTRIES - 1:  # OTHER's first use
                 self._write_key(ENTRIES - 1, OTHER, "")
                 self._publish(ENTRIES)
-            e = self._entries[task_type] = _words(ENTRIES - 1)
-            return e
+            return _words(ENTRIES - 1)
         from ringbus.tasks.envelope import route_of  # once per task type
 
         queue = route_of(data)[0] if data else ""
         self._write_key(n, task_type or "(unknown)", queue)
         self._publish(n + 1)
-        e = self._entries[task_type] = _words(n)
-        return e
+        return _words(n)
 
     def _write_key(self, i: int, task_type: str, queue: str) -> None:
         at = AREA_HEAD + i * ENTRY_SIZE
@@ -185,8 +166,8 @@ class SlotHistograms:
         self._n = n
 
     def release(self) -> None:
-        for view in (self._q, self._d, self._buf):
-            view.release()
+        self.writer.release()
+        self._buf.release()
 
 
 @dataclass(frozen=True, slots=True)

@@ -225,7 +225,7 @@ class _WorkerLoop(WorkerBase):
         max_tasks = self.max_tasks
         tracker = self.tracker
         no_id = env.NO_ID
-        legacy = env.LEGACY_MAGICS
+        current = bytes((env.TASK_MAGIC,))
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -249,7 +249,7 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
-            if data[:1] in legacy:  # earlier layouts (other producers, older versions)
+            if data[:1] != current:  # earlier layouts (other producers, older versions)
                 data = self._legacy(data)
             try:
                 magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = unpack(data)

@@ -105,7 +105,8 @@ class WorkerBase:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
     def _legacy(self, data: bytes) -> bytes:
-        """An envelope of the 0xB1 layout (no task id) in today's (see envelope.py)."""
+        """An envelope of an earlier layout (0xB3, 0xB1) in today's (see envelope.py);
+        any other comes back unchanged (and is refused as malformed)."""
         return env.from_legacy(data, self.codec.signer)
 
     def _malformed(self, data: bytes, why: str) -> None:

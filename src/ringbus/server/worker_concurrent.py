@@ -56,7 +56,7 @@ log = logging.getLogger("ringbus.server")
 
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
-_LEGACY = env.LEGACY_MAGICS
+_CURRENT = bytes((env.TASK_MAGIC,))
 
 
 class _Overran(Exception):
@@ -300,7 +300,7 @@ class ConcurrentWorker(WorkerBase):
         """One task in slot ``i``; False when its slot must stay taken (a
         thread that overran still uses it)."""
         rec, slot = self.recs[i], self.slots[i]
-        if data[:1] in _LEGACY:  # earlier layouts (other producers, older versions)
+        if data[:1] != _CURRENT:  # earlier layouts (other producers, older versions)
             data = self._legacy(data)
         try:
             magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = (

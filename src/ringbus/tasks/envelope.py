@@ -258,9 +258,6 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
 
 
 LEGACY_TASK_MAGIC = _OLD_TASK_MAGIC
-LEGACY_MAGICS = bytes((_OLD_TASK_MAGIC, _V3_TASK_MAGIC))
-"""First bytes of the envelopes ``from_legacy`` upgrades (``data[:1] in
-LEGACY_MAGICS``; an empty ``data[:1]`` is in it too, and comes back as is)."""
 _UNKNOWN_TIME = _F64.pack(0.0)
 
 
