@@ -19,6 +19,7 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ringbus import _names
@@ -415,16 +416,22 @@ class PoolState:
         self, slot: int, started: float, enqueued: float, task_type: str, data: bytes
     ) -> None:
         """Worker: count one task whose handler ran in the histograms of
-        ``slot`` (see ``histograms.SlotHistograms.observe``).  Plain stores
-        in shared memory: no lock, no syscall."""
+        ``slot``: ``started`` is when the worker took it (``time.monotonic()``),
+        ``enqueued`` when it was queued or became due (the envelope's field;
+        0: not known), ``data`` its envelope.  Plain stores in shared memory:
+        no lock, no syscall."""
+        self.observer(slot)(started, enqueued, task_type, data)
+
+    def observer(self, slot: int) -> Callable[[float, float, str, bytes], None]:
+        """``observe`` for one slot, bound once (a hot loop saves a call)."""
         w = self._writers.get(slot)
         if w is None:
             if not self._hist_readable:
-                return  # a segment without histograms
+                return _no_observer  # a segment without histograms
             w = self._writers[slot] = hist.SlotHistograms(
                 self.mm, self.offset(slot) + self.journal_end
             )
-        w.observe(started, enqueued, task_type, data)
+        return w.observe
 
     def histograms(self) -> dict[tuple[str, str], hist.TaskTimes]:
         """Run time and queue wait by (task type, queue), summed over every
@@ -445,6 +452,10 @@ class PoolState:
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _no_observer(started: float, enqueued: float, task_type: str, data: bytes) -> None:
+    pass
 
 
 def server_holds(path: str, server_pid: int, created: float | None = None) -> bool:

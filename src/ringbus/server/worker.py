@@ -226,6 +226,7 @@ class _WorkerLoop(WorkerBase):
         tracker = self.tracker
         no_id = env.NO_ID
         current = bytes((env.TASK_MAGIC,))
+        observe = pool.observer(slot)  # run time and queue wait (histograms)
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -375,7 +376,7 @@ class _WorkerLoop(WorkerBase):
                     tracker.done(gid, tid, value, keep_result, out)
                     del value
                     break
-            pool.observe(slot, now, enq, type_name, data)  # run time and queue wait
+            observe(now, enq, type_name, data)  # run time and queue wait
             reset_current(token)
             if permit:  # -- limits: the handler is done with its permit
                 limiter.release(cls, permit)
