@@ -304,8 +304,8 @@ class BusCollector(Collector):
         labels = ["bus", "server", "task_type", "queue"]
         run = HistogramMetricFamily(
             "ringbus_task_run_seconds",
-            "Task run time: from when a worker took the task until its handler was "
-            "done with it (one observation per task whose handler ran).",
+            "Task run time: from when a worker took the task until it was done with "
+            "it, answer sent (one observation per task whose handler ran).",
             labels=labels,
         )
         wait = HistogramMetricFamily(

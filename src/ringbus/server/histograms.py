@@ -32,8 +32,9 @@ One entry per task type a worker of the slot has run; the last entry is
 ``OTHER``, for the types that came when every other entry was taken.
 
 What is observed, once per task whose handler ran (whatever its outcome):
-run time, from when the worker took the task until its handler was done
-with it (in-worker retry backoffs included); queue wait, from when the
+run time, from when the worker took the task until it was done with it
+(its handler returned or raised and its answer is sent; in-worker retry
+backoffs included); queue wait, from when the
 task was queued, or became due (a delayed task, a retry held by the timer
 store), until a worker took it.  Envelopes that do not say when they were
 queued (layouts 0xB1 and 0xB3) have no queue wait.

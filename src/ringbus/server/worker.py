@@ -376,7 +376,6 @@ class _WorkerLoop(WorkerBase):
                     tracker.done(gid, tid, value, keep_result, out)
                     del value
                     break
-            observe(now, enq, type_name, data)  # run time and queue wait
             reset_current(token)
             if permit:  # -- limits: the handler is done with its permit
                 limiter.release(cls, permit)
@@ -391,6 +390,7 @@ class _WorkerLoop(WorkerBase):
                     except Exception:  # full, too large, closed: the careful way
                         put_addr = None  # and ask again next time: the handle may be gone
                         self._reply(reply, dpid, out, tid)
+            observe(now, enq, type_name, data)  # run time and queue wait, once answered
             journal[0:4] = zero4  # finish_task(), inline on the hot path
             if ack is not None:
                 ack(transport.delivery_tag)
