@@ -319,6 +319,26 @@ def test_histograms_survive_sigkilled_workers(hbus: TaskBus, hworkers: list[Hist
     assert w.stop() == 0
 
 
+def test_a_concurrent_worker_counts_every_task(hbus: TaskBus, servers: list[TaskServer]) -> None:
+    """concurrency=4: four task slots, one histogram area (the worker's first slot)."""
+    servers.append(TaskServer(hbus, workers=1, concurrency=4).start())
+    futs = hbus.dispatch_many([Quick(i) for i in range(40)] + [Short(i) for i in range(4)])
+    assert [f.result(timeout=60) for f in futs[:40]] == list(range(40))
+    for f in futs[40:]:
+        f.result(timeout=60)
+    times = _times(hbus.name)
+    quick, short = times[("_hist_tasks.Quick", "default")], times[(SHORT, "default")]
+    assert (quick.run.count, quick.wait.count, short.run.count, short.wait.count) == (40, 40, 4, 4)
+    assert short.run.cumulative()[hist.BOUNDS.index(0.05)][1] == 0  # sleeps never end early
+    (path,) = read_pool_states(hbus.name)
+    ps = PoolState.attach(path, writable=False)
+    try:  # every count in the worker's first slot
+        assert sum(len(hist.read_area(ps.mm, ps.offset(s) + ps.journal_end)) for s in range(4)) == 2
+        assert len(hist.read_area(ps.mm, ps.offset(0) + ps.journal_end)) == 2
+    finally:
+        ps.close()
+
+
 @pytest.mark.parametrize("concurrency", [1, 2])
 def test_redis_workers_keep_them_in_their_pool_state_too(
     redis_server: Any, servers: list[TaskServer], concurrency: int
