@@ -416,7 +416,9 @@ class ConcurrentWorker(WorkerBase):
             except BaseException as exc:  # SystemExit and the like: not retried
                 self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                 return True
-            out = await self._answer(reply, dpid, tid, value, flags) if flags & FLAG_REPLY else None
+            out = (
+                await self._answer(reply, dpid, tid, value, flags) if flags & FLAG_REPLY else None
+            )
             self.tracker.done(gid, tid, value, policy.keep_result, out)
             return True
 
