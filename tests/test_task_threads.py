@@ -59,7 +59,12 @@ def test_shutdown_drops_calls_not_started() -> None:
     pool = TaskThreads(1, "tt-test")
     hold, started = threading.Event(), threading.Event()
     ran: list[int] = []
-    pool.submit(lambda: (started.set(), hold.wait(30)))
+
+    def busy() -> None:
+        started.set()
+        hold.wait(30)
+
+    pool.submit(busy)
     assert started.wait(30)
     for i in range(5):
         pool.submit(ran.append, i)  # queued behind the busy thread
