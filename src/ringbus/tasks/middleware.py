@@ -160,6 +160,7 @@ class MiddlewareStack:
             self.hooks[name] = fns[::-1] if name in _REVERSED else fns
         self.sent: dict[bytes, TaskMessage] = {}  # queued, after_dispatch not called yet
         self.processes = bool(self.hooks["before_process"] or self.hooks["after_process"])
+        self._is_async: dict[Callable[[Any], Any], bool] = {}  # per handler, looked up once
 
     def call(self, name: str, message: TaskMessage | None, *args: Any) -> None:
         """Run hook ``name`` of each middleware; log and skip what raises."""
@@ -240,7 +241,9 @@ class MiddlewareStack:
         if not self.processes:
             return fn
         if is_async is None:
-            is_async = inspect.iscoroutinefunction(fn)
+            is_async = self._is_async.get(fn)
+            if is_async is None:
+                is_async = self._is_async[fn] = inspect.iscoroutinefunction(fn)
         call = self.call
 
         def begin() -> None:
