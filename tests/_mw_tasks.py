@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,17 @@ class FailsTwice:
 @dataclass
 class AlwaysFails:
     n: int
+
+
+@dataclass
+class Sleepy:
+    """Runs far past any test's task_timeout."""
+
+    seconds: float
+
+
+def sleepy(task: Sleepy) -> None:
+    time.sleep(task.seconds)
 
 
 def echo(task: Echo) -> tuple[int, int]:
@@ -66,6 +78,7 @@ def make_bus(name: str, middleware: list[Any], **kwargs: Any) -> TaskBus:
     bus.handler(AsyncEcho)(async_echo)
     bus.handler(FailsTwice, retries=2, backoff=0.01, max_backoff=0.02)(fails_twice)
     bus.handler(AlwaysFails, retries=3, backoff=0.01, max_backoff=0.02)(always_fails)
+    bus.handler(Sleepy, retries=0)(sleepy)
     return bus
 
 

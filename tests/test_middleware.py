@@ -24,13 +24,14 @@ from _mw_tasks import (
     FailsTwice,
     Raiser,
     Recorder,
+    Sleepy,
     log_to,
     make_bus,
     read_events,
 )
 from _redis_tasks import TEST_SECRET
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
-from ringbus import HeaderError, TaskBus, TaskServer, Unrecoverable
+from ringbus import HeaderError, TaskBus, TaskServer, TaskTimeout, Unrecoverable
 from ringbus.errors import EnvelopeError
 from ringbus.tasks import envelope as env
 from ringbus.tasks.codec import requeue_task
@@ -143,12 +144,13 @@ def test_hooks_run_in_order_in_the_process_of_their_event(
     assert in_worker[:2] == ["worker_start"] * 2 and in_worker[-2:] == ["worker_stop"] * 2
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_retry_and_dead_letter_hooks_keep_the_headers(
-    make: Any, servers: list[TaskServer], tmp_path: Path
+    make: Any, servers: list[TaskServer], tmp_path: Path, concurrency: int
 ) -> None:
     path = str(tmp_path / "events.jsonl")
     bus = make([Recorder("a", path)])
-    server = TaskServer(bus, workers=1)
+    server = TaskServer(bus, workers=1, concurrency=concurrency)
     servers.append(server)
     server.start()
     me = os.getpid()
@@ -190,20 +192,33 @@ def test_retry_and_dead_letter_hooks_keep_the_headers(
     assert all(e["headers"] == headers for e in again)
 
 
+@pytest.mark.parametrize("concurrency", [1, 4])
 def test_a_raising_hook_loses_nothing(
-    make: Any, servers: list[TaskServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make: Any,
+    servers: list[TaskServer],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    concurrency: int,
 ) -> None:
     path = str(tmp_path / "events.jsonl")
     worker_log = tmp_path / "worker.log"
     bus = make([Raiser(path), Recorder("a", path)])
-    server = TaskServer(bus, workers=1, initializer=log_to, initargs=(str(worker_log),))
+    server = TaskServer(
+        bus,
+        workers=1,
+        concurrency=concurrency,
+        initializer=log_to,
+        initargs=(str(worker_log),),
+    )
     servers.append(server)
     server.start()
     with caplog.at_level(logging.ERROR, logger="ringbus.middleware"):
         ok = bus.dispatch(Echo(1))
+        aok = bus.dispatch(AsyncEcho(4))  # on the loop when concurrency > 1
         flaky = bus.dispatch(FailsTwice(2))
         bad = bus.dispatch(AlwaysFails(3))
         assert ok.result(timeout=60)[0] == 1  # the result still arrives
+        assert aok.result(timeout=60)[0] == 4
         assert flaky.result(timeout=60) == 2  # the retries still happen
         with pytest.raises(Unrecoverable):
             bad.result(timeout=60)
@@ -241,6 +256,29 @@ def test_a_raising_hook_loses_nothing(
     assert [e["attempt"] for e in begin] == [1, 2, 3]
     assert all(e["headers"]["x-raiser"] == "kept" for e in begin)
     assert len(bus.dead_letters()) == 1
+
+
+def test_the_supervisor_calls_on_dead_letter_for_a_task_it_buries(
+    bus_name: str, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """A worker killed for task_timeout cannot call the hook: the supervisor does."""
+    path = str(tmp_path / "events.jsonl")
+    bus = make_bus(bus_name, [Recorder("a", path)])
+    try:
+        server = TaskServer(bus, workers=1, task_timeout=0.5)
+        servers.append(server)
+        server.start()
+        fut = bus.dispatch(Sleepy(60))
+        with pytest.raises(TaskTimeout):
+            fut.result(timeout=60)
+        (letter,) = wait_for(lambda: _side(read_events(path), fut.task_id, "on_dead_letter"), 60)
+        server.stop()
+    finally:
+        bus.destroy()
+    assert letter["pid"] == os.getpid()  # this process supervises the pool
+    assert letter["type"] == "_mw_tasks.Sleepy" and not letter["has_task"]
+    assert letter["headers"] == {"x-a": f"a-{os.getpid()}"} and letter["attempt"] == 1
+    assert "0.5" in letter["reason"]
 
 
 def test_headers_are_checked_at_dispatch_and_nothing_is_queued(

@@ -368,11 +368,12 @@ class BusMiddleware(TaskControl):
             return datas
         return [mw.dispatching(self, t, g, d) for t, g, d in zip(tasks, gids, datas, strict=True)]
 
-    def _drop_task(self, gid: bytes) -> None:
+    def _drop_task(self, gid: bytes, exception: BaseException | None = None) -> None:
         super()._drop_task(gid)
         mw = self._mw
         if mw is not None:  # called while the error that refused the task is handled
-            mw.dispatched(gid, sys.exc_info()[1] or TaskFailed("the task was not queued"))
+            why = exception or sys.exc_info()[1] or TaskFailed("the task was not queued")
+            mw.dispatched(gid, why)
 
     def _dispatched(self, *gids: bytes) -> None:
         """``after_dispatch`` of tasks now queued."""

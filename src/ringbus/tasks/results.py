@@ -517,7 +517,7 @@ def put_off_loop(
         exc = f.exception()
         if exc is not None:
             st.pending.pop(tid, None)
-            bus._drop_task(gid)
+            bus._drop_task(gid, exc)
             if not afut.done():
                 afut.set_exception(exc)
 
