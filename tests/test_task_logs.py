@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 import pytest
 
 from _cli_worker import start_worker_fixture  # noqa: F401 - fixture
-from _ops_support import SHM
+from _ops_support import SHM, wait_for
 from ringbus import TaskBus, TaskLogFilter, current_task
+from ringbus.server.pool_state import read_pool_states
 
 TEXT_LINE = re.compile(
     r"^\S+ \S+ (?P<pid>\d+) (?P<level>[A-Z]+) (?P<logger>[\w.]+)"
@@ -91,6 +93,37 @@ def test_every_line_a_handler_logs_names_its_task(
         # some task's lines are not all in one run.
         runs = sum(1 for a, b in itertools.pairwise(order) if a != b) + 1
         assert runs > len(futs)
+
+
+def test_workers_of_a_rolling_restart_log_the_same_way(
+    logs_bus: TaskBus, start_worker: Any
+) -> None:
+    """After SIGHUP the workers are spawned (fresh interpreters): they set up
+    the server's log format themselves, task ids included."""
+    from _logs_app import ThreadJob
+
+    name = logs_bus.name
+    w = start_worker(
+        "_logs_app:bus", name, "--workers", "1", "--log-format", "json", RINGBUS_TEST_LOGS_BUS=name
+    )
+
+    def pids() -> set[int]:
+        states = read_pool_states(name).values()
+        return {s.worker_pid for slots in states for s in slots if s.state in ("idle", "running")}
+
+    old = wait_for(pids, what="the first worker")
+    w.proc.send_signal(signal.SIGHUP)
+    new = wait_for(lambda: (p := pids()) and not p & old and p, what="the rolling restart")
+    futs = {n: logs_bus.dispatch(ThreadJob(n)) for n in range(4)}
+    assert [f.result(timeout=60) for f in futs.values()] == list(range(4))
+    w.stop()
+    docs = [json.loads(line) for line in w.lines if line.strip()]
+    jobs = [d for d in docs if JOB.match(d["message"])]
+    assert len(jobs) == 12
+    for d in jobs:
+        n = int(JOB.match(d["message"]).group(1))  # type: ignore[union-attr]
+        assert d["pid"] in new and d["task_id"] == futs[n].task_id, d
+        assert d["task_type"] == "_logs_app.ThreadJob"
 
 
 class Probe:
