@@ -14,8 +14,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-
-from ringbus.tasks.context import _current
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["LEVELS", "JsonFormatter", "TaskLogFilter", "setup_logging", "worker_logging"]
 
@@ -32,9 +32,16 @@ class TaskLogFilter(logging.Filter):
     (``handler.addFilter(TaskLogFilter())``): records of child loggers pass
     their handlers' filters, not the root logger's."""
 
+    _current: Callable[[], Any] | None = None
+
     def filter(self, record: logging.LogRecord) -> bool:
         if not hasattr(record, "task_id"):
-            ctx = _current.get()
+            current = TaskLogFilter._current
+            if current is None:  # imported here: the ringbus command's start stays light
+                from ringbus.tasks.context import _current as var
+
+                current = TaskLogFilter._current = var.get
+            ctx = current()
             if ctx is None:
                 record.task_id = record.task_type = record.task = ""
             else:
