@@ -71,7 +71,8 @@ class WorkerBase:
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
         # Status records, current_task(); kept results are encoded by the codec.
         self.tracker = Tracker(t.task_table(), bus.name, bus.codec)
-        self.mw = bus._mw  # middleware hooks (tasks/middleware.py); None: no calls at all
+        mw = bus._mw  # middleware hooks (tasks/middleware.py); None: no calls per task
+        self.mw = mw if mw is not None and mw.in_worker else None
 
     def release(self) -> None:
         self.journal.release()

@@ -160,6 +160,11 @@ class MiddlewareStack:
             self.hooks[name] = fns[::-1] if name in _REVERSED else fns
         self.sent: dict[bytes, TaskMessage] = {}  # queued, after_dispatch not called yet
         self.processes = bool(self.hooks["before_process"] or self.hooks["after_process"])
+        self.dispatches = bool(self.hooks["before_dispatch"] or self.hooks["after_dispatch"])
+        self.in_worker = self.processes or bool(
+            self.hooks["on_retry"] or self.hooks["on_dead_letter"]
+        )
+        """Whether a worker has anything to call per task (else it skips the middleware)."""
         self._is_async: dict[Callable[[Any], Any], bool] = {}  # per handler, looked up once
 
     def call(self, name: str, message: TaskMessage | None, *args: Any) -> None:
@@ -353,7 +358,7 @@ class BusMiddleware(TaskControl):
     ) -> tuple[bytes, bytes]:
         gid, data = super()._encode_new(task, tid, flags, reply, deadline, wall, delayed)
         mw = self._mw
-        if mw is None:
+        if mw is None or not mw.dispatches:
             return gid, data
         try:
             return gid, mw.dispatching(self, task, gid, data)
@@ -364,7 +369,7 @@ class BusMiddleware(TaskControl):
     def _encode_many(self, tasks: list[Any], gids: list[bytes], datas: list[bytes]) -> list[bytes]:
         """``dispatch_many``'s envelopes with their ``before_dispatch`` headers."""
         mw = self._mw
-        if mw is None:
+        if mw is None or not mw.dispatches:
             return datas
         return [mw.dispatching(self, t, g, d) for t, g, d in zip(tasks, gids, datas, strict=True)]
 
