@@ -354,9 +354,9 @@ class BusMiddleware(TaskControl):
         reply: bytes,
         deadline: float = 0.0,
         wall: float = 0.0,
-        delayed: bool = False,
+        due: float = 0.0,
     ) -> tuple[bytes, bytes]:
-        gid, data = super()._encode_new(task, tid, flags, reply, deadline, wall, delayed)
+        gid, data = super()._encode_new(task, tid, flags, reply, deadline, wall, due)
         mw = self._mw
         if mw is None or not mw.dispatches:
             return gid, data
