@@ -348,7 +348,7 @@ def test_worker_cli_queues_and_stats(bus_name: str, tmp_path: Path, url: str) ->
              "--format", "prometheus"],
             env=env, capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        want = f'ringbus_channel_depth{{bus="{bus_name}",queue="reports",priority="4"}} 1.0'
+        want = f'ringbus_channel_depth{{bus="{bus_name}",priority="4",queue="reports"}} 1.0'
         assert want in prom.stdout, prom.stdout + prom.stderr
     finally:
         proc.send_signal(signal.SIGTERM)
