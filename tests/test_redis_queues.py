@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,26 @@ from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E
 
 TESTS = Path(__file__).resolve().parent
 VISIBILITY = 2.0  # seconds: a take looks for new channels every VISIBILITY / 4
+
+
+@dataclass
+class SlowMail:
+    """On the mail queue: appends ``slow <n>`` to ``log``, then sleeps (and
+    waits for the file ``until``, if given)."""
+
+    log: str
+    seconds: float
+    n: int = 0
+    until: str = ""
+
+
+def slow_mail(task: SlowMail) -> int:
+    with open(task.log, "a") as f:
+        f.write(f"slow {task.n}\n")
+    time.sleep(task.seconds)
+    while task.until and not os.path.exists(task.until):
+        time.sleep(0.01)
+    return os.getpid()
 
 
 def _keys(url: str, bus_name: str) -> list[bytes]:
@@ -128,6 +149,33 @@ def test_higher_priorities_run_first(
     assert ran[10:] == [f"job {i}" for i in range(100)]
 
 
+def test_aging_lets_low_priorities_through(
+    qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """After 32 takes in a row from above a queue's lowest priority, one take
+    starts from its lowest non-empty priority (as on shared memory)."""
+    from ringbus.transport.redis_channels import AGING_EVERY
+
+    log = str(tmp_path / "log")
+    servers.append(TaskServer(qbus, workers=1, queues=["default"]).start())
+    (gate,), open_path = _gates(qbus, tmp_path)
+    low = [qbus.dispatch(Job(log, i)) for i in range(5)]
+    high = [qbus.dispatch(Job(log, 1000 + i), priority=9) for i in range(80)]
+    _channel_seen()
+    open_path.write_text("")
+    for f in [gate, *high, *low]:
+        f.result(timeout=60)
+    want: list[str] = []
+    highs = [f"job {1000 + i}" for i in range(80)]
+    lows = [f"job {i}" for i in range(5)]
+    while highs or lows:
+        want += highs[:AGING_EVERY]
+        del highs[:AGING_EVERY]
+        want += lows[:1]
+        del lows[:1]
+    assert lines(log) == want
+
+
 def test_strict_queue_order(qbus: TaskBus, servers: list[TaskServer], tmp_path: Path) -> None:
     log = str(tmp_path / "log")
     servers.append(TaskServer(qbus, workers=1, queues=["mail", "default"]).start())
@@ -194,6 +242,50 @@ def test_a_killed_workers_task_goes_back_to_its_queue(
         assert r.xlen(f"ringbus:{{{qbus.name}}}:tasks") == 0  # never on the default stream
     finally:
         r.close()
+
+
+def test_the_claim_keeper_covers_every_channel(
+    qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """A mail task running 2.5 visibility timeouts is kept claimed: the idle
+    mail worker beside never takes it over, so it runs once."""
+    qbus.register(SlowMail, slow_mail, queue="mail")
+    servers.append(TaskServer(qbus, workers=2, queues=["mail"]).start())
+    log = str(tmp_path / "log")
+    assert qbus.dispatch(SlowMail(log, VISIBILITY * 2.5)).result(timeout=60)
+    assert lines(log) == ["slow 0"]
+
+
+def test_trimming_a_channel_never_drops_unacknowledged_entries(
+    bus_name: str, redis_server: RedisServer, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    transport = RedisTransport(redis_server.url, stream_maxlen=20, visibility_timeout=30)
+    bus = make_bus(bus_name, transport=transport, secret=TEST_SECRET)
+    bus.register(SlowMail, slow_mail, queue="mail")
+    key = f"ringbus:{{{bus_name}}}:tasks:mail:0"
+    r = redis.Redis.from_url(redis_server.url)
+    try:
+        servers.append(TaskServer(bus, workers=2, queues=["mail"]).start())
+        log = str(tmp_path / "log")
+        until = tmp_path / "open"
+        slow = bus.dispatch(SlowMail(log, 0, -1, str(until)))
+        held = wait_for(
+            lambda: r.xpending_range(key, "workers", "-", "+", 1), what="the slow task taken"
+        )[0]["message_id"]
+        futs = [bus.dispatch(SlowMail(log, 0, i)) for i in range(400)]
+        assert all(f.result(timeout=60) for f in futs)
+        assert r.xrange(key, held, held)  # trimmed meanwhile, but never its entry
+        until.write_text("")
+        assert slow.result(timeout=30)
+        futs = bus.dispatch_many(SlowMail(log, 0, i) for i in range(400))
+        assert all(f.result(timeout=60) for f in futs)
+        assert r.xlen(key) < 300  # acknowledged history was trimmed
+        assert sorted(lines(log)) == sorted(["slow -1"] + [f"slow {i}" for i in range(400)] * 2)
+    finally:
+        r.close()
+        for s in servers:
+            s.stop(timeout=10)
+        bus.destroy(force=True)
 
 
 def test_delayed_tasks_land_in_their_queue_and_priority(
@@ -291,6 +383,40 @@ def test_puts_on_a_channel_raise_broker_unavailable(bus_name: str) -> None:
             bus.dispatch_many([Mail("/dev/null"), Report("/dev/null")], timeout=1.0)
     finally:
         bus.close()
+
+
+def test_a_channel_dispatch_honours_its_timeout_when_redis_does_not_answer(
+    bus_name: str,
+) -> None:
+    """A frozen redis-server (SIGSTOP) accepts connections and answers
+    nothing: a dispatch to a named queue or a priority raises
+    BrokerUnavailable after its own timeout, not the socket's (120 s)."""
+    server = RedisServer()
+    bus = make_bus(
+        bus_name, transport=RedisTransport(server.url, socket_timeout=120), secret=TEST_SECRET
+    )
+    assert server.pid is not None
+    pid = server.pid
+    try:
+        bus.send(Mail("/dev/null"))  # connected, reply key made; stays queued (no worker)
+        calls = [
+            lambda: bus.dispatch(Mail("/dev/null"), timeout=0.5),
+            lambda: bus.send(Job("/dev/null"), priority=3, timeout=0.5),
+            lambda: bus.dispatch_many([Mail("/dev/null"), Report("/dev/null")], timeout=0.5),
+        ]
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for call in calls:
+                start = time.monotonic()
+                with pytest.raises(BrokerUnavailable):
+                    call()
+                assert time.monotonic() - start < 30  # a bound far below the socket's
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert bus.transport.queue_depths()[("mail", 0)] >= 1  # Redis answers again
+    finally:
+        bus.destroy()
+        server.close()
 
 
 def test_bad_input(qbus: TaskBus, servers: list[TaskServer], tmp_path: Path) -> None:
