@@ -277,8 +277,8 @@ def test_trimming_a_channel_never_drops_unacknowledged_entries(
         assert r.xrange(key, held, held)  # trimmed meanwhile, but never its entry
         until.write_text("")
         assert slow.result(timeout=30)
-        futs = bus.dispatch_many(SlowMail(log, 0, i) for i in range(400))
-        assert all(f.result(timeout=60) for f in futs)
+        more = bus.dispatch_many(SlowMail(log, 0, i) for i in range(400))
+        assert all(f.result(timeout=60) for f in more)
         assert r.xlen(key) < 300  # acknowledged history was trimmed
         assert sorted(lines(log)) == sorted(["slow -1"] + [f"slow {i}" for i in range(400)] * 2)
     finally:
