@@ -20,8 +20,12 @@ to its free slots from the first non-empty channel on (strict order, within
 a batch too), and when all are empty tells the group's last-delivered id of
 each, from which one ``XREAD BLOCK`` (it consumes nothing) wakes on the next
 put to any of them; idle workers all wake and one takes the task.  A new
-channel (the first priority-9 task) is found within ``_slice`` seconds (at
-most 1 s: the worker reads the set with its reclaim round, busy or idle).
+channel (the first priority-9 task) is seen by a busy worker's next take
+(each read also asks ``SCARD`` of the set, so the order breaks by one batch
+at most) and wakes an idle worker that serves several channels (its
+``XREAD`` also waits on the served queues' other priorities); an idle
+worker on one stream finds it within ``_slice`` seconds (at most 1 s: the
+worker reads the set with its reclaim round).
 
 Starvation: as on shared memory, after ``AGING_EVERY`` takes in a row from
 above a queue's lowest priority, one take starts from its lowest non-empty
@@ -152,6 +156,7 @@ class QueueChannels(RedisBase):
         self._served: list[str] | None = None
         self._chans: list[Chan] | None = None  # served channels in taking order
         self._chans_stale = True
+        self._chan_count = -1  # members of the channel set when last read
         self._registered = False  # this process added its served queues to the set
         self._chan_puts: dict[tuple[str, int], Combiner] = {}
         self._chan_keys: dict[tuple[str, int], str] = {}
@@ -286,7 +291,9 @@ class QueueChannels(RedisBase):
                 if ours:
                     r.sadd(self._registry, *(f"{q}:0" for q in ours))
                 self._registered = True
-            chans = self._channels_of(r.smembers(self._registry))
+            members = r.smembers(self._registry)
+            self._chan_count = len(members)
+            chans = self._channels_of(members)
         self._chans = chans
         self._chans_stale = False
         return chans
@@ -298,6 +305,25 @@ class QueueChannels(RedisBase):
     def rescan(self) -> None:
         # Signal-safe: a flag; the next take reads the set first.
         self._chans_stale = True
+
+    def _watch_command(self) -> tuple[Any, ...]:
+        """Sent ahead of every read of a worker: a change in the channel set
+        (a first priority-9 task) is seen by the next take (one batch late
+        at most), also while the worker is busy."""
+        return ("SCARD", self._registry)
+
+    def _watched(self, reply: Any) -> None:
+        if not isinstance(reply, Exception) and int(reply) != self._chan_count:
+            self._chans_stale = True
+
+    def _unknown_channels(self, chans: list[Chan]) -> list[str]:
+        """Streams of the served queues not (yet) in the set: an idle worker
+        also waits on them, so the first put to a new channel wakes it."""
+        known = {c.key for c in chans}
+        out = []
+        for q in self._served or [_names.DEFAULT_QUEUE]:
+            out += [k for p in range(10) if (k := self._chan_key(q, p)) not in known]
+        return out
 
     def _count_takes(self, chans: list[Chan], taken: Iterable[int]) -> None:
         """Aging: count takes from above a queue's lowest priority in use."""

@@ -22,7 +22,7 @@ from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.base import write_journal
 from ringbus.transport.redis_channels import Chan, create_group, stream_entries, stream_lag
 from ringbus.transport.redis_combine import Combiner
-from ringbus.transport.redis_conn import GROUP, NET_ERRORS, R, log, redis
+from ringbus.transport.redis_conn import GROUP, NET_ERRORS, R, as_text, log, redis
 from ringbus.transport.redis_identity import Identity
 from ringbus.transport.redis_queue_scripts import TAKE
 from ringbus.transport.redis_reclaim import Reclaims
@@ -137,12 +137,20 @@ class TaskChannel(Reclaims):
             self._acked(len(acks))
         return replies[len(ack_cmds) :]
 
-    def _read(self, key: str, count: int, block_ms: int | None) -> list[tuple[str, bytes, bytes]]:
-        """XREADGROUP on one stream (acknowledging first, same round trip)."""
+    def _read(
+        self, key: str, count: int, block_ms: int | None, served: bool
+    ) -> list[tuple[str, bytes, bytes]]:
+        """XREADGROUP on one stream (acknowledging first, and for a worker
+        looking at the channel set, in the same round trip)."""
         read: tuple[Any, ...] = ("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", count)
         if block_ms is not None:
             read += ("BLOCK", block_ms)
-        (resp,) = self._with_acks([(*read, "STREAMS", key, ">")])
+        read += ("STREAMS", key, ">")
+        if served:
+            watch, resp = self._with_acks([self._watch_command(), read])
+            self._watched(watch)
+        else:
+            (resp,) = self._with_acks([read])
         if isinstance(resp, Exception):
             raise resp
         return stream_entries(resp, self.bus_name)
@@ -152,11 +160,15 @@ class TaskChannel(Reclaims):
     ) -> list[tuple[str, bytes, bytes]]:
         """``TAKE`` over several channels (acknowledging first, same round
         trip); when all are empty, wait up to ``block_ms`` for a put to any
-        of them (XREAD from the ids ``TAKE`` gave) and return nothing."""
+        of them (XREAD from the ids ``TAKE`` gave; on streams of the served
+        queues not in the set yet, from now) and return nothing."""
         keys = [c.key for c in chans]
         args = [GROUP, self._consumer, count, "1" if self._aging(chans) else "0"]
         args += [c.group for c in chans]
-        (resp,) = self._with_acks([("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)])
+        watch, resp = self._with_acks(
+            [self._watch_command(), ("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)]
+        )
+        self._watched(watch)
         if isinstance(resp, redis.exceptions.NoScriptError):  # a Redis that forgot it
             (resp,) = self._roundtrip([("EVAL", TAKE, len(keys), *keys, *args)])
         if isinstance(resp, Exception):
@@ -165,12 +177,15 @@ class TaskChannel(Reclaims):
         if int(found):
             self._count_takes(chans, (int(i) - 1 for i, _, _ in rows))
             return stream_entries([(keys[int(i) - 1], [(e, f)]) for i, e, f in rows], self.bus_name)
-        if block_ms is not None:
-            (woke,) = self._roundtrip(
-                [("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *keys, *rows)]
-            )
+        if block_ms is not None and not self._chans_stale:
+            new = self._unknown_channels(chans)
+            wait = ("XREAD", "COUNT", 1, "BLOCK", block_ms, "STREAMS", *keys, *new)
+            (woke,) = self._roundtrip([(*wait, *rows, *["$"] * len(new))])
             if isinstance(woke, Exception):
                 raise woke
+            streams = woke.items() if isinstance(woke, dict) else woke or ()  # RESP3 or 2
+            if any(as_text(k) in new for k, _ in streams):
+                self._chans_stale = True  # a first put to a new channel
         return []
 
     def _stop_reading(self) -> bool:
@@ -269,7 +284,7 @@ class TaskChannel(Reclaims):
                 block = max(1, int(min(self._slice, left) * 1000))
             try:
                 if len(chans) == 1:
-                    entries = self._read(chans[0].key, max_items, block)
+                    entries = self._read(chans[0].key, max_items, block, served)
                 else:
                     entries = self._take_multi(chans, max_items, block)
             except NET_ERRORS as exc:
