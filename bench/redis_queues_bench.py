@@ -127,8 +127,8 @@ def _flood_bus(url: str, name: str, separate: bool) -> TaskBus:
 def _flood(url: str, name: str, separate: bool, n: int, go: mp.synchronize.Event) -> None:
     bus = _flood_bus(url, name, separate)
     go.wait()
-    for i in range(n):
-        bus.send(Bulk(i))
+    for lo in range(0, n, 500):  # pipelined: a backlog builds, as on shared memory
+        bus.dispatch_many(Bulk(i) for i in range(lo, min(n, lo + 500)))
     bus.close()
 
 
@@ -143,10 +143,14 @@ def run_urgent(url: str, setup: str, flood: int, trickle: int) -> list[float]:
     producer = ctx.Process(target=_flood, args=(url, name, separate, flood, go))
     server = TaskServer(bus, workers=2, queues=queues).start()
     try:
+        priority = 9 if setup == "priority 9" else 0
+        # Steady state: the urgent channel exists and the workers know it
+        # (a channel's first task waits up to a second for idle workers).
+        bus.dispatch(Urgent(time.time()), priority=priority).result(timeout=60)
+        time.sleep(1.2)
         producer.start()
         go.set()
         time.sleep(0.5)  # let a backlog build first
-        priority = 9 if setup == "priority 9" else 0
         futs = []
         for _ in range(trickle):
             futs.append(bus.dispatch(Urgent(time.time()), priority=priority))
