@@ -202,6 +202,7 @@ class _WorkerLoop(WorkerBase):
         transport = self.transport
         take = transport.task_taker(self.journal)
         finish_task = self._finish
+        journal, ack, zero4 = self.journal, self.ack, _ZERO4
         counts_deliveries = transport.redelivers_lost_tasks
         wall_clock = transport.spans_hosts
         reply_putter = transport.reply_putter
@@ -224,14 +225,16 @@ class _WorkerLoop(WorkerBase):
         max_tasks = self.max_tasks
         tracker = self.tracker
         no_id = env.NO_ID
-        legacy = bytes((env.LEGACY_TASK_MAGIC,))
+        current = bytes((env.TASK_MAGIC,))
+        observe = pool.observer(slot)  # run time and queue wait (histograms)
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
         type_name = ""
         policy = None
-        max_del = 0
+        max_del = max_attempts = 0
         max_del_packed = b"\0\0"
+        keep_result = 0.0
         limiter = self.limiter
         gated = False  # the current type's handler has a rate_limit / max_concurrency
         done = 0
@@ -247,10 +250,10 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
-            if data[:1] == legacy:  # the layout before task ids (other producers)
+            if data[:1] != current:  # earlier layouts (other producers, older versions)
                 data = self._legacy(data)
             try:
-                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = unpack(data)
+                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = unpack(data)
             except struct.error:
                 magic = rlen = -1
                 gid = no_id
@@ -288,6 +291,7 @@ class _WorkerLoop(WorkerBase):
                     policy = policy_of(cls)
                     max_del = policy.max_deliveries
                     max_del_packed = pack_u16(max_del)
+                    max_attempts, keep_result = policy.max_attempts, policy.keep_result
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
                     gated = limiter.limited(cls)
@@ -318,9 +322,7 @@ class _WorkerLoop(WorkerBase):
                 continue
             # -- end limits
             # Identity: the status record says running; current_task() is set.
-            ctx = tracker.begin(
-                gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
-            )
+            ctx = tracker.begin(gid, attempt, type_name, max_attempts, deadline, keep_result)
             if ctx is None:  # cancelled while it waited: never run
                 if permit:
                     limiter.release(cls, permit)
@@ -371,7 +373,7 @@ class _WorkerLoop(WorkerBase):
                         break
                     if flags & FLAG_REPLY:
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
-                    tracker.done(gid, tid, value, policy.keep_result, out)
+                    tracker.done(gid, tid, value, keep_result, out)
                     del value
                     break
             reset_current(token)
@@ -388,7 +390,10 @@ class _WorkerLoop(WorkerBase):
                     except Exception:  # full, too large, closed: the careful way
                         put_addr = None  # and ask again next time: the handle may be gone
                         self._reply(reply, dpid, out, tid)
-            finish_task()
+            observe(now, enq, type_name, data)  # run time and queue wait, once answered
+            journal[0:4] = zero4  # finish_task(), inline on the hot path
+            if ack is not None:
+                ack(transport.delivery_tag)
             done += 1
             finish(IDLE, done)
             if max_tasks and done >= max_tasks:

@@ -8,12 +8,14 @@ methods look the id up from any process of the bus.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus.tasks import envelope as env
 from ringbus.tasks.identity import current_pid, new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
@@ -55,9 +57,14 @@ class TaskControl:
     def _table(self) -> TaskTable | None:
         return self.transport.task_table()
 
+    @functools.cached_property
+    def _records(self) -> TaskTable | None:
+        """The transport's task table, looked up once (dispatch uses it each time)."""
+        return self.transport.task_table()
+
     def _new_task(self, counter: int, delayed: bool) -> bytes:
         """A new task's id (and its status record, where the transport keeps them)."""
-        table = self.transport.task_table()
+        table = self._records
         if table is None:
             return new_id()
         return table.add(SCHEDULED if delayed else QUEUED, current_pid(), counter)
@@ -70,18 +77,24 @@ class TaskControl:
         reply: bytes,
         deadline: float = 0.0,
         wall: float = 0.0,
-        delayed: bool = False,
+        due: float = 0.0,
     ) -> tuple[bytes, bytes]:
         """(id, envelope) of a new task: its status record, then its bytes
-        (the record is dropped again if the task cannot be encoded)."""
-        gid = self._new_task(tid, delayed)
+        (the record is dropped again if the task cannot be encoded).
+        ``due``: when a delayed task is due (Unix seconds; 0: now)."""
+        pid = current_pid()
+        table = self._records  # _new_task(), inline: this runs once per dispatch
+        if table is None:
+            gid = new_id()
+        else:
+            gid = table.add(SCHEDULED if due else QUEUED, pid, tid)
         try:
-            data = self.codec.encode_task(
-                task, tid, flags, current_pid(), reply, deadline, wall, gid=gid
-            )
+            data = self.codec.encode_task(task, tid, flags, pid, reply, deadline, wall, gid=gid)
         except BaseException:
             self._drop_task(gid)
             raise
+        if due:  # its queue wait counts from when it is due (metrics)
+            data = env.with_enqueued(data, due)
         return gid, data
 
     def _drop_task(self, gid: bytes) -> None:
