@@ -492,6 +492,23 @@ def test_worker_cli_queues_and_stats(bus_name: str, tmp_path: Path, url: str) ->
     assert _keys(url, bus_name) == []
 
 
+def test_prometheus_shows_depth_per_channel_on_both_transports(bus_name: str, url: str) -> None:
+    pytest.importorskip("prometheus_client")
+    from ringbus.cli.metrics import render_once
+
+    for transport in ("shm", url):
+        bus = make_bus(bus_name, transport=transport, secret=TEST_SECRET)
+        try:
+            bus.send(Mail("/dev/null"), priority=3)
+            bus.send(Job("/dev/null"))
+            text = render_once(bus_name, None if transport == "shm" else bus.transport)
+            for q, p in (("mail", 3), ("default", 0)):
+                want = f'ringbus_channel_depth{{bus="{bus_name}",priority="{p}",queue="{q}"}} 1.0'
+                assert want in text, (transport, text)
+        finally:
+            bus.destroy(force=True)
+
+
 def test_queues_and_priorities_on_a_cluster(
     redis_cluster: RedisCluster, bus_name: str, servers: list[TaskServer], tmp_path: Path
 ) -> None:
