@@ -329,6 +329,23 @@ def test_rate_limited_tasks_go_back_to_their_queue(
     assert {f.result(timeout=60) for f in futs} <= set(mailer.pids)
 
 
+def test_a_deadline_holds_on_a_channel(
+    qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """A mail task whose deadline passed while it waited on its channel is
+    answered TaskTimeout and never run by the server that comes later."""
+    from ringbus import TaskTimeout
+
+    log = str(tmp_path / "log")
+    late = qbus.dispatch(Mail(log, 1), timeout=0.3, priority=4)
+    with pytest.raises(TaskTimeout):
+        late.result(timeout=30)
+    mailer = TaskServer(qbus, workers=1, queues=["mail"]).start()
+    servers.append(mailer)
+    assert qbus.dispatch(Mail(log, 2), priority=4).result(timeout=30) in mailer.pids
+    assert lines(log) == ["mail 2"]
+
+
 def test_dead_letters_retry_into_their_queue(
     qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
 ) -> None:
