@@ -178,7 +178,7 @@ def test_aging_lets_low_priorities_through(
 
 def test_strict_queue_order(qbus: TaskBus, servers: list[TaskServer], tmp_path: Path) -> None:
     log = str(tmp_path / "log")
-    servers.append(TaskServer(qbus, workers=1, queues=["mail", "default"]).start())
+    servers.append(TaskServer(qbus, workers=1, queues=["mail", "reports", "default"]).start())
     (gate,), open_path = _gates(qbus, tmp_path)
     jobs = [qbus.dispatch(Job(log, i)) for i in range(20)]
     mails = [qbus.dispatch(Mail(log, i)) for i in range(20)]
@@ -186,6 +186,17 @@ def test_strict_queue_order(qbus: TaskBus, servers: list[TaskServer], tmp_path: 
     for f in [gate, *jobs, *mails]:
         f.result(timeout=60)
     assert lines(log) == [f"mail {i}" for i in range(20)] + [f"job {i}" for i in range(20)]
+    servers[-1].stop()
+    # A stopped worker leaves no consumer behind in any channel it served.
+    r = redis.Redis.from_url(qbus.transport.url)  # type: ignore[attr-defined]
+    try:
+        prefix = f"ringbus:{{{qbus.name}}}:tasks"
+        # reports:0 was only looked at (a consumer there on Redis versions whose
+        # empty XREADGROUP makes one)
+        for key in (prefix, f"{prefix}:mail:0", f"{prefix}:reports:0"):
+            assert r.xinfo_consumers(key, "workers") == [], key
+    finally:
+        r.close()
 
 
 def test_batches_keep_the_order_within_one_batch(

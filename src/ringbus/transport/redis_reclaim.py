@@ -176,8 +176,9 @@ class Reclaims(QueueChannels):
         r.xtrim(key, minid=floor, approximate=True)
 
     def _drop_consumer(self) -> None:
-        """This consumer leaves every stream it read (it holds nothing)."""
-        for key in {self.stream, *self._consumed}:
+        """This consumer leaves every stream it read or looked at (``TAKE``
+        makes it a consumer of each served channel; it holds nothing)."""
+        for key in {self.stream, *self._consumed, *(c.key for c in self._chans or ())}:
             with contextlib.suppress(Exception):
                 self._script("drop", DROP_CONSUMER)(keys=[key], args=[GROUP, self._consumer])
 
