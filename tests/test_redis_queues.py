@@ -13,12 +13,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from _redis_queue_tasks import SlowMail, cpu_seconds, slow_mail
 from _redis_support import RedisCluster, RedisServer
 from _tasks_queues import (
     DieOnce,
@@ -42,26 +42,6 @@ from ringbus.transport.redis import BrokerUnavailable, RedisTransport  # noqa: E
 
 TESTS = Path(__file__).resolve().parent
 VISIBILITY = 2.0  # seconds: a take looks for new channels every VISIBILITY / 4
-
-
-@dataclass
-class SlowMail:
-    """On the mail queue: appends ``slow <n>`` to ``log``, then sleeps (and
-    waits for the file ``until``, if given)."""
-
-    log: str
-    seconds: float
-    n: int = 0
-    until: str = ""
-
-
-def slow_mail(task: SlowMail) -> int:
-    with open(task.log, "a") as f:
-        f.write(f"slow {task.n}\n")
-    time.sleep(task.seconds)
-    while task.until and not os.path.exists(task.until):
-        time.sleep(0.01)
-    return os.getpid()
 
 
 def _keys(url: str, bus_name: str) -> list[bytes]:
@@ -380,6 +360,26 @@ def test_dispatch_many_routes_each_task(
     assert [type(f.result(timeout=30)) for f in futs] == [int] * 4
     assert sorted(lines(log)) == ["job 0", "mail 1", "mail 2", "report 3"]
     assert set(qbus.transport.queue_depths().values()) == {0}
+
+
+def test_idle_workers_on_several_channels_sleep(
+    qbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """Idle workers of several channels block in XREAD: no spinning."""
+    log = str(tmp_path / "log")
+    a = TaskServer(qbus, workers=2, queues=["mail", "reports"]).start()
+    b = TaskServer(qbus, workers=2, queues=["mail", "default"], concurrency=2).start()
+    servers.extend([a, b])
+    futs = [qbus.dispatch(Mail(log, i), priority=i % 2) for i in range(4)]
+    for f in [*futs, qbus.dispatch(Job(log)), qbus.dispatch(Report(log))]:
+        f.result(timeout=30)
+    time.sleep(0.5)
+    pids = a.pids + b.pids
+    before = {p: cpu_seconds(p) for p in pids}
+    time.sleep(2.0)
+    used = {p: cpu_seconds(p) - before[p] for p in pids}
+    # A spinning worker burns ~2 s here; a sleeping one a few ms.
+    assert all(u < 0.3 for u in used.values()), used
 
 
 def test_destroy_removes_every_channel_stream(
