@@ -83,7 +83,7 @@ async def _dispatch_async(bus: TaskBus, task: Any) -> tuple[str, Any]:
 
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_hooks_run_in_order_in_the_process_of_their_event(
-    make: Any, kind: str, servers: list[TaskServer], tmp_path: Path, concurrency: int
+    make: Any, servers: list[TaskServer], tmp_path: Path, concurrency: int
 ) -> None:
     path = str(tmp_path / "events.jsonl")
     bus = make([Recorder("a", path), Recorder("b", path)])
@@ -95,8 +95,7 @@ def test_hooks_run_in_order_in_the_process_of_their_event(
     fut = bus.dispatch(Echo(1))
     many = bus.dispatch_many([Echo(2), Echo(3)])
     later = bus.dispatch(Echo(4), delay=0.05)
-    # A priority adds a route trailer after the headers (Redis has no priorities yet).
-    urgent = bus.dispatch(Echo(5), priority=7 if kind == "shm" else 0)
+    urgent = bus.dispatch(Echo(5), priority=7)  # a route trailer after the headers
     sent = bus.send(Echo(6))
     async_id, async_value = asyncio.run(_dispatch_async(bus, AsyncEcho(7)))
     futs = [fut, *many, later, urgent]
