@@ -26,6 +26,7 @@ from _redis_support import RedisServer
 from _redis_tasks import TEST_SECRET
 from _tasks_support import bus_name_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskBus, TaskServer
+from ringbus.testing.redis_server import free_port
 
 redis = pytest.importorskip("redis", reason="redis-py is not installed")
 
@@ -332,3 +333,17 @@ def test_a_worker_that_stops_after_its_task_still_answers(
         bus.destroy(force=True)
     runs = [int(ln.split()[0]) for ln in log.read_text().splitlines()]
     assert sorted(runs) == list(range(6))  # each once: none delivered again
+
+
+def test_a_cluster_move_is_recognised_as_redis_py_parses_it() -> None:
+    """redis-py's parser (and so redis_wire) turns ``MOVED <slot> <node>``
+    into a MovedError without the code: the transport must still find the
+    slot's node again (it looked at the text only)."""
+    from redis._parsers.base import BaseParser
+
+    t = RedisTransport(f"redis+cluster://127.0.0.1:{free_port()}")
+    t.bind("moves")
+    for reply in ("MOVED 3999 127.0.0.1:7001", "ASK 3999 127.0.0.1:7001", "CLUSTERDOWN down"):
+        assert t._moved(BaseParser.parse_error(reply)), reply
+    assert not t._moved(BaseParser.parse_error("WRONGTYPE Operation against a key"))
+    t.close()

@@ -28,7 +28,7 @@ from collections import deque
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable, TransportClosed
-from ringbus.transport.redis_conn import GROUP, redis
+from ringbus.transport.redis_conn import redis
 from ringbus.transport.redis_scripts import SEND_GROUPED
 from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
@@ -39,7 +39,7 @@ log = logging.getLogger("ringbus.redis")
 MAX_BATCH = 1024  # results and acknowledgements per round trip (below Lua's unpack limit)
 
 Item = tuple[str | None, bytes]  # (reply key, result) or (None, entry id)
-Plan = tuple[list[tuple[Any, ...]], dict[str, list[bytes]], list[bytes]]
+Plan = tuple[list[tuple[Any, ...]], dict[str, list[bytes]], list[bytes], int]
 
 
 class ReplySender:
@@ -165,13 +165,12 @@ class ReplySender:
             # flushed) must not run the XACK behind a failed NOSCRIPT.  Redis
             # caches the compiled script by its digest all the same.
             cmds.append(("EVAL", SEND_GROUPED, len(keys), *keys, *args))
-        if acks:
-            cmds.append(("XACK", t.stream, GROUP, *acks))
-        return cmds, groups, acks
+        ack_cmds = t._xack_commands(acks)  # one XACK per channel stream
+        return cmds + ack_cmds, groups, acks, len(ack_cmds)
 
     def _send(self, batch: list[Item], patience: float | None = None) -> None:
         t = self.t
-        cmds, groups, acks = self._plan(batch)
+        cmds, groups, acks, n_ack = self._plan(batch)
         self.rounds += 1
         try:
             out = t._retrying(
@@ -188,9 +187,11 @@ class ReplySender:
             self._conn = None  # a Redis Cluster moved the bus's slot: nothing ran there
             self._send(batch, patience)
             return
-        self._check(out, groups, acks)
+        self._check(out, groups, acks, n_ack)
 
-    def _check(self, out: list[Any], groups: dict[str, list[bytes]], acks: list[bytes]) -> None:
+    def _check(
+        self, out: list[Any], groups: dict[str, list[bytes]], acks: list[bytes], n_ack: int
+    ) -> None:
         if groups:
             sent = out[0]
             if isinstance(sent, Exception):
@@ -202,8 +203,9 @@ class ReplySender:
                         log.warning(
                             "dropping %d result(s): the dispatcher of %s is gone", len(ds), k
                         )
-        if acks and isinstance(out[-1], Exception):
-            log.warning("ringbus: acknowledging %d task(s): %s", len(acks), out[-1])
+        failed = [o for o in out[len(out) - n_ack :] if isinstance(o, Exception)]
+        if acks and failed:
+            log.warning("ringbus: acknowledging %d task(s): %s", len(acks), failed[0])
         elif acks:
             self.t._acked(len(acks))  # counts toward the next trim
 
@@ -222,17 +224,17 @@ class ReplySender:
         if not self._items or self._closing:
             return None
         batch = self._take()
-        cmds, groups, acks = self._plan(batch)
+        cmds, groups, acks, n_ack = self._plan(batch)
         self.rounds += 1
-        return cmds, (batch, groups, acks)
+        return cmds, (batch, groups, acks, n_ack)
 
     def rode(self, token: Any, out: list[Any]) -> None:
-        batch, groups, acks = token
+        batch, groups, acks, n_ack = token
         try:
             if out and isinstance(out[0], redis.ResponseError) and self.t._moved(out[0]):
                 self._give_back(batch)  # nothing ran there: with the next read
                 return
-            self._check(out, groups, acks)
+            self._check(out, groups, acks, n_ack)
         finally:
             self._sent()
 

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import redis
+from redis._parsers.base import BaseParser
 
 try:
     import hiredis
@@ -59,7 +60,9 @@ def _reader(conn: Any, sock: Any) -> Any:
     held = getattr(conn, "_rb_reader", None)
     if held is not None and held[0] is sock:
         return held[1]
-    reader = hiredis.Reader(replyError=redis.ResponseError)
+    # Error replies become redis-py's own classes (NoScriptError, ...), as
+    # redis-py's parser makes them.
+    reader = hiredis.Reader(replyError=BaseParser.parse_error)
     conn._rb_reader = (sock, reader)
     return reader
 
