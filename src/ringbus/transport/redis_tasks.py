@@ -128,6 +128,8 @@ class TaskChannel(RedisBase):
         if block_ms is not None:
             read += ("BLOCK", block_ms)
         cmds.append((*read, "STREAMS", self.stream, ">"))
+        after = self._read_commands()  # run once the read returned (redis_status)
+        cmds += after
         conn = self._task_conn()
         try:
             conn.send_packed_command(conn.pack_commands(cmds))
@@ -146,6 +148,9 @@ class TaskChannel(RedisBase):
                 raise replies[0]
             del self._to_ack[: len(acks)]
             self._acked(len(acks))
+        if after:
+            self._after_read(replies[len(replies) - len(after) :])
+            del replies[len(replies) - len(after) :]
         resp = replies[-1]
         if isinstance(resp, Exception):
             raise resp
