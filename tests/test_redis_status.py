@@ -75,6 +75,11 @@ def test_cancel_queued_and_running(
     marker = tmp_path / "ran"
     queued = rbus.dispatch(Ran(str(marker)))
     assert rbus.cancel(queued.task_id) is True and queued.cancelled()
+    delayed = rbus.dispatch(Ran(str(marker)), delay=0.5)
+    assert rbus.cancel(delayed.task_id) is True and delayed.cancelled()
+    r = rbus.transport._redis()  # type: ignore[attr-defined]
+    waiting = f"{rbus.transport._prefix}:cancelled"  # type: ignore[attr-defined]
+    assert r.zcard(waiting) == 2  # what workers read with their tasks
     started, outcome = tmp_path / "started", tmp_path / "outcome"
     servers.append(TaskServer(rbus, workers=1, concurrency=2).start())
     fut = rbus.dispatch(AsyncWait(str(started), str(outcome)))
@@ -84,6 +89,7 @@ def test_cancel_queued_and_running(
         fut.result(timeout=60)
     assert outcome.read_text() == "CancelledError"
     assert rbus.dispatch(Tiny(1)).result(timeout=60) == 1
+    wait_for(lambda: r.zcard(waiting) == 0, 60, "the worker to meet both cancelled tasks")
     assert not marker.exists()
     assert rbus.status("ab" * 16).state == "unknown"
 
