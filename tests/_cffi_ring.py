@@ -34,7 +34,8 @@ SOURCES, HEADERS, STRICT_FLAGS = core_build()
 STRICT = [*STRICT_FLAGS, "-O1", "-g"]
 
 
-PUBLIC_HEADERS = ("ring.h", "ring_limits.h")  # the core's API: the ring, the limits segment
+# The core's API: the ring, the limits segment, the task table's records.
+PUBLIC_HEADERS = ("ring.h", "ring_limits.h", "task_records.h")
 
 
 def cdef_source() -> str:

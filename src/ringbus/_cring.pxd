@@ -1,5 +1,5 @@
-# C declarations of csrc/ring.h and csrc/ring_limits.h only; the logic lives in _ring.pyx.
-from libc.stdint cimport int64_t, uint32_t, uint64_t
+# C declarations of csrc/ring.h, csrc/ring_limits.h and csrc/task_records.h only; the logic lives in _ring.pyx.
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 
 
 cdef extern from "ring.h" nogil:
@@ -135,3 +135,18 @@ cdef extern from "ring_limits.h" nogil:
     int limits_permit_release(limits_t *l, int slot, int permit)
     int limits_reclaim(limits_t *l, int slot)
     void limits_get_stats(limits_t *l, int slot, limits_stats_t *s)
+
+
+cdef extern from "task_records.h" nogil:
+    int TASK_RECORD_NOT_MINE
+    int TASK_RECORD_RESULT_OFFSET
+
+    int task_record_usable(const void *rec, double now, int evict)
+    void task_record_fill(void *rec, const uint8_t *id, uint8_t state, uint32_t dispatcher_pid,
+                          uint64_t counter, double now)
+    int task_record_begin(void *rec, const uint8_t *id, uint16_t attempt, uint32_t worker_pid,
+                          double now)
+    int task_record_finish(void *rec, const uint8_t *id, uint8_t state, double now, double keep,
+                           const uint8_t *result, uint32_t len, uint32_t room)
+    int task_record_cancel(void *rec, const uint8_t *id, uint8_t flag, double now, double hold)
+    uint8_t task_record_cancel_flag(const void *rec)

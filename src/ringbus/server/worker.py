@@ -202,6 +202,7 @@ class _WorkerLoop(WorkerBase):
         transport = self.transport
         take = transport.task_taker(self.journal)
         finish_task = self._finish
+        journal, ack, zero4 = self.journal, self.ack, _ZERO4
         counts_deliveries = transport.redelivers_lost_tasks
         wall_clock = transport.spans_hosts
         reply_putter = transport.reply_putter
@@ -230,8 +231,9 @@ class _WorkerLoop(WorkerBase):
         fn: Callable[[Any], Any] | None = None
         type_name = ""
         policy = None
-        max_del = 0
+        max_del = max_attempts = 0
         max_del_packed = b"\0\0"
+        keep_result = 0.0
         limiter = self.limiter
         gated = False  # the current type's handler has a rate_limit / max_concurrency
         done = 0
@@ -288,6 +290,7 @@ class _WorkerLoop(WorkerBase):
                     policy = policy_of(cls)
                     max_del = policy.max_deliveries
                     max_del_packed = pack_u16(max_del)
+                    max_attempts, keep_result = policy.max_attempts, policy.keep_result
                     type_name = f"{cls.__module__}.{cls.__qualname__}"
                     pool.set_type(slot, type_name)
                     gated = limiter.limited(cls)
@@ -318,9 +321,7 @@ class _WorkerLoop(WorkerBase):
                 continue
             # -- end limits
             # Identity: the status record says running; current_task() is set.
-            ctx = tracker.begin(
-                gid, attempt, type_name, policy.max_attempts, deadline, policy.keep_result
-            )
+            ctx = tracker.begin(gid, attempt, type_name, max_attempts, deadline, keep_result)
             if ctx is None:  # cancelled while it waited: never run
                 if permit:
                     limiter.release(cls, permit)
@@ -371,7 +372,7 @@ class _WorkerLoop(WorkerBase):
                         break
                     if flags & FLAG_REPLY:
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
-                    tracker.done(gid, tid, value, policy.keep_result, out)
+                    tracker.done(gid, tid, value, keep_result, out)
                     del value
                     break
             reset_current(token)
@@ -388,7 +389,9 @@ class _WorkerLoop(WorkerBase):
                     except Exception:  # full, too large, closed: the careful way
                         put_addr = None  # and ask again next time: the handle may be gone
                         self._reply(reply, dpid, out, tid)
-            finish_task()
+            journal[0:4] = zero4  # finish_task(), inline on the hot path
+            if ack is not None:
+                ack(transport.delivery_tag)
             done += 1
             finish(IDLE, done)
             if max_tasks and done >= max_tasks:

@@ -83,12 +83,10 @@ def current_task() -> TaskContext:
     return ctx
 
 
-def set_current(ctx: TaskContext | None) -> contextvars.Token[TaskContext | None]:
-    return _current.set(ctx)
-
-
-def reset_current(token: contextvars.Token[TaskContext | None]) -> None:
-    _current.reset(token)
+# The variable's own methods, not wrappers: the worker loops call them once
+# per task, and a Python frame each would cost more than the calls.
+set_current: Callable[[TaskContext | None], contextvars.Token[TaskContext | None]] = _current.set
+reset_current: Callable[[contextvars.Token[TaskContext | None]], None] = _current.reset
 
 
 def run_with(ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any) -> Any:

@@ -8,6 +8,7 @@ methods look the id up from any process of the bus.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
@@ -55,9 +56,14 @@ class TaskControl:
     def _table(self) -> TaskTable | None:
         return self.transport.task_table()
 
+    @functools.cached_property
+    def _records(self) -> TaskTable | None:
+        """The transport's task table, looked up once (dispatch uses it each time)."""
+        return self.transport.task_table()
+
     def _new_task(self, counter: int, delayed: bool) -> bytes:
         """A new task's id (and its status record, where the transport keeps them)."""
-        table = self.transport.task_table()
+        table = self._records
         if table is None:
             return new_id()
         return table.add(SCHEDULED if delayed else QUEUED, current_pid(), counter)
@@ -74,11 +80,14 @@ class TaskControl:
     ) -> tuple[bytes, bytes]:
         """(id, envelope) of a new task: its status record, then its bytes
         (the record is dropped again if the task cannot be encoded)."""
-        gid = self._new_task(tid, delayed)
+        pid = current_pid()
+        table = self._records  # _new_task(), inline: this runs once per dispatch
+        if table is None:
+            gid = new_id()
+        else:
+            gid = table.add(SCHEDULED if delayed else QUEUED, pid, tid)
         try:
-            data = self.codec.encode_task(
-                task, tid, flags, current_pid(), reply, deadline, wall, gid=gid
-            )
+            data = self.codec.encode_task(task, tid, flags, pid, reply, deadline, wall, gid=gid)
         except BaseException:
             self._drop_task(gid)
             raise

@@ -10,6 +10,7 @@ search.  To everyone but the task table the id is opaque.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import struct
@@ -29,7 +30,8 @@ class _Ids:
         self.lock = threading.Lock()
         self.pid = os.getpid()  # cached: os.getpid() is a system call
         self.nonce = os.urandom(8)
-        self.seq = 0
+        # next() on a count is atomic under the GIL: no lock per id.
+        self.seq = itertools.count(1)
 
 
 _ids = _Ids()
@@ -46,11 +48,20 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def new_id(slot: int = NO_SLOT) -> bytes:
     """A fresh 16-byte task id whose record lives at ``slot``."""
     ids = _ids
-    with ids.lock:
-        ids.seq += 1
-        if ids.seq > 0xFFFFFFFF:  # wrapped: a new nonce keeps ids unique
-            ids.nonce, ids.seq = os.urandom(8), 1
-        return ids.nonce + _TAIL.pack(ids.seq, slot)
+    seq = next(ids.seq)
+    if seq > 0xFFFFFFFF:  # wrapped: a new nonce keeps ids unique
+        with ids.lock:
+            if ids is _ids:
+                _renew(ids)
+        return new_id(slot)
+    return ids.nonce + _TAIL.pack(seq, slot)
+
+
+def _renew(ids: _Ids) -> None:
+    global _ids
+    fresh = _Ids()
+    fresh.pid = ids.pid
+    _ids = fresh
 
 
 def current_pid() -> int:

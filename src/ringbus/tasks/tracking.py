@@ -69,9 +69,10 @@ class Tracker:
         flag: Callable[[], int] = _no_flag
         progress: Callable[[float | None, str], None] = _no_progress
         if table is not None and gid != _NO_ID:
-            if not table.start(gid, attempt, self.pid):
+            bound = table.begin(gid, attempt, self.pid)
+            if bound is None:
                 return None
-            flag, progress = table.accessors(gid)
+            flag, progress = bound
         return TaskContext(
             format_id(gid) if gid != _NO_ID else "",
             type_name,
@@ -90,9 +91,12 @@ class Tracker:
 
     def done(self, gid: bytes, tid: int, value: Any, keep: float, out: bytes | None) -> None:
         """Success; ``out`` is the result message if one was made for the caller."""
-        if keep > 0 and out is None:
-            out = self.codec.encode_ok(tid, value)
-        self._finish(gid, DONE, keep, out)
+        if keep > 0:
+            if out is None:
+                out = self.codec.encode_ok(tid, value)
+            self._finish(gid, DONE, keep, out)
+        elif self.table is not None and gid != _NO_ID:  # the common case: one call
+            self.table.finish(gid, DONE, 0.0, None)
 
     def failed(self, data: bytes, out: bytes | None) -> None:
         gid = env.task_gid(data)

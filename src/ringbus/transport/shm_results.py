@@ -5,12 +5,16 @@ symlink, removed by ``bus.destroy()``).  A header page, a table of block
 owners, then ``slots`` records of ``record_size`` bytes.
 
 Writing a record takes no lock and no system call: each field has one
-writer at a time.  The slots are cut into blocks of 256; a dispatching
-process owns one block at a time (claimed under ``flock``, which the kernel
-drops if it dies, once per 256 dispatches) and is the only one to put new
-records in it.  A task's id names its slot (``identity.py``), so a lookup is
-one read.  A worker writes the running task's state and progress; a
-canceller its cancel flag.  Readers re-read a record until two reads agree.
+writer at a time, and the per-task steps (a new record, a worker starting
+and ending the task, a cancel racing a start) are C (csrc/task_records.h).
+The slots are cut into blocks of 256; a dispatching process owns one block
+at a time (claimed under ``flock``, which the kernel drops if it dies, once
+per 256 dispatches; its pages mapped in one ``madvise``) and is the only one
+to put new records in it.  It claims its own block again when that block's
+oldest record is free, so a steady dispatcher reuses warm pages.  A task's
+id names its slot (``identity.py``), so a lookup is one read.  A worker
+writes the running task's state and progress; a canceller its cancel flag.
+Readers re-read a record until two reads agree.
 
 Full table: a free slot is an empty one, or one whose task finished and
 whose keep time passed.  With none left, a new task's record replaces a
@@ -43,17 +47,14 @@ import time
 from collections.abc import Callable
 
 from ringbus._proc import pid_alive
+from ringbus._ring import TaskRecords
 from ringbus.errors import RingError
-from ringbus.tasks.identity import NO_SLOT, id_slot, new_id
+from ringbus.tasks.identity import NO_SLOT, current_pid, id_slot
 from ringbus.transport.task_table import (
     CANCEL,
-    CANCELLED,
     CANCELLED_HOLD,
     EMPTY,
     FINAL,
-    QUEUED,
-    RUNNING,
-    SCHEDULED,
     TERMINATE,
     StoreFull,
     TaskRecord,
@@ -75,15 +76,22 @@ PAGE = 4096
 REC = struct.Struct("<16sBBHIIIQddddfHH")
 RESULT_OFF = 208
 MSG_OFF, MSG_MAX = 80, 128
-_STARTED = struct.Struct("<BBHI")  # at 16: state, cancel, attempt, worker pid
-_RUN_TIME = struct.Struct("<d")
-_FIN = struct.Struct("<dd")  # at 56: finished, expires
+_F64 = struct.Struct("<d")
 _PROG = struct.Struct("<fH")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
+_SLOT = struct.Struct("<I")  # an id's slot, at byte 12 (identity.py)
 _NAN = float("nan")
-_ZERO16 = bytes(16)
 NOT_KEPT = 0xFFFFFFFF
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+
+
+def _populate(mm: mmap.mmap, start: int, length: int) -> None:
+    """Map the pages of a block now, in one system call (MADV_POPULATE_WRITE,
+    Linux 5.14), instead of one page fault per four records on the hot path;
+    older kernels just fault them in as before."""
+    with contextlib.suppress(OSError, ValueError):
+        mm.madvise(_MADV_POPULATE_WRITE, start, length)
 
 
 def _header_size(blocks: int) -> int:
@@ -107,19 +115,18 @@ class ShmTaskTable(TaskTable):
         self._fd = -1
         self._pid = 0
         self._block = -1
-        self._cursor = 0
-        self._evicting = False
 
     # ------------------------------------------------------------ the file
 
     def _map(self) -> mmap.mmap:
         mm = self._mm
-        if mm is not None and self._pid == os.getpid():
+        # current_pid() is cached (updated at fork): os.getpid() is a system
+        # call, and this runs several times per task.
+        if mm is not None and self._pid == current_pid():
             return mm
         with self._lock:
-            if self._mm is None or self._pid != os.getpid():
-                self._block, self._cursor = -1, 0  # a forked child claims its own block
-                self._open()
+            if self._mm is None or self._pid != current_pid():
+                self._open()  # a forked child claims a block of its own
             assert self._mm is not None
             return self._mm
 
@@ -153,9 +160,12 @@ class ShmTaskTable(TaskTable):
         if self._fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
-        self._fd, self._mm, self._pid = fd, mm, os.getpid()
+        self._fd, self._mm, self._pid = fd, mm, current_pid()
         self.slots, self.record_size, self.blocks = slots, size, blocks
         self._base = _header_size(blocks)
+        # The per-task steps (fill, begin, finish, cancel) in C: csrc/task_records.h.
+        self._recs = TaskRecords(mm, self._base, slots, size)
+        self._block = -1  # a new map (a forked child, say) claims a block of its own
 
     def _create(self) -> int:
         """Made whole under a temporary name, then linked: nobody sees half a header."""
@@ -182,6 +192,7 @@ class ShmTaskTable(TaskTable):
             if self._mm is not None and self._pid == os.getpid():
                 if self._block >= 0:
                     self._release_block()
+                self._recs.release()  # the map cannot close while C holds its buffer
                 with contextlib.suppress(BufferError, ValueError):
                     self._mm.close()
                 with contextlib.suppress(OSError):
@@ -208,6 +219,7 @@ class ShmTaskTable(TaskTable):
     def _release_block(self) -> None:
         assert self._mm is not None
         with self._flocked():
+            self._flush_evictions(self._mm)
             OWNER.pack_into(self._mm, OWNERS_OFF + self._block * OWNER_SIZE, 0, 0.0)
         self._block = -1
 
@@ -225,19 +237,27 @@ class ShmTaskTable(TaskTable):
             return True
         if state not in FINAL or mm[off + 17]:
             return False  # not finished, or cancelled while queued: never replaced
-        expires = _RUN_TIME.unpack_from(mm, off + 64)[0]
+        expires = _F64.unpack_from(mm, off + 64)[0]
         return evict or 0 < expires <= now
 
     def _claim(self) -> None:
         """Own a block with room (under the file lock)."""
         mm = self._mm
         assert mm is not None
-        me = os.getpid()
+        me = current_pid()
         with self._flocked():
+            self._flush_evictions(mm)
             if self._block >= 0:
                 OWNER.pack_into(mm, OWNERS_OFF + self._block * OWNER_SIZE, 0, 0.0)
-            start = (self._block + 1) % self.blocks
             now = time.time()
+            # Its own block again when its oldest record is free (likely most of
+            # them are): a dispatcher whose tasks finish keeps reusing the same
+            # warm pages instead of walking, and faulting in, the whole table.
+            start = (self._block + 1) % self.blocks
+            if self._block >= 0 and self._usable(
+                mm, self._base + self._block * BLOCK * self.record_size, now, False
+            ):
+                start = self._block
             for evict in (False, True):
                 for i in range(self.blocks):
                     b = (start + i) % self.blocks
@@ -253,8 +273,10 @@ class ShmTaskTable(TaskTable):
                         os.posix_fallocate(self._fd, first, BLOCK * self.record_size)
                     except OSError as exc:
                         raise StoreFull(f"no room in {self.path} for a block: {exc}") from None
+                    _populate(mm, first, BLOCK * self.record_size)
                     OWNER.pack_into(mm, OWNERS_OFF + b * OWNER_SIZE, me, time.time())
-                    self._block, self._cursor, self._evicting = b, 0, evict
+                    self._block = b
+                    self._recs.use_block(b * BLOCK, BLOCK, evict, os.urandom(8))
                     return
             self._block = -1
         raise StoreFull(
@@ -265,33 +287,27 @@ class ShmTaskTable(TaskTable):
     # ------------------------------------------------------------ records
 
     def add(self, state: int, dispatcher_pid: int, counter: int) -> bytes:
-        mm = self._map()
-        size = self.record_size
+        if self._mm is None or self._pid != current_pid():
+            self._map()
+        # The next usable record of this process's block, in C (one call that
+        # holds the GIL: threads need no lock for it); None when the block is
+        # used up, then claim another under the lock.
+        gid = self._recs.add(state, dispatcher_pid, counter, time.time())
+        if gid is not None:
+            return gid
         with self._lock:
             while True:
-                if self._block < 0 or self._cursor >= BLOCK:
-                    self._claim()
-                now = time.time()
-                slot = self._block * BLOCK + self._cursor
-                self._cursor += 1
-                off = self._base + slot * size
-                if self._usable(mm, off, now, False):
-                    break
-                if self._evicting and self._usable(mm, off, now, True):
-                    self._count_eviction(mm)
-                    break
-            gid = new_id(slot)
-            mm[off : off + 16] = _ZERO16  # no reader takes the old id for the new fields
-            REC.pack_into(
-                mm, off, _ZERO16, state, 0, 1, 0, dispatcher_pid, 0, counter,
-                now, 0.0, 0.0, 0.0, _NAN, 0, 0,
-            )  # fmt: skip
-            mm[off : off + 16] = gid
-            return gid
+                gid = self._recs.add(state, dispatcher_pid, counter, time.time())
+                if gid is not None:
+                    return gid
+                self._claim()
 
-    def _count_eviction(self, mm: mmap.mmap) -> None:
-        n = _U64.unpack_from(mm, EVICTED_OFF)[0]
-        _U64.pack_into(mm, EVICTED_OFF, n + 1)  # approximate: for stats only
+    def _flush_evictions(self, mm: mmap.mmap) -> None:
+        n = self._recs.evicted
+        if n:
+            self._recs.evicted = 0
+            total = _U64.unpack_from(mm, EVICTED_OFF)[0]
+            _U64.pack_into(mm, EVICTED_OFF, total + n)  # under the file lock
 
     def _head(self, gid: bytes) -> tuple[int, tuple[object, ...]] | None:
         off = self._off(gid)
@@ -348,17 +364,22 @@ class ShmTaskTable(TaskTable):
         assert mm is not None
         return off if mm[off : off + 16] == gid and mm[off + 16] != EMPTY else -1
 
+    def begin(
+        self, gid: bytes, attempt: int, worker_pid: int
+    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]] | None:
+        # start() and accessors() in one step, in C: this runs once per task.
+        if self._mm is None or self._pid != current_pid():
+            self._map()
+        recs = self._recs
+        rel = recs.begin(gid, attempt, worker_pid, time.time())
+        if rel >= 0:
+            off = self._base + rel
+            return (lambda: recs.cancel_flag(rel)), (lambda f, m: self.write_progress(off, f, m))
+        return None if rel == -2 else super().accessors(gid)  # -1: untracked, run it
+
     def start(self, gid: bytes, attempt: int, worker_pid: int) -> bool:
-        off = self._mine(gid)
-        if off < 0:
-            return True  # untracked: run it
-        mm = self._mm
-        assert mm is not None
-        if mm[off + 17]:
-            return False
-        _STARTED.pack_into(mm, off + 16, RUNNING, 0, min(attempt, 0xFFFF), worker_pid)
-        _RUN_TIME.pack_into(mm, off + 48, time.time())
-        return not mm[off + 17]  # a cancel that landed meanwhile
+        self._map()
+        return self._recs.begin(gid, attempt, worker_pid, time.time()) != -2
 
     def set_state(self, gid: bytes, state: int, attempt: int = 0) -> None:
         off = self._mine(gid)
@@ -382,46 +403,21 @@ class ShmTaskTable(TaskTable):
         _PROG.pack_into(mm, off + 72, _NAN if fraction is None else fraction, len(b))
 
     def finish(self, gid: bytes, state: int, keep: float, result: bytes | None) -> None:
-        off = self._mine(gid)
-        if off < 0:
-            return
-        mm = self._mm
-        assert mm is not None
-        now = time.time()
-        if keep <= 0:
-            mm[off : off + 16] = _ZERO16  # dropped now: its slot is free
-            mm[off + 16] = EMPTY
-            return
-        room = self.record_size - RESULT_OFF
-        n = 0
-        if result is not None:
-            n = len(result) if len(result) <= room else NOT_KEPT
-            if n != NOT_KEPT:
-                mm[off + RESULT_OFF : off + RESULT_OFF + n] = result
-        _U32.pack_into(mm, off + 28, n)
-        _FIN.pack_into(mm, off + 56, now, now + keep)
-        mm[off + 16] = state
+        if self._mm is None or self._pid != current_pid():
+            self._map()
+        self._recs.finish(gid, state, time.time(), keep, result)
 
     def request_cancel(self, gid: bytes, terminate: bool = False) -> TaskRecord | None:
         before = self.get(gid)
         if before is None or before.state in FINAL:
             return before
-        off = self._mine(gid)
-        if off < 0:
+        self._map()
+        # Flag, and a waiting task cancelled now (the worker that meets it
+        # drops it): one CAS against the worker's start, in C.
+        flag = TERMINATE if terminate else CANCEL
+        if self._recs.cancel(gid, flag, time.time(), CANCELLED_HOLD) < 0:
             return None
-        mm = self._mm
-        assert mm is not None
-        mm[off + 17] = TERMINATE if terminate else CANCEL
-        if before.state in (QUEUED, SCHEDULED) and mm[off + 16] in (QUEUED, SCHEDULED):
-            # Still waiting: cancelled now; the worker that meets it drops it.
-            now = time.time()
-            _FIN.pack_into(mm, off + 56, now, now + CANCELLED_HOLD)
-            mm[off + 16] = CANCELLED
         return before
-
-    def cancel_flag_at(self, off: int) -> int:
-        mm = self._mm
-        return 0 if mm is None else mm[off + 17]
 
     def accessors(
         self, gid: bytes
@@ -430,7 +426,8 @@ class ShmTaskTable(TaskTable):
         if off < 0:
             return super().accessors(gid)
         # Bound to the record's offset: a read or a write into the map, no lookup.
-        return (lambda: self.cancel_flag_at(off)), (lambda f, m: self.write_progress(off, f, m))
+        recs, rel = self._recs, off - self._base
+        return (lambda: recs.cancel_flag(rel)), (lambda f, m: self.write_progress(off, f, m))
 
     def stats(self) -> dict[str, int]:
         """Records in use (tasks not finished, kept ones) and evictions."""
@@ -443,9 +440,11 @@ class ShmTaskTable(TaskTable):
             if state == EMPTY:
                 continue
             if state in FINAL:
-                if _RUN_TIME.unpack_from(mm, off + 64)[0] > now:
+                if _F64.unpack_from(mm, off + 64)[0] > now:
                     kept += 1
             else:
                 live += 1
-        evicted = _U64.unpack_from(mm, EVICTED_OFF)[0]
+        # The header's count, plus this process's own not yet flushed (each
+        # dispatcher adds its count when it moves to another block).
+        evicted = _U64.unpack_from(mm, EVICTED_OFF)[0] + self._recs.evicted
         return {"slots": self.slots, "live": live, "kept": kept, "evicted": evicted}

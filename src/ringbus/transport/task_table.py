@@ -122,6 +122,15 @@ class TaskTable(abc.ABC):
         handler's ``current_task()`` (a table may bind them to the record)."""
         return (lambda: self.cancel_flag(gid)), (lambda f, m: self.progress(gid, f, m))
 
+    def begin(
+        self, gid: bytes, attempt: int, worker_pid: int
+    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]] | None:
+        """``start`` and ``accessors`` in one step (a table may do it with one
+        lookup): None when the task was cancelled and must not run."""
+        if not self.start(gid, attempt, worker_pid):
+            return None
+        return self.accessors(gid)
+
     def sweep(self) -> int:
         """Drop expired records now (they are reused lazily anyway); how many."""
         return 0
