@@ -62,6 +62,8 @@ def test_status_progress_and_kept_result(
     assert fut.result(timeout=60) == 8
     assert rbus.status(fut.task_id).state == "done"
     assert rbus.result(fut.task_id) == 8
+    ran = rbus.dispatch(Ran(str(tmp_path / "ran")))  # no keep_result: gone with its result
+    assert ran.result(timeout=60) is None and rbus.status(ran.task_id).state == "unknown"
     tid = rbus.send(Tiny(3))  # keep_result=1
     assert rbus.result(tid, timeout=60) == 3
     wait_for(lambda: rbus.status(tid).state == "unknown", what="the 1 s keep to pass")
@@ -87,6 +89,9 @@ def test_cancel_queued_and_running(
     assert rbus.cancel(fut.task_id) is True
     with pytest.raises(CancelledError):
         fut.result(timeout=60)
+    # The future may be cancelled first: a cancel within a few ms of the
+    # start finds the task still queued in its record (README, "On Redis").
+    wait_for(outcome.exists, 60, "the handler to get CancelledError")
     assert outcome.read_text() == "CancelledError"
     assert rbus.dispatch(Tiny(1)).result(timeout=60) == 1
     wait_for(lambda: r.zcard(waiting) == 0, 60, "the worker to meet both cancelled tasks")

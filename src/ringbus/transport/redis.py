@@ -174,10 +174,10 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
     def _after_read(self, replies: list[Any]) -> None:
         self.task_table().after_read(replies)
 
-    def _status_later(self, cmds: list[tuple[Any, ...]]) -> bool:
-        # A task's end and progress ride with the worker's results (redis_sender):
-        # no round trip of their own, and the end is written before the result
-        # reaches the caller.
+    def _status_later(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> bool:
+        # A task's running, progress and end writes ride with the worker's
+        # results (redis_sender): no round trip of their own, and the end is
+        # written before the result reaches the caller.
         sender = self._sender
         if sender is None:
             with self._lock:
@@ -185,7 +185,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
                     self._sender = ReplySender(self)
                 sender = self._sender
         try:
-            sender.put_commands(cmds)
+            sender.put_commands(cmds, wake)
         except TransportClosed:
             return False
         return True

@@ -234,10 +234,10 @@ class RedisBase(Transport):
     def _after_read(self, replies: list[Any]) -> None:
         """The replies of ``_read_commands`` (errors as exception objects)."""
 
-    def _status_later(self, cmds: list[tuple[Any, ...]]) -> bool:
+    def _status_later(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> bool:
         """Queue a worker's task-status commands to go out ahead of the
-        results it sends next, off the caller's thread (False: cannot here,
-        send them now)."""
+        results it sends next, off the caller's thread (``wake=False``: with
+        the next result; False: cannot here, send them now)."""
         return False
 
     def _dispatch_failed(self, cmds: list[tuple[Any, ...]]) -> None:

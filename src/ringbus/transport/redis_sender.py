@@ -37,6 +37,7 @@ class ReplySender:
         self._items: list[tuple[str | None, bytes]] = []  # (reply key, result) or (None, entry id)
         self._inflight: list[bytes] = []
         self._status: list[tuple[Any, ...]] = []  # task status writes, sent ahead (put_commands)
+        self._status_due = False  # a status write asked to go now, not with the next item
         self._busy = False
         self._idle = False  # the thread waits for items (a put must wake it)
         self._closing = False
@@ -55,15 +56,19 @@ class ReplySender:
             if self._thread is None:
                 self._start()
 
-    def put_commands(self, cmds: list[tuple[Any, ...]]) -> None:
+    def put_commands(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> None:
         """Queue commands (a task's status: ``redis_status``) to run ahead of
-        the results queued after them, in the same or an earlier round trip."""
+        the results queued after them, in the same or an earlier round trip;
+        ``wake=False``: they wait for the next item (the task's result or
+        acknowledgement, which follows) or a later wake."""
         with self._cond:
             if self._closing:
                 raise TransportClosed("the result sender is closed")
             self._status.extend(cmds)
-            if self._idle:
-                self._cond.notify()
+            if wake:
+                self._status_due = True
+                if self._idle:
+                    self._cond.notify()
             if self._thread is None:
                 self._start()
 
@@ -91,15 +96,18 @@ class ReplySender:
         pid = os.getpid()
         while True:
             with self._cond:
-                while not self._items and not self._status and not self._closing:
+                while not self._items and not self._status_due and not self._closing:
                     self._idle = True
                     self._cond.wait()
                     self._idle = False
-                if not (self._items or self._status) or os.getpid() != pid:
+                if os.getpid() != pid or (self._closing and not (self._items or self._status)):
                     return
+                if not (self._items or self._status):  # a wake with nothing to send
+                    self._status_due = False
+                    continue
                 batch = self._items[:MAX_BATCH]
                 del self._items[:MAX_BATCH]
-                status, self._status = self._status, []
+                status, self._status, self._status_due = self._status, [], False
                 self._inflight = [d for k, d in batch if k is None]
                 self._busy = True
             try:
@@ -187,6 +195,8 @@ class ReplySender:
         entry ids still to acknowledge."""
         with self._cond:
             if self._thread is not None:
+                self._status_due = True  # status writes waiting for company: now
+                self._cond.notify_all()
                 self._cond.wait_for(
                     lambda: not self._items and not self._status and not self._busy, timeout
                 )

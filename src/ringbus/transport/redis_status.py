@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from ringbus.errors import BrokerUnavailable
 from ringbus.tasks.identity import new_id
 from ringbus.transport.redis_conn import redis
+from ringbus.transport.redis_status_lazy import LazyStatus
 from ringbus.transport.task_table import (
     CANCEL,
     CANCELLED,
@@ -116,12 +117,14 @@ return before
 """
 
 # Start unless cancelled: 0 = cancelled (do not run), 1 = running now.  A
-# missing or ended record is left alone (never made again, never reopened).
+# missing or ended record is left alone (never made again, never reopened),
+# and so is one a later attempt wrote (a held start that went out late).
 _START = """
-local h = redis.call('HMGET', KEYS[1], 'c', 's')
+local h = redis.call('HMGET', KEYS[1], 'c', 's', 'a')
 if h[1] and tonumber(h[1]) > 0 then return 0 end
 local s = tonumber(h[2] or ARGV[6])
-if s ~= tonumber(ARGV[6]) and s ~= tonumber(ARGV[7]) then
+local later = tonumber(h[3] or 0) > tonumber(ARGV[2])
+if s ~= tonumber(ARGV[6]) and s ~= tonumber(ARGV[7]) and not later then
   redis.call('HSET', KEYS[1], 's', ARGV[1], 'a', ARGV[2], 'w', ARGV[3], 't', ARGV[4])
   redis.call('EXPIRE', KEYS[1], ARGV[5])
 end
@@ -167,6 +170,7 @@ class RedisTaskTable(TaskTable):
         # Ids (hex) of the tasks cancelled while they waited, as of this
         # worker's last read of tasks (None: not known, ask per task).
         self._cancelled: frozenset[bytes] | None = None
+        self._lazy = LazyStatus(self._send_status)  # running and progress writes
 
     def _key(self, gid: bytes) -> str:
         return f"{self._prefix}:task:{gid.hex()}"
@@ -186,6 +190,12 @@ class RedisTaskTable(TaskTable):
             pass
         full = [_full_script(c) for c in cmds]
         return self._t._call(full, what, timeout)
+
+    def _send_status(self, cmds: list[Cmd], wake: bool = True) -> None:
+        """A worker's status writes: with its results (its sending thread;
+        ``wake=False``: with the next one), else one bounded request now."""
+        if not self._t._status_later(cmds, wake) and cmds:
+            self._tell(cmds, "writing task statuses", owe=True)
 
     def _ask(self, cmds: list[Cmd], what: str) -> list[Any]:
         """For a caller that wants the answer (status, cancel): bounded by
@@ -306,9 +316,10 @@ class RedisTaskTable(TaskTable):
             if hexid.encode() in known:
                 self._forget_cancelled(hexid)
                 return False
-            cmd: Cmd = ("EVAL", _START, 1, key, *args)  # EVAL: the sender cannot resend
-            if self._t._status_later([cmd]):
-                return True
+            # Held (redis_status_lazy): a short task never sends it.  EVAL, not
+            # EVALSHA: the sending thread cannot send it again in full.
+            self._lazy.hold(gid, [("EVAL", _START, 1, key, *args)])
+            return True
         out = self._tell([_script("start", [key], args)], "marking a task running")
         if out is not None and not out[0]:
             self._forget_cancelled(hexid)
@@ -317,11 +328,10 @@ class RedisTaskTable(TaskTable):
 
     def _forget_cancelled(self, hexid: str) -> None:
         """A worker met a task cancelled while it waited: out of the set."""
-        cmds: list[Cmd] = [("ZREM", self._cancelled_key, hexid)]
-        if not self._t._status_later(cmds):
-            self._tell(cmds, "forgetting a cancelled task")
+        self._send_status([("ZREM", self._cancelled_key, hexid)])
 
     def set_state(self, gid: bytes, state: int, attempt: int = 0) -> None:
+        self._lazy.drop(gid)  # the attempt before: superseded
         args = [state, attempt, LIVE_TTL]
         self._tell(
             [_script("set_state", [self._key(gid)], args)], "marking a task queued", owe=True
@@ -330,9 +340,7 @@ class RedisTaskTable(TaskTable):
     def progress(self, gid: bytes, fraction: float | None, message: str) -> None:
         key = self._key(gid)
         p = "" if fraction is None else repr(float(fraction))
-        cmds: list[Cmd] = [("HSET", key, "p", p, "m", message), ("EXPIRE", key, LIVE_TTL)]
-        if not self._t._status_later(cmds):
-            self._tell(cmds, "writing a task's progress")
+        self._lazy.hold(gid, [("HSET", key, "p", p, "m", message), ("EXPIRE", key, LIVE_TTL)])
 
     def cancel_flag(self, gid: bytes) -> int:
         out = self._tell([("HGET", self._key(gid), "c")], "reading a cancel flag")
@@ -354,12 +362,19 @@ class RedisTaskTable(TaskTable):
                 ("HSET", key, "s", state, "f", repr(time.time()), "r", result or b""),
                 ("PEXPIRE", key, max(1, int(keep * 1000))),
             ]
-        if not self._t._status_later(cmds):
-            self._tell(cmds, "writing a task's end", owe=True)
+        if state == CANCELLED:  # a cancel that saw it still queued put it in the set
+            cmds.append(("ZREM", self._cancelled_key, gid.hex()))
+
+        def last(held: list[Cmd]) -> list[Cmd]:
+            # Without keep_result the record goes: what the task held goes unsent.
+            return cmds if keep <= 0 else held + cmds
+
+        self._lazy.end(gid, last)
 
     def close(self) -> None:
         """Send the deletions of failed dispatches and the worker writes still
         owed (once, bounded; records of new tasks go out with their tasks)."""
+        self._lazy.close()
         dels = [c for c in self.unsent() if c[0] == "DEL"]
         if dels or self._owed:
             self._tell(dels, "writing task statuses at close")
