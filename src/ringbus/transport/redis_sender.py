@@ -127,7 +127,8 @@ class ReplySender:
         t = self.t
         replies = [(k, d) for k, d in batch if k is not None]
         acks = [d for k, d in batch if k is None]
-        cmds: list[tuple[Any, ...]] = list(status)
+        cmds = _squash(status)
+        n_status = len(cmds)
         if replies:
             keys: list[str] = []
             for k, _ in replies:
@@ -157,7 +158,7 @@ class ReplySender:
             self._conn = None  # a Redis Cluster moved the bus's slot: nothing ran there
             self._send(batch, status)
             return
-        out = out[len(status) :]  # status writes: best effort, like the records they update
+        out = out[n_status:]  # status writes: best effort, like the records they update
         if replies:
             sent = out[0]
             if isinstance(sent, Exception):
@@ -205,3 +206,20 @@ class ReplySender:
             left = [d for k, d in self._items if k is None] + self._inflight
             self._items.clear()
         return left
+
+
+def _squash(status: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Status commands with each run of single-key DELs (the ends of tasks
+    without kept results) as one DEL: one command for Redis, not one a task."""
+    out: list[tuple[Any, ...] | list[Any]] = []
+    run: list[Any] | None = None
+    for cmd in status:
+        if cmd[0] == "DEL":
+            if run is None:
+                run = ["DEL"]
+                out.append(run)
+            run.extend(cmd[1:])
+        else:
+            run = None
+            out.append(cmd)
+    return [tuple(c) for c in out]

@@ -1,7 +1,7 @@
 """The task table on Redis: one hash per task, with an expiry.
 
 ``ringbus:{bus}:task:<32 hex digits>``: fields ``s`` (state), ``c`` (cancel
-flag), ``a`` (attempt), ``w``/``d`` (worker / dispatcher pid), ``n`` (the
+flag, absent: 0), ``a`` (attempt, absent: 1), ``w``/``d`` (worker / dispatcher pid), ``n`` (the
 dispatcher's counter), ``q``/``t``/``f`` (queued, started, finished: Unix
 seconds), ``p``/``m`` (progress, message) and ``r`` (the kept result
 message).  A task not finished keeps its hash ``LIVE_TTL`` seconds after the
@@ -239,9 +239,8 @@ class RedisTaskTable(TaskTable):
         gid = new_id()
         key = self._key(gid)
         rec = _Record(
-            ("HSET", key, "s", state, "c", 0, "a", 1, "d", dispatcher_pid, "n", counter,
-             "q", repr(time.time()))
-        )  # fmt: skip
+            ("HSET", key, "s", state, "d", dispatcher_pid, "n", counter, "q", repr(time.time()))
+        )  # no "c" (0) nor "a" (1) yet: every field costs Redis on every dispatch
         rec.gid = gid
         rec.cmds = cmds = [rec, ("EXPIRE", key, LIVE_TTL)]
         with self._lock:
@@ -424,7 +423,7 @@ def _record(gid: bytes, h: Any) -> TaskRecord:
         gid,
         state,
         int(g.get("c", 0)),
-        int(g.get("a", 0)),
+        int(g.get("a", 1)),
         int(g.get("w", 0)),
         int(g.get("d", 0)),
         int(g.get("n", 0)),
