@@ -1,6 +1,6 @@
 """Typed surface of the Cython extension ``ringbus._ring`` (see _ring.pyx)."""
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from _typeshed import WriteableBuffer
@@ -168,3 +168,20 @@ class TaskRecords:
     ) -> int: ...
     def cancel(self, gid: bytes, flag: int, now: float, hold: float) -> int: ...
     def cancel_flag(self, offset: int) -> int: ...
+
+class HistWriter:
+    """A worker's task-time histograms in its pool slot (ringbus/server/histograms.py)."""
+
+    @property
+    def entries(self) -> dict[str, int]:
+        """Task type -> word offset of its run-time buckets in the area."""
+    def __init__(
+        self,
+        mm: object,
+        offset: int,
+        size: int,
+        bounds: tuple[float, ...],
+        add: Callable[[str, bytes], int],
+    ) -> None: ...
+    def release(self) -> None: ...
+    def observe(self, started: float, enqueued: float, task_type: str, data: bytes) -> None: ...

@@ -252,6 +252,7 @@ cdef class _Buffers:
 include "_handle.pxi"
 include "_limits.pxi"
 include "_records.pxi"
+include "_hist.pxi"
 
 
 cdef class Ring(_RingHandle):

@@ -36,9 +36,10 @@ MiB = 1 << 20
 MIN_SHM = 256 * MiB
 # What one server reserves today (see ringbus.server.pool_state and the shm
 # transport's defaults): the task ring, then a header page and, per worker,
-# a slot head and a journal for the largest task (1 MiB), in whole pages.
+# a slot head, a journal for the largest task (1 MiB) and the task-time
+# histograms (server/histograms.py), in whole pages.
 TASK_RING = 2_236_416
-POOL_HEADER, SLOT = 4096, 4096 + MiB
+POOL_HEADER, SLOT = 4096, 2 * 4096 + MiB
 DEAD_LETTERS = 64 * MiB  # the record store's cap (record_max_bytes)
 
 OK, NOTE, WARN, FAIL = "ok", "note", "warn", "FAIL"

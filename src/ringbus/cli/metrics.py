@@ -17,6 +17,11 @@ Two ways to use it:
   the task counters monotonic across worker restarts (a replaced worker's
   slot starts again at zero; what it had counted is kept here).
 
+Task run time and queue wait are histograms the workers keep in the same
+segment (``ringbus_task_run_seconds``, ``ringbus_task_queue_wait_seconds``,
+by task type and queue; see ``ringbus.server.histograms``).  They survive
+worker restarts in the segment itself: nothing is carried here.
+
 prometheus_client is an optional dependency (``pip install ringbus[metrics]``).
 """
 
@@ -30,12 +35,19 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from ringbus import _names
 from ringbus._proc import pid_alive
-from ringbus.server.pool_state import STATE_NAMES, WorkerInfo, read_pool_states
+from ringbus.server.histograms import Histogram, TaskTimes
+from ringbus.server.pool_state import STATE_NAMES, PoolState, WorkerInfo, read_pool_states
 
 if TYPE_CHECKING:
     from ringbus.server.supervisor import TaskServer
@@ -102,6 +114,22 @@ class _Carry:
                     for k, v in counts.items():
                         out[k] += v
             return out
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    return [(floatToGoString(le), n) for le, n in h.cumulative()]
+
+
+def _own_times(path: str) -> dict[tuple[str, str], TaskTimes]:
+    """Task times of this process's own pool (read-only, as a scrape does)."""
+    try:
+        ps = PoolState.attach(path, writable=False)
+    except (OSError, ValueError):
+        return {}
+    try:
+        return ps.histograms()
+    finally:
+        ps.close()
 
 
 def _server_pid(path: str) -> str:
@@ -176,13 +204,15 @@ class BusCollector(Collector):
         bus = self.bus
         now = time.monotonic()
         errors: dict[str, str] = {}
-        pools = read_pool_states(bus, errors)
+        times: dict[str, dict[tuple[str, str], TaskTimes]] = {}
+        pools = read_pool_states(bus, errors, times)
         if self.server is not None and self.server.state_path:
             # This process's own pool first and always (a check of liveness
             # by pid could skip it in an odd pid namespace).
             own = self.server.state_path
             if own not in pools:
                 pools[own] = self.server.worker_info()
+                times[own] = _own_times(own)
 
         tasks = {
             name: CounterMetricFamily(f"ringbus_tasks_{name}", doc, labels=["bus", "server"])
@@ -241,6 +271,7 @@ class BusCollector(Collector):
                 running.add_metric([bus, server, ttype], n)
         yield from tasks.values()
         yield from (workers, alive, running, age)
+        yield from self._histograms(times)
 
         unreadable = GaugeMetricFamily(
             "ringbus_pool_states_unreadable",
@@ -268,6 +299,29 @@ class BusCollector(Collector):
 
         if self.server is not None:
             yield from self._server_metrics()
+
+    def _histograms(self, times: dict[str, dict[tuple[str, str], TaskTimes]]) -> Iterator[Metric]:
+        labels = ["bus", "server", "task_type", "queue"]
+        run = HistogramMetricFamily(
+            "ringbus_task_run_seconds",
+            "Task run time: from when a worker took the task until it was done with "
+            "it, answer sent (one observation per task whose handler ran).",
+            labels=labels,
+        )
+        wait = HistogramMetricFamily(
+            "ringbus_task_queue_wait_seconds",
+            "Queue wait: from when the task was queued, or became due (a delay, a "
+            "retry), until a worker took it.",
+            labels=labels,
+        )
+        for path, by_type in sorted(times.items()):
+            server = _server_pid(path)
+            for (task_type, queue), t in sorted(by_type.items()):
+                values = [self.bus, server, task_type, queue]
+                run.add_metric(values, _buckets(t.run), t.run.sum)
+                wait.add_metric(values, _buckets(t.wait), t.wait.sum)
+        yield run
+        yield wait
 
     def _server_metrics(self) -> Iterator[Metric]:
         srv = self.server

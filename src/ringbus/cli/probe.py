@@ -308,6 +308,7 @@ def bus_snapshot(bus: str) -> dict[str, Any]:
                 "server_pid": int(m.group(1)) if m else 0,
                 "queues": _pool_queues(path),
                 "workers": workers,
+                "task_times": _pool_task_times(path),
             }
         )
     replies = []
@@ -367,6 +368,20 @@ def _pool_queues(path: str) -> list[str]:
         return []
     try:
         return ps.queues
+    finally:
+        ps.close()
+
+
+def _pool_task_times(path: str) -> list[dict[str, Any]]:
+    """Run time and queue wait by task type, from a pool's histograms."""
+    from ringbus.server.histograms import times_doc
+
+    try:
+        ps = PoolState.attach(path, writable=False)
+    except (OSError, ValueError):
+        return []
+    try:
+        return times_doc(ps.histograms())
     finally:
         ps.close()
 

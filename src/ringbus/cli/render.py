@@ -24,6 +24,7 @@ __all__ = [
     "plain",
     "render_segments",
     "render_stats",
+    "render_task_times",
 ]
 
 
@@ -208,6 +209,8 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
                 *(plain(fmt_count(int(w.get(c) or 0))) for c in counters),
             )
         parts.append(t)
+        if srv.get("task_times"):
+            parts.append(render_task_times(srv["task_times"]))
     if bus.get("running_tasks"):
         parts.append(_render_running(bus["running_tasks"]))
     if bus.get("unreadable_pools"):
@@ -258,6 +261,43 @@ def _render_running(rows: list[dict[str, Any]]) -> Any:
             plain(r.get("attempt") or "-"),
             plain("-" if p is None else f"{p * 100:.0f}%"),
             plain(r.get("message") or ""),
+        )
+    return t
+
+
+def fmt_seconds(s: float | None) -> str:
+    if s is None:
+        return "-"
+    if s < 0.001:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1000:.1f} ms"
+    return fmt_age(s)
+
+
+def render_task_times(rows: list[dict[str, Any]]) -> Any:
+    """Run time and queue wait by task type (p50/p99 estimated from the
+    histogram buckets, as Prometheus's histogram_quantile does)."""
+    from rich.table import Table
+
+    t = Table(
+        title="task times (run: taken to done; wait: queued or due to taken; "
+        "p50/p99 estimated from buckets)",
+        title_justify="left",
+    )
+    for col in ("task", "queue", "runs", "run p50", "run p99", "waits", "wait p50", "wait p99"):
+        t.add_column(col, justify="left" if col in ("task", "queue") else "right")
+    for r in rows:
+        run, wait = r["run_seconds"], r["queue_wait_seconds"]
+        t.add_row(
+            plain(r["task_type"] if r["task_type"] is not None else "(all)"),
+            plain(r["queue"] if r["queue"] is not None else ""),
+            plain(fmt_count(run["count"])),
+            plain(fmt_seconds(run["p50"])),
+            plain(fmt_seconds(run["p99"])),
+            plain(fmt_count(wait["count"])),
+            plain(fmt_seconds(wait["p50"])),
+            plain(fmt_seconds(wait["p99"])),
         )
     return t
 

@@ -5,6 +5,9 @@ supervisor reads it when a worker dies, ``ringbus stats`` reads it from
 outside, and each slot ends in the worker's *journal*: the transport writes
 the envelope of the task in hand there before it leaves the channel, so a
 worker killed at any instant leaves its task either in the channel or here.
+After the journal, every slot ends in the worker's task run-time and
+queue-wait histograms (``histograms.py``; sized by the header field at
+``HIST_AREA_OFF``, 0 in segments of earlier servers).
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ import os
 import stat
 import struct
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 from ringbus import _names
 from ringbus._proc import mapped_pids, pid_alive
+from ringbus.server import histograms as hist
 from ringbus.transport.base import JOURNAL_DATA_AT
 
 __all__ = ["POOL_MAGIC", "PoolState", "WorkerInfo", "read_pool_states", "server_holds"]
@@ -36,6 +41,12 @@ PER_WORKER = struct.Struct("<I")
 PER_WORKER_OFF = 40
 """u32 in the header: task slots per worker (its ``concurrency``; 0 reads as 1).
 Worker w owns slots w*n .. w*n+n-1; its counters live in the first."""
+HIST_AREA_OFF, HIST_LAYOUT_OFF = 44, 48
+"""u32 in the header: bytes of the histogram area at the end of each slot
+(0: none, a segment of an earlier server); u16: its layout (histograms.py).
+The journal of a slot ends where the area starts."""
+_HIST_HEAD = struct.Struct("<IH")
+_HIST_HEAD_END = HIST_AREA_OFF + _HIST_HEAD.size
 QUEUES_OFF, QUEUES_MAX = 256, 3800
 """u16 length, then the served queues, comma-separated, in taking order
 (issue 16; zero length, as in segments of earlier servers: "default")."""
@@ -65,6 +76,8 @@ STATE_NAMES = ("empty", "starting", "idle", "running", "exited")
 # 460 u16 deliveries allowed for the task in hand (0: not known yet)
 # 504 the journal (see ringbus.transport.base): u32 length of the envelope
 #     in hand (0: none), then from 512 the envelope itself
+# stride - hist_area: the histogram area (histograms.py), up to the end of
+#     the slot; never reset when a new worker takes the slot
 SLOT = struct.Struct("<IIQddHBHBQHdII")
 # What a worker writes when it takes a task (offset 4) and when it finishes (offset 37).
 SLOT_RUN = struct.Struct("<IQddHBHB")
@@ -124,8 +137,9 @@ def _check_file(path: str, st: os.stat_result) -> None:
         )
 
 
-def _check_header(path: str, head: bytes, size: int) -> tuple[int, int]:
-    """(slots, stride) of a header that describes a file of ``size`` bytes."""
+def _check_header(path: str, head: bytes, size: int) -> tuple[int, int, int]:
+    """(slots, stride, histogram area) of a header that describes a file of
+    ``size`` bytes."""
     if size < POOL_HEADER_SIZE or len(head) < POOL_HEADER.size:
         raise ValueError(
             f"{path} is not a ringbus pool state segment "
@@ -156,18 +170,33 @@ def _check_header(path: str, head: bytes, size: int) -> tuple[int, int]:
         raise ValueError(
             f"{path}: bad geometry: {per_worker} task slots per worker do not divide {slots} slots"
         )
-    return slots, stride
+    area = _HIST_HEAD.unpack_from(head, HIST_AREA_OFF)[0] if len(head) >= _HIST_HEAD_END else 0
+    if area % 8 or area > stride - SLOT_HEAD - PAGE:
+        raise ValueError(
+            f"{path}: bad geometry: a histogram area of {area} bytes in slots of {stride} "
+            f"(a multiple of 8 that leaves the slot head and a page of journal)"
+        )
+    return slots, stride, area
 
 
 class PoolState:
     """The pool state segment: a header page, then one slot per worker."""
 
-    def __init__(self, path: str, mm: mmap.mmap, slots: int, stride: int, owner: bool) -> None:
+    def __init__(
+        self, path: str, mm: mmap.mmap, slots: int, stride: int, owner: bool, hist_area: int = 0
+    ) -> None:
         self.path = path
         self.mm = mm
         self.slots = slots
         self.stride = stride
         self.owner = owner
+        self.hist_area = hist_area
+        """Bytes of each slot's histogram area (0: none)."""
+        self.journal_end = stride - hist_area
+        """Where a slot's journal ends (offset in the slot)."""
+        layout = _HIST_HEAD.unpack_from(mm, HIST_AREA_OFF)[1] if hist_area else 0
+        self._hist_readable = hist_area == hist.HIST_AREA and layout == hist.HIST_LAYOUT
+        self._writers: dict[int, hist.SlotHistograms] = {}
 
     @classmethod
     def create(
@@ -184,7 +213,8 @@ class PoolState:
             raise ValueError(f"a pool state holds 0..{MAX_SLOTS} worker slots, not {slots}")
         if per_worker < 1 or slots % per_worker:
             raise ValueError(f"{per_worker} task slots per worker do not divide {slots} slots")
-        stride = -(-(SLOT_HEAD + max(envelope_area, PAGE)) // PAGE) * PAGE
+        area = SLOT_HEAD + max(envelope_area, PAGE) + hist.HIST_AREA
+        stride = -(-area // PAGE) * PAGE
         size = POOL_HEADER_SIZE + slots * stride
         base = f"{_names.SHM_DIR}/{_names.pool_prefix(bus_name)}{os.getpid()}"
         path, n = base, 1
@@ -222,6 +252,7 @@ class PoolState:
         mm[NAME_OFF : NAME_OFF + len(name)] = name
         mm[BROKER_OFF] = 1 if broker else 0
         PER_WORKER.pack_into(mm, PER_WORKER_OFF, per_worker)
+        _HIST_HEAD.pack_into(mm, HIST_AREA_OFF, hist.HIST_AREA, hist.HIST_LAYOUT)
         served = ",".join(queues or []).encode("ascii")
         if len(served) > QUEUES_MAX:
             mm.close()
@@ -229,7 +260,7 @@ class PoolState:
             raise ValueError(f"the served queues take {len(served)} bytes; at most {QUEUES_MAX}")
         _U16.pack_into(mm, QUEUES_OFF, len(served))
         mm[QUEUES_OFF + 2 : QUEUES_OFF + 2 + len(served)] = served
-        return cls(path, mm, slots, stride, owner=True)
+        return cls(path, mm, slots, stride, owner=True, hist_area=hist.HIST_AREA)
 
     @classmethod
     def attach(cls, path: str, writable: bool = True) -> PoolState:
@@ -248,8 +279,8 @@ class PoolState:
         try:
             st = os.fstat(fd)
             _check_file(path, st)
-            head = os.pread(fd, PER_WORKER_OFF + PER_WORKER.size, 0)
-            slots, stride = _check_header(path, head, st.st_size)
+            head = os.pread(fd, _HIST_HEAD_END, 0)
+            slots, stride, area = _check_header(path, head, st.st_size)
             prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
             mm = mmap.mmap(fd, st.st_size, mmap.MAP_SHARED, prot)
         finally:
@@ -257,7 +288,7 @@ class PoolState:
         if bytes(mm[: len(head)]) != head:  # rewritten between the read and the map
             mm.close()
             raise ValueError(f"{path}: the header changed while it was being read")
-        return cls(path, mm, slots, stride, owner=False)
+        return cls(path, mm, slots, stride, owner=False, hist_area=area)
 
     @property
     def server_pid(self) -> int:
@@ -366,26 +397,65 @@ class PoolState:
     def journal(self, slot: int) -> memoryview:
         """A worker's journal (a view into the segment: release it when done)."""
         off = self.offset(slot)
-        return memoryview(self.mm)[off + JOURNAL_OFF : off + self.stride]
+        return memoryview(self.mm)[off + JOURNAL_OFF : off + self.journal_end]
 
     def inflight(self, slot: int) -> bytes | None:
         """The envelope in a worker's journal, if it holds one."""
         off = self.offset(slot)
         (n,) = SLOT_WORKER.unpack_from(self.mm, off + JOURNAL_OFF)
-        if not n or n > self.stride - SLOT_HEAD:
+        if not n or n > self.journal_end - SLOT_HEAD:
             return None
         return bytes(self.mm[off + SLOT_HEAD : off + SLOT_HEAD + n])
 
     def snapshot(self) -> list[WorkerInfo]:
         return [self.read(i) for i in range(self.slots)]
 
+    # ------------------------------------------------------------ histograms
+
+    def observe(
+        self, slot: int, started: float, enqueued: float, task_type: str, data: bytes
+    ) -> None:
+        """Worker: count one task whose handler ran in the histograms of
+        ``slot``: ``started`` is when the worker took it (``time.monotonic()``),
+        ``enqueued`` when it was queued or became due (the envelope's field;
+        0: not known), ``data`` its envelope.  Plain stores in shared memory:
+        no lock, no syscall."""
+        self.observer(slot)(started, enqueued, task_type, data)
+
+    def observer(self, slot: int) -> Callable[[float, float, str, bytes], None]:
+        """``observe`` for one slot, bound once (a hot loop saves a call)."""
+        w = self._writers.get(slot)
+        if w is None:
+            if not self._hist_readable:
+                return _no_observer  # a segment without histograms
+            w = self._writers[slot] = hist.SlotHistograms(
+                self.mm, self.offset(slot) + self.journal_end
+            )
+        return w.observe
+
+    def histograms(self) -> dict[tuple[str, str], hist.TaskTimes]:
+        """Run time and queue wait by (task type, queue), summed over every
+        slot (empty for a segment without histograms)."""
+        out: dict[tuple[str, str], hist.TaskTimes] = {}
+        if self._hist_readable:
+            for slot in range(self.slots):
+                hist.merge_into(out, hist.read_area(self.mm, self.offset(slot) + self.journal_end))
+        return out
+
     def close(self) -> None:
+        for w in self._writers.values():
+            w.release()
+        self._writers.clear()
         with contextlib.suppress(BufferError, ValueError):
             self.mm.close()
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
+
+
+def _no_observer(started: float, enqueued: float, task_type: str, data: bytes) -> None:
+    pass
 
 
 def server_holds(path: str, server_pid: int, created: float | None = None) -> bool:
@@ -412,14 +482,17 @@ def server_holds(path: str, server_pid: int, created: float | None = None) -> bo
 
 
 def read_pool_states(
-    bus_name: str, errors: dict[str, str] | None = None
+    bus_name: str,
+    errors: dict[str, str] | None = None,
+    histograms: dict[str, dict[tuple[str, str], hist.TaskTimes]] | None = None,
 ) -> dict[str, list[WorkerInfo]]:
     """Worker slots of every live server of ``bus_name`` on this machine
     (path -> slots), for ``ringbus stats``.  A server is live if the pid in
     the segment's name holds it or, failing that, some live process maps it
     (see ``server_holds``).  Segments that cannot be read or are refused (see
     ``PoolState.attach``) are skipped; with ``errors``, the reason for each
-    goes there (path -> message)."""
+    goes there (path -> message); with ``histograms``, each segment's task
+    times (path -> ``PoolState.histograms()``)."""
     prefix = _names.pool_prefix(bus_name)
     out: dict[str, list[WorkerInfo]] = {}
     try:
@@ -449,6 +522,8 @@ def read_pool_states(
             continue
         try:
             out[ps.path] = ps.snapshot()
+            if histograms is not None:
+                histograms[ps.path] = ps.histograms()
         finally:
             ps.close()
     return out

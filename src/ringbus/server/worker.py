@@ -225,7 +225,8 @@ class _WorkerLoop(WorkerBase):
         max_tasks = self.max_tasks
         tracker = self.tracker
         no_id = env.NO_ID
-        legacy = bytes((env.LEGACY_TASK_MAGIC,))
+        current = bytes((env.TASK_MAGIC,))
+        observe = pool.observer(slot)  # run time and queue wait (histograms)
         last_reply = b""
         last_type: type | None = None
         fn: Callable[[Any], Any] | None = None
@@ -249,10 +250,10 @@ class _WorkerLoop(WorkerBase):
                 transport.check_channel()
                 take = transport.task_taker(self.journal)
                 continue
-            if data[:1] == legacy:  # the layout before task ids (other producers)
+            if data[:1] != current:  # earlier layouts (other producers, older versions)
                 data = self._legacy(data)
             try:
-                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = unpack(data)
+                magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = unpack(data)
             except struct.error:
                 magic = rlen = -1
                 gid = no_id
@@ -389,6 +390,7 @@ class _WorkerLoop(WorkerBase):
                     except Exception:  # full, too large, closed: the careful way
                         put_addr = None  # and ask again next time: the handle may be gone
                         self._reply(reply, dpid, out, tid)
+            observe(now, enq, type_name, data)  # run time and queue wait, once answered
             journal[0:4] = zero4  # finish_task(), inline on the hot path
             if ack is not None:
                 ack(transport.delivery_tag)

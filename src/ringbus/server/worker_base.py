@@ -58,7 +58,7 @@ class WorkerBase:
         self.slot = slot
         self.flag = flag
         self.rec = memoryview(pool.mm)[pool.offset(slot) : pool.offset(slot) + pool.stride]
-        self.journal = self.rec[JOURNAL_OFF:]
+        self.journal = self.rec[JOURNAL_OFF : pool.journal_end]  # histograms follow
         self.transport: Transport = bus.transport
         self.codec = bus.codec  # the bus's serializer and signer: answers are encoded by it
         t = self.transport
@@ -105,7 +105,8 @@ class WorkerBase:
             log.exception("ringbus worker %d: could not send a result", os.getpid())
 
     def _legacy(self, data: bytes) -> bytes:
-        """An envelope of the 0xB1 layout (no task id) in today's (see envelope.py)."""
+        """An envelope of an earlier layout (0xB3, 0xB1) in today's (see envelope.py);
+        any other comes back unchanged (and is refused as malformed)."""
         return env.from_legacy(data, self.codec.signer)
 
     def _malformed(self, data: bytes, why: str) -> None:
@@ -195,7 +196,8 @@ class WorkerBase:
         if not self.transport.holds_delayed:
             return False
         try:
-            self.transport.put_delayed(env.with_attempt(data, attempt), time.time() + delay)
+            due = time.time() + delay  # its queue wait counts from then (metrics)
+            self.transport.put_delayed(env.with_enqueued(env.with_attempt(data, attempt), due), due)
         except Exception as exc:
             log.warning("ringbus: a retry waits in the worker: the timer store refused it: %s", exc)
             return False

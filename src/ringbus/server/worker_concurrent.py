@@ -56,7 +56,7 @@ log = logging.getLogger("ringbus.server")
 
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
-_LEGACY = bytes((env.LEGACY_TASK_MAGIC,))
+_CURRENT = bytes((env.TASK_MAGIC,))
 
 
 class _Overran(Exception):
@@ -84,7 +84,7 @@ class ConcurrentWorker(WorkerBase):
         self.slots = list(slots)
         stride = pool.stride
         self.recs = [memoryview(pool.mm)[pool.offset(s) : pool.offset(s) + stride] for s in slots]
-        self.journals = [r[JOURNAL_OFF:] for r in self.recs]
+        self.journals = [r[JOURNAL_OFF : pool.journal_end] for r in self.recs]
         self.max_tasks = max_tasks
         self.task_timeout = task_timeout
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
@@ -106,6 +106,7 @@ class ConcurrentWorker(WorkerBase):
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
         self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
+        self._began: list[tuple[float, float, str, bytes] | None] = [None] * len(self.slots)
 
     # -------------------------------------------------------- lifecycle
 
@@ -263,6 +264,9 @@ class ConcurrentWorker(WorkerBase):
             held, self._permits[i] = self._permits[i], None
             if held is not None and release:  # -- limits (a stuck thread keeps its permit)
                 self.limiter.release(*held)
+            began, self._began[i] = self._began[i], None
+            if began is not None:  # its handler ran: run time and queue wait
+                self.pool.observe(self.slot, *began)
             rec = self.recs[i]
             self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
             if self.ack is not None:
@@ -296,10 +300,10 @@ class ConcurrentWorker(WorkerBase):
         """One task in slot ``i``; False when its slot must stay taken (a
         thread that overran still uses it)."""
         rec, slot = self.recs[i], self.slots[i]
-        if data[:1] == _LEGACY:  # the layout before task ids (other producers)
+        if data[:1] != _CURRENT:  # earlier layouts (other producers, older versions)
             data = self._legacy(data)
         try:
-            magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid = (
+            magic, flags, attempt, dpid, tid, deadline, wall, rlen, gid, enq = (
                 env.TASK_HEADER.unpack_from(data)
             )
         except struct.error:
@@ -355,6 +359,7 @@ class ConcurrentWorker(WorkerBase):
             self._cancelled(gid, flags, reply, dpid, tid)
             return True
         set_current(ctx)  # this asyncio task's own context
+        self._began[i] = (now, enq, type_name, data)  # observed by _run (histograms)
         while True:
             try:
                 value = await self._attempt(fn, task, is_async, deadline, ctx)

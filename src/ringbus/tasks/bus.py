@@ -418,7 +418,7 @@ class TaskBus(HandlerRegistry, TaskControl):
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
         self.codec.check_serving()
-        gid, data = self._encode_new(task, 0, 0, b"", deadline, wall, bool(due))
+        gid, data = self._encode_new(task, 0, 0, b"", deadline, wall, due)
         try:
             if due:
                 self.transport.put_delayed(routed(self, cls, priority, data), due)
@@ -450,7 +450,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         if timeout is not None:
             deadline = self._deadline(timeout) + later
             wall = time.time() + later + timeout
-        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall, bool(due))
+        gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply, deadline, wall, due)
         data = routed(self, cls, priority, data)
         fut: BusFuture | BusAsyncFuture
         if loop is None:

@@ -20,6 +20,7 @@ Rules:
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -60,6 +61,7 @@ _NOT_PLAIN = env.FLAG_SIGNED | env.SER_MASK
 _NOT_ROUTED_PLAIN = _NOT_PLAIN | env.FLAG_ROUTED  # routed: the payload ends before its trailer
 _loads = env._loads
 _dumps = env._dumps
+_time = time.time  # the enqueued-at field of a task envelope
 
 NOT_VERIFIED = (
     "the task's signature did not verify (forged, altered, or signed with another "
@@ -199,7 +201,16 @@ class Codec:
     ) -> bytes:
         body = self._fmt_encode(task)
         head = _pack_task(
-            _TASK_MAGIC, flags | self._task_bits, 1, pid, tid, deadline, wall, len(reply), gid
+            _TASK_MAGIC,
+            flags | self._task_bits,
+            1,
+            pid,
+            tid,
+            deadline,
+            wall,
+            len(reply),
+            gid,
+            _time(),  # enqueued at
         )
         data = b"".join((head, reply, body))
         signer = self.signer
@@ -367,7 +378,7 @@ def _encode_plain(
 ) -> bytes:
     """Unsigned pickle: the bytes (and the cost) of ``envelope.encode_task``."""
     return (
-        _pack_task(_TASK_MAGIC, flags, 1, pid, tid, deadline, wall, len(reply), gid)
+        _pack_task(_TASK_MAGIC, flags, 1, pid, tid, deadline, wall, len(reply), gid, _time())
         + reply
         + _dumps(task, 5)
     )

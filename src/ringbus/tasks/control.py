@@ -15,6 +15,7 @@ import time
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus.tasks import envelope as env
 from ringbus.tasks.identity import current_pid, new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
@@ -76,21 +77,24 @@ class TaskControl:
         reply: bytes,
         deadline: float = 0.0,
         wall: float = 0.0,
-        delayed: bool = False,
+        due: float = 0.0,
     ) -> tuple[bytes, bytes]:
         """(id, envelope) of a new task: its status record, then its bytes
-        (the record is dropped again if the task cannot be encoded)."""
+        (the record is dropped again if the task cannot be encoded).
+        ``due``: when a delayed task is due (Unix seconds; 0: now)."""
         pid = current_pid()
         table = self._records  # _new_task(), inline: this runs once per dispatch
         if table is None:
             gid = new_id()
         else:
-            gid = table.add(SCHEDULED if delayed else QUEUED, pid, tid)
+            gid = table.add(SCHEDULED if due else QUEUED, pid, tid)
         try:
             data = self.codec.encode_task(task, tid, flags, pid, reply, deadline, wall, gid=gid)
         except BaseException:
             self._drop_task(gid)
             raise
+        if due:  # its queue wait counts from when it is due (metrics)
+            data = env.with_enqueued(data, due)
         return gid, data
 
     def _drop_task(self, gid: bytes) -> None:

@@ -10,7 +10,8 @@ worker side (server) need them.  This module knows the header bytes;
 Task message::
 
     offset  size  field
-    0       1     magic/version (0xB3; 0xB1 was the layout without field 34)
+    0       1     magic/version (0xB4; 0xB3 was the layout without field 50,
+                  0xB1 the one without fields 34 and 50)
     1       1     flags: bit 0 FLAG_REPLY (the dispatcher waits for a result)
                          bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
                          bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
@@ -22,11 +23,14 @@ Task message::
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
     34      16    global task id (``bus.status(id)``; see tasks/identity.py; zeros = none)
-    50      n     reply address (transport-specific bytes, e.g. a ring name)
-    50+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
+    50      8     enqueued at (time.time() when queued, or when it became due:
+                  a delay's end, a retry's; 0.0 = not known): queue-wait metrics
+    58      n     reply address (transport-specific bytes, e.g. a ring name)
+    58+n    ...   task payload: a pickle (protocol 5), or for msgpack/JSON
                   u8 type-name length, type name, document (serializers.py)
-    -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1 and 4..end-32
-                  (the attempt field is left out: retries rewrite it)
+    -32     32    signed only: keyed BLAKE2b-256 of bytes 0-1, 4-49 and 58..end-32
+                  (the attempt and enqueued-at fields are left out: retries
+                  and delays rewrite them; an 0xB3 tag covers 0-1 and 4..end-32)
 
 With FLAG_ROUTED the task is not on the default queue at priority 0: a
 route trailer ends the payload (before the tag; the tag covers it), so
@@ -52,14 +56,17 @@ Result message::
     -32     32    signed only: keyed BLAKE2b-256 of every byte before it
 
 Unsigned pickle messages have flag bits 1-3 (results: bits 4-6) clear.
-Envelopes of the 0xB1 layout (no global id) are still read by
-``decode_task_header`` (dead letters, delayed tasks of earlier versions).
+Envelopes of the 0xB3 layout (no enqueued-at) and of the 0xB1 layout (no
+global id either) are still read by ``decode_task_header`` (dead letters,
+delayed tasks of earlier versions, producers in other languages); a worker
+upgrades them with ``from_legacy`` (their queue wait is not known).
 """
 
 from __future__ import annotations
 
 import pickle
 import struct
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -74,7 +81,8 @@ __all__ = [
     "TaskHeader",
 ]
 
-TASK_MAGIC = 0xB3
+TASK_MAGIC = 0xB4
+_V3_TASK_MAGIC = 0xB3  # before the enqueued-at field: still read
 _OLD_TASK_MAGIC = 0xB1  # before the global id: still read (dead letters, timers)
 RESULT_MAGIC = 0xB2
 FLAG_REPLY = 0x01
@@ -93,10 +101,14 @@ DEFAULT_ROUTE = ("default", 0)
 OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED = range(7)
 STATUS_NAMES = ("ok", "error", "failed", "timeout", "lost", "wake", "cancelled")
 
-TASK_HEADER = struct.Struct("<BBHIQddH16s")
+TASK_HEADER = struct.Struct("<BBHIQddH16sd")
+_V3_TASK_HEADER = struct.Struct("<BBHIQddH16s")
 _OLD_TASK_HEADER = struct.Struct("<BBHIQddH")
 GID_OFFSET = 34
 """Byte offset of the 16-byte global task id in a task envelope."""
+ENQUEUED_OFFSET = 50
+"""Byte offset of the f64 enqueued-at field (Unix seconds) in a task envelope."""
+_F64 = struct.Struct("<d")
 NO_ID = bytes(16)
 RESULT_HEADER = struct.Struct("<BBQ")
 TASK_HEADER_SIZE = TASK_HEADER.size
@@ -108,6 +120,7 @@ _pack_result = RESULT_HEADER.pack
 _unpack_result = RESULT_HEADER.unpack_from
 _dumps = pickle.dumps
 _loads = pickle.loads
+_time = time.time
 # Below this size a bytes slice (one small copy) is cheaper than a memoryview.
 _VIEW_FROM = 4096
 
@@ -125,6 +138,8 @@ class TaskHeader(NamedTuple):
     wall_deadline: float
     reply_len: int
     gid: bytes = NO_ID
+    enqueued: float = 0.0
+    """When it was queued or became due (Unix seconds; 0.0: not known)."""
 
 
 def encode_task(
@@ -137,11 +152,24 @@ def encode_task(
     wall_deadline: float = 0.0,
     attempt: int = 1,
     gid: bytes = NO_ID,
+    enqueued: float | None = None,
 ) -> bytes:
-    """Header + reply address + already pickled task."""
+    """Header + reply address + already pickled task (``enqueued``: now
+    unless given)."""
+    if enqueued is None:
+        enqueued = _time()
     return (
         _pack_task(
-            TASK_MAGIC, flags, attempt, pid, task_id, deadline, wall_deadline, len(reply), gid
+            TASK_MAGIC,
+            flags,
+            attempt,
+            pid,
+            task_id,
+            deadline,
+            wall_deadline,
+            len(reply),
+            gid,
+            enqueued,
         )
         + reply
         + payload
@@ -156,6 +184,16 @@ _ATTEMPT = struct.Struct("<H")
 def with_attempt(data: bytes, attempt: int) -> bytes:
     """The envelope with its attempt field set (redelivery, retries)."""
     return data[:ATTEMPT_OFFSET] + _ATTEMPT.pack(min(attempt, 0xFFFF)) + data[ATTEMPT_OFFSET + 2 :]
+
+
+def with_enqueued(data: bytes, when: float) -> bytes:
+    """The envelope with its enqueued-at field set to ``when`` (Unix
+    seconds): a delayed task or a retry is due then, and its queue wait
+    counts from then.  Envelopes of earlier layouts come back unchanged.
+    The field is not covered by a signed envelope's tag."""
+    if len(data) < TASK_HEADER_SIZE or data[0] != TASK_MAGIC:
+        return data
+    return data[:ENQUEUED_OFFSET] + _F64.pack(when) + data[ENQUEUED_OFFSET + 8 :]
 
 
 def set_attempt(buf: Any, offset: int, attempt: int) -> None:
@@ -202,12 +240,15 @@ def route_of(data: bytes) -> tuple[str, int]:
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
     """Return (header, reply address, offset of the pickled task)."""
-    if len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
-        hdr = TaskHeader._make(_OLD_TASK_HEADER.unpack_from(data))
-        size = _OLD_TASK_HEADER.size
-    elif len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+    if len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
         hdr = TaskHeader._make(_unpack_task(data))
         size = TASK_HEADER_SIZE
+    elif len(data) >= _V3_TASK_HEADER.size and data[0] == _V3_TASK_MAGIC:
+        hdr = TaskHeader(*_V3_TASK_HEADER.unpack_from(data))  # enqueued: 0.0
+        size = _V3_TASK_HEADER.size
+    elif len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
+        hdr = TaskHeader(*_OLD_TASK_HEADER.unpack_from(data))  # (_make wants every field)
+        size = _OLD_TASK_HEADER.size
     else:
         raise EnvelopeError(f"not a ringbus task envelope ({len(data)} bytes)")
     end = size + hdr.reply_len
@@ -217,15 +258,22 @@ def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:
 
 
 LEGACY_TASK_MAGIC = _OLD_TASK_MAGIC
+_UNKNOWN_TIME = _F64.pack(0.0)
 
 
 def from_legacy(data: bytes, signer: Any = None) -> bytes:
-    """A 0xB1 envelope (no global id: older versions, producers in other
-    languages) in this layout, with a zero id (it runs untracked).  A signed
-    one is upgraded only if its tag verifies, and is signed anew; otherwise
-    (or when it is too short) ``data`` comes back unchanged, and the worker
-    refuses it as it refuses any malformed envelope."""
-    if len(data) < _OLD_TASK_HEADER.size or data[0] != _OLD_TASK_MAGIC:
+    """An envelope of an earlier layout in this one: 0xB3 (no enqueued-at:
+    its queue wait is not known) or 0xB1 (no global id either: a zero id,
+    it runs untracked), from older versions or producers in other
+    languages.  A signed one is upgraded only if its tag verifies, and is
+    signed anew; otherwise (or when it is too short) ``data`` comes back
+    unchanged, and the worker refuses it as it refuses any malformed
+    envelope."""
+    if len(data) >= _V3_TASK_HEADER.size and data[0] == _V3_TASK_MAGIC:
+        at, insert = _V3_TASK_HEADER.size, _UNKNOWN_TIME
+    elif len(data) >= _OLD_TASK_HEADER.size and data[0] == _OLD_TASK_MAGIC:
+        at, insert = _OLD_TASK_HEADER.size, NO_ID + _UNKNOWN_TIME
+    else:
         return data
     end = len(data)
     signed = data[1] & FLAG_SIGNED
@@ -233,14 +281,13 @@ def from_legacy(data: bytes, signer: Any = None) -> bytes:
         if signer is None or not signer.verify(data, True):
             return data
         end -= TAG_SIZE
-    at = _OLD_TASK_HEADER.size
-    out = bytes((TASK_MAGIC,)) + bytes(data[1:at]) + NO_ID + bytes(data[at:end])
+    out = bytes((TASK_MAGIC,)) + bytes(data[1:at]) + insert + bytes(data[at:end])
     return out + signer.tag_task(out) if signed else out
 
 
 def task_gid(data: bytes) -> bytes:
     """The global task id of an envelope (``NO_ID`` if it has none)."""
-    if len(data) >= TASK_HEADER_SIZE and data[0] == TASK_MAGIC:
+    if len(data) >= _V3_TASK_HEADER.size and data[0] in (TASK_MAGIC, _V3_TASK_MAGIC):
         return bytes(data[GID_OFFSET : GID_OFFSET + 16])
     return NO_ID
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import pickle
 import sys
+import time
 from typing import Any
 
 from ringbus.errors import CodecError, RemoteError, RemoteTraceback, TaskFailed
@@ -172,6 +173,7 @@ class MsgspecFormat:
             self.encode_task,
         )
         pack = env_pack_task
+        now = time.time  # the enqueued-at field
 
         def encode(
             task: Any,
@@ -186,7 +188,7 @@ class MsgspecFormat:
             prefix = prefixes.get(type(task))
             if prefix is None:
                 prefix = name_of(type(task))
-            head = pack(magic, flags | bits, 1, pid, tid, deadline, wall, len(reply), gid)
+            head = pack(magic, flags | bits, 1, pid, tid, deadline, wall, len(reply), gid, now())
             try:
                 return head + reply + prefix + enc(task)
             except Exception:

@@ -11,7 +11,9 @@ key limit).  A list of secrets rotates keys: the first signs, any verifies.
 What a tag covers (see ``envelope.py`` for the layouts):
 
 - a task: every byte before the tag except the u16 attempt field (bytes 2-3),
-  which servers and brokers rewrite on retries and redeliveries;
+  which servers and brokers rewrite on retries and redeliveries, and in the
+  0xB4 layout the f64 enqueued-at field (bytes 50-57), which a retry or a
+  delay rewrites to when the task is due (it only feeds queue-wait metrics);
 - a result, a dead-letter record: every byte before the tag.
 """
 
@@ -27,6 +29,7 @@ __all__ = ["TAG_SIZE", "Signer", "load_secret"]
 TAG_SIZE = 32
 _VIEW_FROM = 4096  # below it a bytes slice (a small copy) is cheaper than a memoryview
 SECRET_ENV = "RINGBUS_SECRET"
+_B4, _AT, _AT_END = 0xB4, 50, 58  # envelope.TASK_MAGIC, ENQUEUED_OFFSET and its end
 
 Secret = str | bytes | Sequence[str | bytes]
 
@@ -66,7 +69,12 @@ class Signer:
         """The tag to append to a task envelope ``data`` (without a tag)."""
         h = self._sign.copy()
         h.update(data[:2])  # the attempt field (bytes 2-3) is left out
-        h.update(data[4:] if len(data) < _VIEW_FROM else memoryview(data)[4:])
+        body = data if len(data) < _VIEW_FROM else memoryview(data)
+        if len(data) >= _AT_END and data[0] == _B4:  # and the enqueued-at field
+            h.update(body[4:_AT])
+            h.update(body[_AT_END:])
+        else:
+            h.update(body[4:])
         return h.digest()
 
     def tag(self, data: bytes) -> bytes:
@@ -82,7 +90,12 @@ class Signer:
         if end < 4:
             return False
         body = data if end < _VIEW_FROM else memoryview(data)
-        parts = (data[:2], body[4:end]) if task else (body[:end],)
+        if not task:
+            parts: tuple[bytes | memoryview, ...] = (body[:end],)
+        elif data[0] == _B4 and end >= _AT_END:
+            parts = (data[:2], body[4:_AT], body[_AT_END:end])
+        else:
+            parts = (data[:2], body[4:end])
         tag = data[end:]
         for base in self._bases:
             h = base.copy()
