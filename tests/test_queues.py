@@ -278,21 +278,6 @@ def test_worker_cli_queues_and_stats(bus_name: str, tmp_path: Path) -> None:
         bus.destroy(force=True)
 
 
-def test_redis_has_no_named_queues_yet(bus_name: str, request: pytest.FixtureRequest) -> None:
-    pytest.importorskip("redis", reason="redis-py is not installed")
-    from ringbus.transport.redis import RedisTransport
-
-    server = request.getfixturevalue("redis_server")
-    bus = make_bus(bus_name, transport=RedisTransport(server.url), secret=TEST_SECRET)
-    try:
-        with pytest.raises(NotImplementedError, match="named queues"):
-            bus.send(Mail("/dev/null"))
-        with pytest.raises(NotImplementedError, match="default queue only"):
-            TaskServer(bus, workers=1, queues=["mail"]).start()
-    finally:
-        bus.destroy()
-
-
 def test_a_default_only_worker_blocks_on_the_task_ring_itself(bus_name: str) -> None:
     """The hot path stays as it was: the taker of a worker serving only the
     default queue (no priority rings) is the ring's own take, nothing around it."""

@@ -119,6 +119,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
             doc["broker"] = broker = broker_snapshot(url, bus)
             if doc.get("bus") is not None:
                 doc["bus"]["dead_letters"] = broker["dead_letters"]
+                # Depth per channel from the broker; servers from this machine.
+                servers = doc["bus"]["servers"]
+                doc["bus"]["queues"] = [
+                    {
+                        **q,
+                        "served_by": [
+                            s["server_pid"] for s in servers if q["queue"] in s["queues"]
+                        ],
+                    }
+                    for q in broker["queues"]
+                ]
         return doc
 
     def public(doc: dict[str, Any]) -> dict[str, Any]:

@@ -180,6 +180,16 @@ class BusCollector(Collector):
         assert self.transport is not None
         return int(self.transport.pending_tasks())
 
+    def channel_depths(self) -> dict[tuple[str, int], int]:
+        """Tasks waiting per (queue, priority) channel (issue 16)."""
+        transport = self.transport
+        if transport is None or _is_shm(transport):
+            from ringbus.transport.shm import ShmTransport
+
+            transport = ShmTransport()
+            transport.bind(self.bus)
+        return transport.queue_depths()
+
     def dead_letter_types(self) -> dict[str, int]:
         """Dead letters kept now, by task type."""
         from ringbus.tasks.dead_letters import DeadLetterStore
@@ -288,6 +298,14 @@ class BusCollector(Collector):
             )
             g.add_metric([bus], depth)
             yield g
+        chans = GaugeMetricFamily(
+            "ringbus_channel_depth",
+            "Tasks waiting per queue and priority (ringbus stats NAME shows them too).",
+            labels=["bus", "queue", "priority"],
+        )
+        for (q, p), n in sorted(self.channel_depths().items()):
+            chans.add_metric([bus, q, str(p)], n)
+        yield chans
         dead = GaugeMetricFamily(
             "ringbus_dead_letters",
             "Dead letters kept now, by task type (ringbus dead-letters NAME).",

@@ -466,6 +466,12 @@ def broker_snapshot(url: str, bus: str) -> dict[str, Any]:
         return {
             "transport": t.describe(),
             "pending_tasks": t.pending_tasks(),
+            "queues": [
+                {"queue": q, "priority": p, "depth": n}
+                for (q, p), n in sorted(
+                    t.queue_depths().items(), key=lambda kv: (kv[0][0], -kv[0][1])
+                )
+            ],
             "dead_letters": len(DeadLetterStore(t)),
             "time": time_snapshot(t),
         }

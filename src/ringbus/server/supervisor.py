@@ -179,7 +179,7 @@ class TaskServer(PoolControl):
         try:
             self.queues = served_queues(self.bus, self.queues)
             self.bus.transport.open()
-            self.bus.transport.serve(self.queues)  # makes their rings; Redis: default only
+            self.bus.transport.serve(self.queues)  # makes their rings (Redis: the workers, streams)
         except BaseException:
             self._started = False  # bad queues=: nothing was started
             raise

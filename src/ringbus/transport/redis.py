@@ -16,6 +16,9 @@ Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
   running a long task keeps its entries claimed (a thread refreshes them
   while the handler lets Python threads run), and no worker takes over an
   entry it holds itself or one it has finished.
+- ``ringbus:{<bus>}:tasks:<queue>:<priority>``: the stream of every other
+  (queue, priority) channel, listed in the set ``ringbus:{<bus>}:channels``;
+  same group, same guarantees (``redis_channels``).
 - ``ringbus:{<bus>}:reply:<host>:<pid>:<random>``: a list per dispatching
   process, read by its reader with BLMPOP; ``...:alive`` (refreshed by that
   reader, expiring ``reply_ttl`` seconds after the process is gone) tells
@@ -44,7 +47,9 @@ hash tag, so the transport talks to the one node that holds that slot.
 
 The transport carries opaque bytes (each entry's field ``d``).  Its parts:
 ``redis_conn`` (options, connections, retries, the cluster node),
-``redis_scripts`` (Lua), ``redis_tasks`` (the task stream),
+``redis_scripts`` and ``redis_queue_scripts`` (Lua), ``redis_tasks`` (taking
+tasks), ``redis_channels`` (named queues and priorities: a stream per
+channel), ``redis_reclaim`` (claims: dead workers' entries, the keeper),
 ``redis_combine`` (shared dispatch round trips), ``redis_sender`` (a
 worker's results and acknowledgements), ``redis_identity`` (consumer names),
 ``redis_replies`` (reply lists), ``redis_records`` (the record store) and
@@ -195,6 +200,14 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         if table is not None:
             table.resend(cmds)
 
+    def move_due(self) -> float | None:
+        """Due delayed envelopes to the channel each one's route names (the
+        task layer's ``router``: a retry or a delayed task of a named queue
+        or a priority goes back to it)."""
+        if self.router is None:
+            return super().move_due()
+        return self._move_routed(self._delayed_key)
+
     def close(self) -> None:
         """Send queued results, acknowledge finished tasks, drop this process's
         reply key and consumer (when it holds nothing), close the connections
@@ -213,12 +226,13 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         self._close_connections()
 
     def destroy(self, *, force: bool = False) -> None:
-        """Delete the task and dead-letter streams and the reply keys of
-        dispatchers that are gone (live ones keep theirs)."""
+        """Delete the task, channel and dead-letter streams and the reply keys
+        of dispatchers that are gone (live ones keep theirs)."""
         self.close()
 
         def drop(r: R) -> None:
             keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
+            keys += self._channel_streams(r)
             keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
             keys += list(r.scan_iter(f"{self._prefix}:task:*", count=1000))
             keys.append(f"{self._prefix}:cancelled")

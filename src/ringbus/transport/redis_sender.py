@@ -18,7 +18,7 @@ import threading
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable, TransportClosed
-from ringbus.transport.redis_conn import GROUP, redis
+from ringbus.transport.redis_conn import redis
 from ringbus.transport.redis_scripts import SEND_MANY
 
 __all__ = ["ReplySender"]
@@ -138,8 +138,8 @@ class ReplySender:
             # flushed) must not run the XACK behind a failed NOSCRIPT.  Redis
             # caches the compiled script by its digest all the same.
             cmds.append(("EVAL", SEND_MANY, len(keys), *keys, *args))
-        if acks:
-            cmds.append(("XACK", t.stream, GROUP, *acks))
+        ack_cmds = t._xack_commands(acks)  # one XACK per channel stream
+        cmds += ack_cmds
         self.rounds += 1
         try:
             out = t._retrying(
@@ -167,8 +167,9 @@ class ReplySender:
                 for (k, _), ok in zip(replies, sent, strict=False):
                     if not ok:
                         log.warning("dropping a result: the dispatcher of %s is gone", k)
-        if acks and isinstance(out[-1], Exception):
-            log.warning("ringbus: acknowledging %d task(s): %s", len(acks), out[-1])
+        failed = [o for o in out[len(out) - len(ack_cmds) :] if isinstance(o, Exception)]
+        if acks and failed:
+            log.warning("ringbus: acknowledging %d task(s): %s", len(acks), failed[0])
         elif acks:
             t._acked(len(acks))  # counts toward the next trim
 
