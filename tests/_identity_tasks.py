@@ -53,6 +53,13 @@ class Tiny:
 
 
 @dataclass
+class Mail:
+    """For a handler on a named queue (registered by the test): writes ``marker``."""
+
+    marker: str
+
+
+@dataclass
 class Outage:
     """Sets its progress after ``gate`` appears (the test stops Redis first),
     then writes ``after`` and returns ``n``."""
@@ -114,6 +121,10 @@ def ran(task: Ran) -> None:
 
 def tiny(task: Tiny) -> int:
     return task.n
+
+
+def mail(task: Mail) -> None:
+    Path(task.marker).write_text("ran")
 
 
 def outage(task: Outage) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from _identity_tasks import AsyncWait, Outage, Ran, Report, Tiny, make_identity_bus
+from _identity_tasks import AsyncWait, Mail, Outage, Ran, Report, Tiny, mail, make_identity_bus
 from _redis_support import RedisServer
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
 from ringbus import TaskBus, TaskServer
@@ -97,6 +97,23 @@ def test_cancel_queued_and_running(
     wait_for(lambda: r.zcard(waiting) == 0, 60, "the worker to meet both cancelled tasks")
     assert not marker.exists()
     assert rbus.status("ab" * 16).state == "unknown"
+
+
+def test_a_task_cancelled_on_a_named_queue_never_runs(
+    rbus: TaskBus, servers: list[TaskServer], tmp_path: Path
+) -> None:
+    """A worker serving several channels takes with one script (TAKE): the
+    cancelled set is read behind it too."""
+    rbus.register(Mail, mail, queue="mail")
+    cancelled, later = tmp_path / "cancelled", tmp_path / "later"
+    fut = rbus.dispatch(Mail(str(cancelled)), priority=3)
+    assert rbus.cancel(fut.task_id) is True and fut.cancelled()
+    servers.append(TaskServer(rbus, workers=1, queues=["mail", "default"]).start())
+    assert rbus.dispatch(Mail(str(later)), priority=3).result(timeout=60) is None
+    r = rbus.transport._redis()  # type: ignore[attr-defined]
+    waiting = f"{rbus.transport._prefix}:cancelled"  # type: ignore[attr-defined]
+    wait_for(lambda: r.zcard(waiting) == 0, 60, "the worker to meet the cancelled task")
+    assert later.exists() and not cancelled.exists()
 
 
 def test_a_dispatch_sends_its_status_record_in_the_round_trip_of_its_task(
