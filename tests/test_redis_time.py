@@ -93,3 +93,14 @@ def test_the_lease_of_a_leader_elsewhere_runs_out_first(transport: RedisTranspor
     assert leader_pid(transport.leader() or "") == os.getpid()
     transport.retire(keep_state=False)
     assert transport.leader() is None
+
+
+def test_a_delayed_task_is_never_due_before_its_time(transport: RedisTransport) -> None:
+    """Due times are kept in whole milliseconds: rounded up, never down (a
+    truncated 1234.9 ms ran a task up to a millisecond early)."""
+    due = (int(time.time() * 1000) + 60_000 + 0.9) / 1000  # a fraction of a ms past
+    transport.put_delayed(b"late", due)
+    r: Any = transport._redis()
+    [(_, score)] = r.zrange(transport._delayed_key, 0, -1, withscores=True)
+    assert score >= due * 1000
+    assert transport.scheduled()[1] is not None and transport.scheduled()[1] >= due

@@ -14,6 +14,7 @@ from ringbus.errors import (
     BrokerUnavailable,
     BusClosed,
     CodecError,
+    HeaderError,
     MessageTooLarge,
     NoHandlerError,
     RemoteError,
@@ -32,6 +33,7 @@ from ringbus.errors import (
 )
 
 if TYPE_CHECKING:
+    from ringbus.cli.logs import TaskLogFilter
     from ringbus.queue import DEFAULT_CAPACITY, JoinableQueue, Queue
     from ringbus.server.executor import RingExecutor
     from ringbus.server.supervisor import TaskServer
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from ringbus.tasks.context import TaskContext, current_task
     from ringbus.tasks.dead_letters import DeadLetter
     from ringbus.tasks.handlers import RetryPolicy
+    from ringbus.tasks.middleware import Middleware, TaskMessage
     from ringbus.tasks.status import TaskStatus
     from ringbus.transport.base import Transport
     from ringbus.transport.redis import RedisTransport
@@ -59,6 +62,9 @@ _LAZY = {
     "TaskStatus": "ringbus.tasks.status",
     "DeadLetter": "ringbus.tasks.dead_letters",
     "RetryPolicy": "ringbus.tasks.handlers",
+    "Middleware": "ringbus.tasks.middleware",
+    "TaskMessage": "ringbus.tasks.middleware",
+    "TaskLogFilter": "ringbus.cli.logs",
     "Transport": "ringbus.transport.base",
     "RedisTransport": "ringbus.transport.redis",
     "ShmTransport": "ringbus.transport.shm",
@@ -70,8 +76,10 @@ __all__ = [
     "BusClosed",
     "CodecError",
     "DeadLetter",
+    "HeaderError",
     "JoinableQueue",
     "MessageTooLarge",
+    "Middleware",
     "NoHandlerError",
     "Queue",
     "RedisTransport",
@@ -88,6 +96,8 @@ __all__ = [
     "TaskContext",
     "TaskError",
     "TaskFailed",
+    "TaskLogFilter",
+    "TaskMessage",
     "TaskServer",
     "TaskStatus",
     "TaskTimeout",

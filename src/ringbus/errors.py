@@ -14,6 +14,7 @@ __all__ = [
     "BusClosed",
     "CodecError",
     "EnvelopeError",
+    "HeaderError",
     "MessageTooLarge",
     "NoHandlerError",
     "RemoteError",
@@ -74,6 +75,12 @@ class EnvelopeError(RingbusError, ValueError):
 
 
 # ---------------------------------------------------------------- tasks
+
+
+class HeaderError(RingbusError, ValueError):
+    """A task's middleware headers cannot travel: not str -> str, or larger
+    than the envelope allows (``envelope.MAX_HEADER_BYTES``).  Raised at
+    dispatch; nothing was queued."""
 
 
 class TaskError(RingbusError):

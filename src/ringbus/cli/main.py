@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from ringbus.cli.argtypes import float_above, int_at_least, queue_list
 from ringbus.cli.config import EnvOption, apply_env, choice, env_help
-from ringbus.cli.logs import LEVELS, setup_logging
+from ringbus.cli.logs import LEVELS, setup_logging, worker_logging
 
 if TYPE_CHECKING:
     from ringbus.tasks.bus import TaskBus
@@ -82,6 +82,9 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         concurrency=args.concurrency,
         queues=args.queues,
         max_workers=args.max_workers,
+        # Workers of a rolling restart start fresh (spawn): the same log setup there.
+        initializer=worker_logging,
+        initargs=(args.log_level or "info", args.log_format),
     )
     stop = threading.Event()
     signals_seen = 0

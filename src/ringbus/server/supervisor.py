@@ -567,6 +567,8 @@ class TaskServer(PoolControl):
     def _bury(self, record: bytes, reason: str, type_name: str = "", attempt: int = 0) -> None:
         if bury(self.bus.transport, record, reason, type_name, attempt):
             self.dead_lettered += 1
+            if self.bus._mw is not None and attempt:  # on_dead_letter: no worker can call it
+                self.bus._mw.dead_letter(self.bus, record, reason, type_name, attempt)
 
     @property
     def leading(self) -> bool:

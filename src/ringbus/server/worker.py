@@ -122,6 +122,9 @@ def worker_main(
             sys.stderr.flush()
             os._exit(EXIT_INIT_FAILED)
     code = 0
+    mw = bus._mw
+    if mw is not None:
+        mw.call("worker_start", None, bus)
     try:
         if len(slots) == 1:
             loop = _WorkerLoop(bus, pool, slots[0], max_tasks, flag)
@@ -139,6 +142,8 @@ def worker_main(
             finally:
                 cw.release()
     finally:
+        if mw is not None:
+            mw.call("worker_stop", None, bus)
         for slot in slots:
             pool.set_state(slot, EXITED)
         pool.close()
@@ -237,6 +242,7 @@ class _WorkerLoop(WorkerBase):
         keep_result = 0.0
         limiter = self.limiter
         gated = False  # the current type's handler has a rate_limit / max_concurrency
+        mw = self.mw  # middleware (tasks/middleware.py), None without
         done = 0
         while not flag.stop:
             try:
@@ -303,6 +309,9 @@ class _WorkerLoop(WorkerBase):
                 finish_task()
                 continue
             assert policy is not None and fn is not None
+            call = fn
+            if mw is not None:  # the task's message for the hooks; the handler in them
+                call = mw.wrap(fn, mw.received(bus, data, task, gid, type_name, attempt))
             keep = policy.dead_letter
             rec[maxdel_at:maxdel_end] = max_del_packed
             if attempt > max_del:
@@ -332,7 +341,7 @@ class _WorkerLoop(WorkerBase):
             token = set_current(ctx)
             while True:
                 try:
-                    value = fn(task)
+                    value = call(task)
                     if awaitable(value):
                         value = self._await(value, ctx)
                 except Exception as exc:

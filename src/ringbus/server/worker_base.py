@@ -71,6 +71,8 @@ class WorkerBase:
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
         # Status records, current_task(); kept results are encoded by the codec.
         self.tracker = Tracker(t.task_table(), bus.name, bus.codec)
+        mw = bus._mw  # middleware hooks (tasks/middleware.py); None: no calls per task
+        self.mw = mw if mw is not None and mw.in_worker else None
 
     def release(self) -> None:
         self.journal.release()
@@ -95,6 +97,8 @@ class WorkerBase:
             )
             return
         self._count(dead=1)
+        if self.mw is not None and attempt:  # attempt 0: a malformed envelope, not a task
+            self.mw.dead_letter(self.bus, data, reason, task_type, attempt)
 
     def _reply(self, reply: bytes, dpid: int, out: bytes, tid: int) -> None:
         try:
@@ -215,6 +219,8 @@ class WorkerBase:
         if deadline and time.monotonic() + delay >= deadline:
             return None
         self._count(retried=1)
+        if self.mw is not None:
+            self.mw.retry(self.bus, exc, attempt, delay)
         log.warning(
             "ringbus: task #%d (%s) raised %s: attempt %d of %d in %.3f s",
             tid,

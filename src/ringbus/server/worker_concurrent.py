@@ -337,6 +337,9 @@ class ConcurrentWorker(WorkerBase):
         except Exception as exc:
             self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name)
             return True
+        if self.mw is not None:  # the task's message for the hooks; the handler in them
+            msg = self.mw.received(self.bus, data, task, gid, type_name, attempt)
+            fn = self.mw.wrap(fn, msg, is_async)
         self.pool.set_type(slot, type_name)
         _U16.pack_into(rec, SLOT_MAXDEL_OFF, max_del)
         if attempt > max_del:

@@ -26,12 +26,13 @@ from ringbus._names import validate_bus_name
 from ringbus.errors import TaskTimeout
 from ringbus.tasks import envelope as env
 from ringbus.tasks.codec import Codec
-from ringbus.tasks.control import BusAsyncFuture, TaskControl
-from ringbus.tasks.dead_letters import DeadLetter, DeadLetterStore
+from ringbus.tasks.control import BusAsyncFuture
+from ringbus.tasks.dead_letters import BusDeadLetters
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
+from ringbus.tasks.middleware import BusMiddleware
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, put_off_loop, run_reader
 from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
@@ -61,7 +62,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _DISPATCH_CHUNK = 512  # tasks per transport call in dispatch_many
 
 
-class TaskBus(HandlerRegistry, TaskControl):
+class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
     """A named bus: register handlers per task type, dispatch tasks to workers.
 
     ``name`` derives the transport's channels (shared-memory rings
@@ -74,7 +75,7 @@ class TaskBus(HandlerRegistry, TaskControl):
     bytes, or a list: the first signs, any verifies) signs every envelope;
     ``$RINGBUS_SECRET`` is used when it is not given.  A bus over a
     transport that spans hosts refuses unsigned pickle (to dispatch and to
-    serve) unless ``allow_unsigned_pickle=True``.
+    serve) unless ``allow_unsigned_pickle=True``.  ``middleware``: see ``add_middleware``.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class TaskBus(HandlerRegistry, TaskControl):
         serializer: str = "pickle",
         secret: Secret | None = None,
         allow_unsigned_pickle: bool = False,
+        middleware: Iterable[Any] = (),
     ) -> None:
         super().__init__()
         self._schedules: dict[str, Schedule] = {}
@@ -105,6 +107,8 @@ class TaskBus(HandlerRegistry, TaskControl):
         adopt = getattr(self.transport, "adopt_bus", None)
         if adopt is not None:  # the inline transport runs this bus's handlers itself
             adopt(self)
+        for m in middleware:
+            self.add_middleware(m)
         self._reset_process_state()
         _buses.add(self)
 
@@ -130,6 +134,7 @@ class TaskBus(HandlerRegistry, TaskControl):
             "allow_unsigned_pickle": self._allow_unsigned_pickle,
             "names": dict(self._type_names),
             "queues": dict(self._queues),
+            "middleware": self.middleware,
         }
         return (
             _rebuild_bus,
@@ -212,6 +217,8 @@ class TaskBus(HandlerRegistry, TaskControl):
                 st.pending.pop(tid, None)
                 self._drop_task(gid)
                 raise
+            if self._mw is not None:
+                self._dispatched(gid)
             return fut
         deadline = self._deadline(timeout)
         wall = time.time() + timeout
@@ -228,6 +235,8 @@ class TaskBus(HandlerRegistry, TaskControl):
             st.pending.pop(tid, None)
             self._drop_task(gid)
             raise
+        if self._mw is not None:
+            self._dispatched(gid)
         self._arm(st, deadline, tid, timeout, cls)
         return fut
 
@@ -285,6 +294,8 @@ class TaskBus(HandlerRegistry, TaskControl):
             st.pending.pop(tid, None)
             self._drop_task(gid)
             raise
+        if self._mw is not None:
+            self._dispatched(gid)
         if timeout is not None:
             self._arm(st, deadline, tid, timeout, cls)
         return afut
@@ -331,6 +342,7 @@ class TaskBus(HandlerRegistry, TaskControl):
                 encode(t, tid, FLAG_REPLY, _pid, reply, deadline, wall, gid=gid)
                 for t, tid, gid in zip(tasks, ids, gids, strict=True)
             ]
+            payloads = self._encode_many(tasks, gids, payloads)  # middleware headers
         except BaseException:
             for gid in gids:
                 self._drop_task(gid)
@@ -367,6 +379,7 @@ class TaskBus(HandlerRegistry, TaskControl):
                     f.set_exception(TaskTimeout(why))
                     futs.append(f)
                 tids = tids[:done]
+                self._dispatched(*part_gids[:done])
                 self._arm_all(st, deadline, timeout, tids, tasks[at : at + done])
                 return futs
             except BaseException:
@@ -375,6 +388,7 @@ class TaskBus(HandlerRegistry, TaskControl):
                 for gid in gids[at:]:
                     self._drop_task(gid)
                 raise
+            self._dispatched(*part_gids)
             self._arm_all(st, deadline, timeout, tids, tasks[at : at + len(part)])
         return futs
 
@@ -429,6 +443,8 @@ class TaskBus(HandlerRegistry, TaskControl):
         except BaseException:
             self._drop_task(gid)
             raise
+        if self._mw is not None:
+            self._dispatched(gid)
         return _format_id(gid)
 
     def _later(
@@ -469,6 +485,8 @@ class TaskBus(HandlerRegistry, TaskControl):
             st.pending.pop(tid, None)
             self._drop_task(gid)
             raise
+        if self._mw is not None:
+            self._dispatched(gid)
         if timeout is not None:
             self._arm(st, deadline, tid, timeout + later, cls)
         return fut
@@ -508,8 +526,6 @@ class TaskBus(HandlerRegistry, TaskControl):
         self._schedules[sch.name] = sch
         return task
 
-    # ------------------------------------------------------------ results
-
     # ------------------------------------------------------------ control
 
     def outstanding(self) -> list[Future[Any]]:
@@ -525,24 +541,6 @@ class TaskBus(HandlerRegistry, TaskControl):
         returns how many were cancelled."""
         st = self._st
         return 0 if st is None else cancel_queued(st)
-
-    # ------------------------------------------------------------ dead letters
-
-    @property
-    def dead_letter_store(self) -> DeadLetterStore:
-        return DeadLetterStore(self.transport, self.codec.signer)
-
-    def dead_letters(self) -> list[DeadLetter]:
-        """Every dead letter of the bus, oldest first."""
-        return self.dead_letter_store.letters()
-
-    def retry_dead_letters(self, ids: Iterable[str] | None = None) -> int:
-        """Queue the selected dead letters again (all when ``ids`` is None)."""
-        return self.dead_letter_store.retry(ids)
-
-    def purge_dead_letters(self, ids: Iterable[str] | None = None) -> int:
-        """Drop the selected dead letters (all when ``ids`` is None)."""
-        return self.dead_letter_store.purge(ids)
 
     # ------------------------------------------------------------ lifecycle
 

@@ -58,7 +58,8 @@ _RHS = env.RESULT_HEADER_SIZE
 _SIGNED = env.FLAG_SIGNED
 _SER_MASK = env.SER_MASK
 _NOT_PLAIN = env.FLAG_SIGNED | env.SER_MASK
-_NOT_ROUTED_PLAIN = _NOT_PLAIN | env.FLAG_ROUTED  # routed: the payload ends before its trailer
+# Routed or with headers: the payload ends before its trailers.
+_NOT_ROUTED_PLAIN = _NOT_PLAIN | env.FLAG_ROUTED | env.FLAG_HEADERS
 _loads = env._loads
 _dumps = env._dumps
 _time = time.time  # the enqueued-at field of a task envelope
@@ -248,6 +249,8 @@ class Codec:
             raise SignatureError(UNSIGNED)
         if flags & env.FLAG_ROUTED:  # a named queue or a priority (routing.py)
             end = env.route_end(data, end)
+        if flags & env.FLAG_HEADERS:  # middleware headers (tasks/middleware.py)
+            end = env.headers_end(data, end)
         kind = (flags & _SER_MASK) >> env.SER_SHIFT
         if kind == SER_PICKLE:
             if not (self.pickle_trusted or (signed and signer is not None)):

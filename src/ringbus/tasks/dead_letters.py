@@ -23,7 +23,7 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable, Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from ringbus.tasks.codec import requeue_task
 from ringbus.tasks.envelope import describe_envelope
@@ -31,7 +31,10 @@ from ringbus.tasks.routing import put_envelope
 from ringbus.tasks.signing import Signer, load_secret
 from ringbus.transport.base import Record, Transport
 
-__all__ = ["DeadLetter", "DeadLetterStore"]
+if TYPE_CHECKING:
+    from ringbus.tasks.codec import Codec
+
+__all__ = ["BusDeadLetters", "DeadLetter", "DeadLetterStore"]
 
 _VERSION = 1
 _HEAD = struct.Struct("<BdHHH")
@@ -128,3 +131,26 @@ class DeadLetterStore:
     def purge(self, ids: Iterable[str] | None = None) -> int:
         """Drop the selected letters; returns how many."""
         return len(self.take(ids))
+
+
+class BusDeadLetters:
+    """``TaskBus``'s dead-letter methods."""
+
+    transport: Transport
+    codec: Codec
+
+    @property
+    def dead_letter_store(self) -> DeadLetterStore:
+        return DeadLetterStore(self.transport, self.codec.signer)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Every dead letter of the bus, oldest first."""
+        return self.dead_letter_store.letters()
+
+    def retry_dead_letters(self, ids: Iterable[str] | None = None) -> int:
+        """Queue the selected dead letters again (all when ``ids`` is None)."""
+        return self.dead_letter_store.retry(ids)
+
+    def purge_dead_letters(self, ids: Iterable[str] | None = None) -> int:
+        """Drop the selected dead letters (all when ``ids`` is None)."""
+        return self.dead_letter_store.purge(ids)

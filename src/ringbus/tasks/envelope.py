@@ -16,6 +16,7 @@ Task message::
                          bit 1 FLAG_SIGNED (a 32-byte tag ends the message)
                          bits 2-3 serializer (0 pickle, 1 msgpack, 2 JSON)
                          bit 4 FLAG_ROUTED (a route trailer ends the payload)
+                         bit 5 FLAG_HEADERS (a headers trailer follows the payload)
     2       2     attempt        (1 for the first delivery, + 1 per retry or redelivery)
     4       4     dispatcher pid (liveness check before blocking on its reply ring)
     8       8     task id        (per-dispatcher counter: matches results to futures)
@@ -44,6 +45,16 @@ queue at priority 0 keep the bytes above::
     1     priority (0..9)
     1     ROUTE_MAGIC (0xB7)
 
+With FLAG_HEADERS a headers trailer (``with_headers``: middleware's small
+str -> str map) follows the payload, before the route trailer and the tag
+(the tag covers it; retries, redelivery, delays and ``dead-letters
+--retry`` keep it, as they keep the route).  Tasks without headers keep
+the bytes above::
+
+    L     entries, each: u8 key length k, key (UTF-8), u16 value length v, value (UTF-8)
+    2     L (u16)
+    1     HEADERS_MAGIC (0xB8)
+
 Result message::
 
     0       1     magic/version (0xB2)
@@ -68,10 +79,17 @@ import pickle
 import struct
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
-from ringbus.errors import EnvelopeError, RemoteTraceback, TaskFailed, TaskTimeout, WorkerLost
+from ringbus.errors import (
+    EnvelopeError,
+    HeaderError,
+    RemoteTraceback,
+    TaskFailed,
+    TaskTimeout,
+    WorkerLost,
+)
 
 __all__ = [
     "FLAG_REPLY",
@@ -96,6 +114,10 @@ RESULT_SER_MASK = 0x60
 TAG_SIZE = 32
 FLAG_ROUTED = 0x10
 ROUTE_MAGIC = 0xB7
+FLAG_HEADERS = 0x20
+HEADERS_MAGIC = 0xB8
+MAX_HEADER_BYTES = 4096
+"""Largest headers trailer (entries, length and magic) an envelope may carry."""
 DEFAULT_ROUTE = ("default", 0)
 
 OK, ERROR, FAILED, TIMEOUT, LOST, WAKE, CANCELLED = range(7)
@@ -236,6 +258,87 @@ def route_of(data: bytes) -> tuple[str, int]:
         return bytes(data[end - 3 - n : end - 3]).decode("ascii"), min(int(data[end - 2]), 9)
     except UnicodeDecodeError:
         return DEFAULT_ROUTE
+
+
+_HLEN = struct.Struct("<H")
+
+
+def encode_headers(headers: Mapping[str, str]) -> bytes:
+    """The headers trailer of ``headers`` (see FLAG_HEADERS); ``HeaderError``
+    names what cannot travel (not str -> str, or over ``MAX_HEADER_BYTES``)."""
+    parts: list[bytes] = []
+    size = 3
+    for k, v in headers.items():
+        if not isinstance(k, str) or not k:
+            raise HeaderError(f"header names must be non-empty strings, not {k!r}")
+        if not isinstance(v, str):
+            raise HeaderError(f"header {k!r}: values must be strings, not {type(v).__name__}")
+        kb, vb = k.encode("utf-8"), v.encode("utf-8")
+        if len(kb) > 255:
+            raise HeaderError(f"header name {k[:32]!r}... is {len(kb)} bytes (UTF-8), over 255")
+        size += 3 + len(kb) + len(vb)
+        if size > MAX_HEADER_BYTES:
+            raise HeaderError(
+                f"the task's headers take more than {MAX_HEADER_BYTES} bytes in the envelope "
+                f"(the limit, envelope.MAX_HEADER_BYTES; header {k!r} has {len(vb)} bytes): "
+                "headers are for small strings such as trace ids"
+            )
+        parts += (bytes((len(kb),)), kb, _HLEN.pack(len(vb)), vb)
+    body = b"".join(parts)
+    return body + _HLEN.pack(len(body)) + bytes((HEADERS_MAGIC,))
+
+
+def with_headers(
+    data: bytes, trailer: bytes, tag_task: Callable[[bytes], bytes] | None = None
+) -> bytes:
+    """The envelope with a headers trailer (from ``encode_headers``), added
+    before any route; a signed one is signed again with ``tag_task``."""
+    flags = data[1]
+    if flags & (FLAG_HEADERS | FLAG_ROUTED):
+        raise EnvelopeError("headers go on an envelope once, before its route trailer")
+    signed = flags & FLAG_SIGNED
+    if signed and tag_task is None:
+        raise EnvelopeError("adding headers to a signed envelope needs the bus's secret")
+    body = data[:-TAG_SIZE] if signed else data
+    out = b"".join((body[:1], bytes((flags | FLAG_HEADERS,)), body[2:], trailer))
+    return out + tag_task(out) if signed and tag_task is not None else out
+
+
+def headers_end(data: bytes, end: int) -> int:
+    """Where the payload ends, given where the headers trailer ends."""
+    if end >= 3 and data[end - 1] == HEADERS_MAGIC:
+        return max(0, end - 3 - _HLEN.unpack_from(data, end - 3)[0])
+    return end
+
+
+def headers_of(data: bytes) -> dict[str, str]:
+    """The headers of an envelope ({} without FLAG_HEADERS); ``EnvelopeError``
+    for a trailer that does not parse."""
+    if len(data) < TASK_HEADER_SIZE or not data[1] & FLAG_HEADERS:
+        return {}
+    end = len(data) - (TAG_SIZE if data[1] & FLAG_SIGNED else 0)
+    if data[1] & FLAG_ROUTED:
+        end = route_end(data, end)
+    if end < 3 or data[end - 1] != HEADERS_MAGIC:
+        raise EnvelopeError("FLAG_HEADERS is set but no headers trailer ends the payload")
+    stop = end - 3
+    at = stop - _HLEN.unpack_from(data, stop)[0]
+    if at < TASK_HEADER_SIZE:
+        raise EnvelopeError("malformed headers trailer: its length runs past the payload")
+    out: dict[str, str] = {}
+    try:
+        while at < stop:
+            k = data[at]
+            key = bytes(data[at + 1 : at + 1 + k]).decode("utf-8")
+            at += 1 + k
+            v = _HLEN.unpack_from(data, at)[0]
+            out[key] = bytes(data[at + 2 : at + 2 + v]).decode("utf-8")
+            at += 2 + v
+    except (struct.error, IndexError, UnicodeDecodeError) as exc:
+        raise EnvelopeError(f"malformed headers trailer: {exc}") from None
+    if at != stop:
+        raise EnvelopeError("malformed headers trailer: its entries overrun their length")
+    return out
 
 
 def decode_task_header(data: bytes) -> tuple[TaskHeader, bytes, int]:

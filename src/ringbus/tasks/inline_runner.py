@@ -65,14 +65,14 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
         if flags & FLAG_REPLY:
             transport.send_reply(reply, hdr.pid, out)
 
+    mw = bus._mw  # middleware (tasks/middleware.py)
+
     def fail(exc: BaseException, type_name: str, keep: bool = True) -> None:
         if keep:
-            bus.dead_letter_store.add(
-                env.with_attempt(data, attempt),
-                f"{type(exc).__name__}: {exc} (attempt {attempt})",
-                type_name,
-                attempt,
-            )
+            reason = f"{type(exc).__name__}: {exc} (attempt {attempt})"
+            bus.dead_letter_store.add(env.with_attempt(data, attempt), reason, type_name, attempt)
+            if mw is not None:
+                mw.dead_letter(bus, data, reason, type_name, attempt)
         out = codec.encode_error(tid, exc, flags)
         tracker.failed(data, out)
         answer(out)
@@ -99,6 +99,10 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
         tracker.cancelled(gid)
         answer(codec.encode_text(tid, env.CANCELLED, "cancelled"))
         return
+    msg = None
+    if mw is not None:  # the task's message for the hooks; the handler in them
+        msg = mw.received(bus, data, task, gid, type_name, attempt)
+        fn = mw.wrap(fn, msg)
     token = set_current(ctx)
     try:
         while True:
@@ -119,6 +123,8 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
                     return
                 delay = policy.delay(attempt)
                 transport.backoffs.append((format_id(gid), attempt, delay))
+                if mw is not None:
+                    mw.retry(bus, exc, attempt, delay)
                 log.warning(
                     "ringbus inline: task %s (%s) raised %s: attempt %d of %d (backoff "
                     "%.3f s recorded, not slept)",
@@ -140,3 +146,5 @@ def run_envelope(bus: TaskBus, transport: InlineTransport, data: bytes) -> None:
             return
     finally:
         reset_current(token)
+        if mw is not None and msg is not None:
+            mw.finished(msg)

@@ -509,6 +509,7 @@ def put_off_loop(
             put_for(bus, cls, priority, data, timeout)
         else:
             bus.transport.put_task(data, timeout)
+        bus._dispatched(gid)  # after_dispatch hooks (tasks/middleware.py)
         if timeout is not None:
             bus._arm(st, deadline, tid, timeout, cls)
 
@@ -516,7 +517,7 @@ def put_off_loop(
         exc = f.exception()
         if exc is not None:
             st.pending.pop(tid, None)
-            bus._drop_task(gid)
+            bus._drop_task(gid, exc)
             if not afut.done():
                 afut.set_exception(exc)
 

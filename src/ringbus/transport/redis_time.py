@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import secrets
 import time
@@ -82,7 +83,8 @@ class RedisTime(RedisBase):
         member = secrets.token_bytes(8) + data
         cmds = [
             *self._dispatch_commands(),
-            ("ZADD", self._delayed_key, int(due * 1000), member),
+            # Whole milliseconds, rounded up: truncating ran tasks up to 1 ms early.
+            ("ZADD", self._delayed_key, math.ceil(due * 1000), member),
             ("LPUSH", self._bell_key, b"1"),
             ("LTRIM", self._bell_key, 0, 0),
         ]
