@@ -36,6 +36,8 @@ class ReplySender:
         self._cond = threading.Condition(threading.Lock())  # not reentrant: cheaper
         self._items: list[tuple[str | None, bytes]] = []  # (reply key, result) or (None, entry id)
         self._inflight: list[bytes] = []
+        self._status: list[tuple[Any, ...]] = []  # task status writes, sent ahead (put_commands)
+        self._status_due = False  # a status write asked to go now, not with the next item
         self._busy = False
         self._idle = False  # the thread waits for items (a put must wake it)
         self._closing = False
@@ -51,6 +53,22 @@ class ReplySender:
             self._items.append((key, data))
             if self._idle:
                 self._cond.notify()
+            if self._thread is None:
+                self._start()
+
+    def put_commands(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> None:
+        """Queue commands (a task's status: ``redis_status``) to run ahead of
+        the results queued after them, in the same or an earlier round trip;
+        ``wake=False``: they wait for the next item (the task's result or
+        acknowledgement, which follows) or a later wake."""
+        with self._cond:
+            if self._closing:
+                raise TransportClosed("the result sender is closed")
+            self._status.extend(cmds)
+            if wake:
+                self._status_due = True
+                if self._idle:
+                    self._cond.notify()
             if self._thread is None:
                 self._start()
 
@@ -78,18 +96,22 @@ class ReplySender:
         pid = os.getpid()
         while True:
             with self._cond:
-                while not self._items and not self._closing:
+                while not self._items and not self._status_due and not self._closing:
                     self._idle = True
                     self._cond.wait()
                     self._idle = False
-                if not self._items or os.getpid() != pid:
+                if os.getpid() != pid or (self._closing and not (self._items or self._status)):
                     return
+                if not (self._items or self._status):  # a wake with nothing to send
+                    self._status_due = False
+                    continue
                 batch = self._items[:MAX_BATCH]
                 del self._items[:MAX_BATCH]
+                status, self._status, self._status_due = self._status, [], False
                 self._inflight = [d for k, d in batch if k is None]
                 self._busy = True
             try:
-                self._send(batch)
+                self._send(batch, status)
             except Exception:
                 log.exception("ringbus: sending results failed")
             finally:
@@ -98,11 +120,15 @@ class ReplySender:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _send(self, batch: list[tuple[str | None, bytes]]) -> None:
+    def _send(
+        self, batch: list[tuple[str | None, bytes]], status: list[tuple[Any, ...]] | None = None
+    ) -> None:
+        status = status or []
         t = self.t
         replies = [(k, d) for k, d in batch if k is not None]
         acks = [d for k, d in batch if k is None]
-        cmds: list[tuple[Any, ...]] = []
+        cmds = _squash(status)
+        n_status = len(cmds)
         if replies:
             keys: list[str] = []
             for k, _ in replies:
@@ -120,13 +146,19 @@ class ReplySender:
                 lambda r: self._pipeline(r, cmds), "sending results", lambda: self._closing
             )
         except (TransportClosed, BrokerUnavailable) as exc:
-            log.warning("ringbus: dropping %d result(s): %s", len(replies), exc)
+            log.warning(
+                "ringbus: dropping %d result(s) and %d status write(s): %s",
+                len(replies),
+                len(status),
+                exc,
+            )
             t._to_ack.extend(acks)  # tried again at close, else delivered again
             return
         if out and isinstance(out[0], redis.ResponseError) and t._moved(out[0]):
             self._conn = None  # a Redis Cluster moved the bus's slot: nothing ran there
-            self._send(batch)
+            self._send(batch, status)
             return
+        out = out[n_status:]  # status writes: best effort, like the records they update
         if replies:
             sent = out[0]
             if isinstance(sent, Exception):
@@ -165,9 +197,30 @@ class ReplySender:
         entry ids still to acknowledge."""
         with self._cond:
             if self._thread is not None:
-                self._cond.wait_for(lambda: not self._items and not self._busy, timeout)
+                self._status_due = True  # status writes waiting for company: now
+                self._cond.notify_all()
+                self._cond.wait_for(
+                    lambda: not self._items and not self._status and not self._busy, timeout
+                )
             self._closing = True
             self._cond.notify_all()
             left = [d for k, d in self._items if k is None] + self._inflight
             self._items.clear()
         return left
+
+
+def _squash(status: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Status commands with each run of single-key DELs (the ends of tasks
+    without kept results) as one DEL: one command for Redis, not one a task."""
+    out: list[tuple[Any, ...] | list[Any]] = []
+    run: list[Any] | None = None
+    for cmd in status:
+        if cmd[0] == "DEL":
+            if run is None:
+                run = ["DEL"]
+                out.append(run)
+            run.extend(cmd[1:])
+        else:
+            run = None
+            out.append(cmd)
+    return [tuple(c) for c in out]
