@@ -91,3 +91,15 @@ def _touch(task: Touch) -> None:
 @bus.handler(Flaky, retries=1, backoff=60.0, max_backoff=60.0)
 def _flaky(task: Flaky) -> None:
     raise RuntimeError(f"flaky {task.i}")
+
+
+@dataclass
+class Boom:
+    """Always raises, no retry: failed for good and dead-lettered."""
+
+    i: int
+
+
+@bus.handler(Boom, queue="mail")
+def _boom(task: Boom) -> None:
+    raise ValueError(f"boom {task.i}")

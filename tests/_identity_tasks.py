@@ -52,6 +52,23 @@ class Tiny:
     n: int
 
 
+@dataclass
+class Mail:
+    """For a handler on a named queue (registered by the test): writes ``marker``."""
+
+    marker: str
+
+
+@dataclass
+class Outage:
+    """Sets its progress after ``gate`` appears (the test stops Redis first),
+    then writes ``after`` and returns ``n``."""
+
+    n: int
+    gate: str
+    after: str
+
+
 def _wait_for(path: str, limit: float = 60.0) -> None:
     end = time.monotonic() + limit
     while not Path(path).exists():
@@ -106,6 +123,19 @@ def tiny(task: Tiny) -> int:
     return task.n
 
 
+def mail(task: Mail) -> None:
+    Path(task.marker).write_text("ran")
+
+
+def outage(task: Outage) -> int:
+    ctx = current_task()
+    ctx.set_progress(0.1, "before the gate")
+    _wait_for(task.gate)
+    ctx.set_progress(1.0, "after the gate")  # a status write must never fail a task
+    Path(task.after).write_text("after")
+    return task.n
+
+
 def make_identity_bus(name: str, **kwargs: object) -> TaskBus:
     bus = TaskBus(name, **kwargs)  # type: ignore[arg-type]
     bus.register(Report, report, keep_result=60)
@@ -114,4 +144,5 @@ def make_identity_bus(name: str, **kwargs: object) -> TaskBus:
     bus.register(Stubborn, stubborn, retries=3)
     bus.register(Ran, ran)
     bus.register(Tiny, tiny, keep_result=1)
+    bus.register(Outage, outage, keep_result=60)
     return bus

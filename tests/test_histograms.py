@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from _hist_tasks import Block, Flaky, Long, Quick, Ran, Short, Touch
+from _hist_tasks import Block, Boom, Flaky, Long, Quick, Ran, Short, Touch
 from _ops_support import SHM, TESTS, cli_env, free_port, ringbus_cli, wait_for
 from ringbus import TaskBus, TaskServer
 from ringbus.server import histograms as hist
@@ -555,3 +555,53 @@ def test_quantiles_are_estimated_like_histogram_quantile() -> None:
     top = [0] * hist.NB
     top[-1] = 1
     assert hist.Histogram(tuple(top), 999.0).quantile(0.99) == hist.BOUNDS[-1]
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_outcomes_are_counted_by_task_type_and_queue(
+    hbus: TaskBus, servers: list[TaskServer], concurrency: int
+) -> None:
+    """started / succeeded / failed / retried / dead-lettered per (task type,
+    queue), in the exposition format of the scrape, parsed by prometheus_client."""
+    from ringbus.cli.metrics import render_once
+
+    servers.append(TaskServer(hbus, workers=1, concurrency=concurrency).start())
+    quick = [hbus.dispatch(Quick(i)) for i in range(5)]
+    boom = [hbus.dispatch(Boom(i)) for i in range(3)]
+    flaky = [hbus.send(Flaky(i)) for i in range(2)]  # one retry, 60 s away: retried only
+    assert [f.result(timeout=60) for f in quick] == list(range(5))
+    for f in boom:
+        with pytest.raises(ValueError, match="boom"):
+            f.result(timeout=60)
+    assert len(flaky) == 2
+
+    def counts() -> dict[tuple[str, str, str], float]:
+        out = {}
+        for fam in parser.text_string_to_metric_families(render_once(hbus.name)):
+            name = fam.name.removeprefix("ringbus_task_")
+            if name not in hist.OUTCOMES:
+                continue
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    out[(name, smp.labels["task_type"], smp.labels["queue"])] = smp.value
+        return out
+
+    want = {
+        ("started", "_hist_tasks.Quick", "default"): 5,
+        ("succeeded", "_hist_tasks.Quick", "default"): 5,
+        ("failed", "_hist_tasks.Quick", "default"): 0,
+        ("started", "_hist_tasks.Boom", "mail"): 3,
+        ("succeeded", "_hist_tasks.Boom", "mail"): 0,
+        ("failed", "_hist_tasks.Boom", "mail"): 3,
+        ("dead_lettered", "_hist_tasks.Boom", "mail"): 3,
+        ("retried", "_hist_tasks.Flaky", "default"): 2,
+        ("started", "_hist_tasks.Flaky", "default"): 2,
+        ("failed", "_hist_tasks.Flaky", "default"): 0,
+    }
+    wait_for(
+        lambda: all(counts().get(k) == v for k, v in want.items()),
+        timeout=60,
+        what="the outcome counters",
+    )
+    times = _times(hbus.name)
+    assert times[("_hist_tasks.Boom", "mail")].outcomes == (3, 0, 3, 0, 3)

@@ -36,7 +36,9 @@ def slow_once(task: SlowOnce) -> str:
     mark = Path(task.mark)
     if mark.exists():
         return f"ran again, first in {mark.read_text()}"
-    mark.write_text(str(os.getpid()))
+    tmp = mark.with_suffix(".tmp")  # whole or absent: the test reads it at once
+    tmp.write_text(str(os.getpid()))
+    tmp.rename(mark)
     time.sleep(120)
     return "never"
 

@@ -41,6 +41,7 @@ cdef extern from *:
 
 cdef enum:
     HIST_MAX_BOUNDS = 64
+    HIST_OUTCOMES = 5  # after the two histograms: started, succeeded, failed, retried, dead-lettered
 
 
 cdef class HistWriter:
@@ -98,7 +99,8 @@ cdef class HistWriter:
             i += 1
         return i
 
-    def observe(self, double started, double enqueued, object task_type, object data):
+    cdef inline char *_entry(self, object task_type, object data) except NULL:
+        """The run-time buckets of ``task_type``'s entry (made on first use)."""
         if not self._held:
             raise RingError("histogram area released")
         found = self.entries.get(task_type)
@@ -106,10 +108,28 @@ cdef class HistWriter:
             found = self._new(task_type, data)
             self.entries[task_type] = found
         cdef Py_ssize_t w = found
-        cdef Py_ssize_t nb = self._nb
-        if w < 0 or (w + 2 * (nb + 1)) * 8 > self._size:
+        if w < 0 or (w + 2 * (self._nb + 1) + HIST_OUTCOMES) * 8 > self._size:
             raise ValueError(f"histogram entry at word {w} is outside the area")
-        cdef char *at = self._area + w * 8
+        return self._area + w * 8
+
+    def count(self, object task_type, object data, int outcome):
+        """One more task of ``task_type`` with ``outcome`` (1 succeeded,
+        2 failed, 3 retried, 4 dead-lettered; 0 started is ``observe``'s)."""
+        if not 0 <= outcome < HIST_OUTCOMES:
+            raise ValueError(f"no outcome {outcome}")
+        cdef char *at = self._entry(task_type, data)
+        ringbus_hist_count(at + (2 * (self._nb + 1) + outcome) * 8)
+
+    def observe(self, double started, double enqueued, object task_type, object data,
+                bint succeeded=False):
+        """A task whose handler ran is done with: its run time and queue wait,
+        one more started (and succeeded) task of its type."""
+        cdef char *at = self._entry(task_type, data)
+        cdef Py_ssize_t nb = self._nb
+        cdef char *outcomes = at + 2 * (nb + 1) * 8
+        ringbus_hist_count(outcomes)
+        if succeeded:
+            ringbus_hist_count(outcomes + 8)
         cdef double run = ringbus_hist_clock(CLOCK_MONOTONIC) - started
         ringbus_hist_count(at + self._bucket(run) * 8)
         ringbus_hist_add(at + nb * 8, run)

@@ -184,4 +184,13 @@ class HistWriter:
         add: Callable[[str, bytes], int],
     ) -> None: ...
     def release(self) -> None: ...
-    def observe(self, started: float, enqueued: float, task_type: str, data: bytes) -> None: ...
+    def observe(
+        self,
+        started: float,
+        enqueued: float,
+        task_type: str,
+        data: bytes,
+        succeeded: bool = False,
+    ) -> None: ...
+    def count(self, task_type: str, data: bytes, outcome: int) -> None:
+        """One more task with ``outcome`` (histograms.OUTCOMES index)."""

@@ -110,6 +110,11 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     def snap(prev: dict[str, Any] | None) -> dict[str, Any]:
         doc = stats_snapshot(ring, bus, prev)
+        if bus is not None and doc.get("bus") is not None:
+            from ringbus.cli.running import running_tasks  # progress (issue 17)
+
+            paths = [s["path"] for s in doc["bus"]["servers"]]
+            doc["bus"]["running_tasks"] = running_tasks(bus, paths, url)
         if url and bus is not None:
             doc["broker"] = broker = broker_snapshot(url, bus)
             if doc.get("bus") is not None:

@@ -145,6 +145,16 @@ def _is_shm(transport: Transport | None) -> bool:
     return isinstance(transport, ShmTransport)
 
 
+# The outcome counters by task type and queue (histograms.OUTCOMES order).
+_OUTCOME_HELP = (
+    ("started", "Tasks whose handler ran (counted when it ended)."),
+    ("succeeded", "Tasks whose handler returned."),
+    ("failed", "Tasks that failed for good (last attempt raised, workers died, time limit)."),
+    ("retried", "Attempts that raised and were retried."),
+    ("dead_lettered", "Tasks put in dead letters by the workers."),
+)
+
+
 class BusCollector(Collector):
     """Collects the ``ringbus_*`` metrics of one bus at every scrape.
 
@@ -332,14 +342,21 @@ class BusCollector(Collector):
             "retry), until a worker took it.",
             labels=labels,
         )
+        outcomes = [
+            CounterMetricFamily(f"ringbus_task_{name}", help_text, labels=labels)
+            for name, help_text in _OUTCOME_HELP
+        ]
         for path, by_type in sorted(times.items()):
             server = _server_pid(path)
             for (task_type, queue), t in sorted(by_type.items()):
                 values = [self.bus, server, task_type, queue]
                 run.add_metric(values, _buckets(t.run), t.run.sum)
                 wait.add_metric(values, _buckets(t.wait), t.wait.sum)
+                for family, n in zip(outcomes, t.outcomes, strict=True):
+                    family.add_metric(values, n)
         yield run
         yield wait
+        yield from outcomes
 
     def _server_metrics(self) -> Iterator[Metric]:
         srv = self.server

@@ -211,6 +211,8 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
         parts.append(t)
         if srv.get("task_times"):
             parts.append(render_task_times(srv["task_times"]))
+    if bus.get("running_tasks"):
+        parts.append(_render_running(bus["running_tasks"]))
     if bus.get("unreadable_pools"):
         t = Table(title="pool state segments skipped", title_justify="left")
         t.add_column("path")
@@ -241,6 +243,26 @@ def _render_bus(bus: dict[str, Any]) -> list[Any]:
     if bus.get("time"):
         parts.extend(render_time(bus["time"]))
     return parts
+
+
+def _render_running(rows: list[dict[str, Any]]) -> Any:
+    """The tasks running on this machine's workers, with their progress."""
+    from rich.table import Table
+
+    t = Table(title="running tasks (progress from current_task())", title_justify="left")
+    for col in ("id", "type", "worker", "attempt", "progress", "message"):
+        t.add_column(col, justify="right" if col in ("attempt", "progress") else "left")
+    for r in rows:
+        p = r.get("progress")
+        t.add_row(
+            plain(r["id"]),
+            plain(r.get("type") or "-"),
+            plain(r.get("worker_pid") or "-"),
+            plain(r.get("attempt") or "-"),
+            plain("-" if p is None else f"{p * 100:.0f}%"),
+            plain(r.get("message") or ""),
+        )
+    return t
 
 
 def fmt_seconds(s: float | None) -> str:

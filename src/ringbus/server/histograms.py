@@ -27,9 +27,16 @@ Area layout (all little-endian, every counter 8-byte aligned)::
           136  queue name [120]
           256  run time:   NB x u64 bucket counts, then f64 sum (seconds)
           424  queue wait: NB x u64 bucket counts, then f64 sum (seconds)
+          592  outcomes: u64 started, succeeded, failed, retried, dead-lettered
 
 One entry per task type a worker of the slot has run; the last entry is
 ``OTHER``, for the types that came when every other entry was taken.
+
+Outcomes: *started* and *succeeded* are counted with the times (a task
+whose handler ran is started when it ends, or when its worker is lost and
+the next attempt ends); *failed* (for good: last attempt raised, every
+worker died, time limit, undecodable), *retried* and *dead-lettered* where
+the worker decides them (``WorkerBase``).
 
 What is observed, once per task whose handler ran (whatever its outcome):
 run time, from when the worker took the task until it was done with it
@@ -48,9 +55,13 @@ from typing import Any, NamedTuple
 
 __all__ = [
     "BOUNDS",
+    "DEAD_LETTERED",
+    "FAILED",
     "HIST_AREA",
     "HIST_LAYOUT",
     "OTHER",
+    "OUTCOMES",
+    "RETRIED",
     "Histogram",
     "SlotHistograms",
     "TaskTimes",
@@ -86,13 +97,15 @@ Log-spaced 1-2.5-5 like Dramatiq's defaults, from 100 us (a ringbus task
 often runs in microseconds: a first bucket of 1 ms would hold them all) to
 5 minutes (a queue wait in a backlog)."""
 NB = len(BOUNDS) + 1
-HIST_LAYOUT = 1
+HIST_LAYOUT = 2
 """Version of the layout above (header field ``pool_state.HIST_LAYOUT_OFF``)."""
 AREA_HEAD = 16
 TYPE_MAX, QUEUE_MAX = 128, 120
 KEY_SIZE = 256
 HIST_SIZE = NB * 8 + 8
-ENTRY_SIZE = KEY_SIZE + 2 * HIST_SIZE
+OUTCOMES = ("started", "succeeded", "failed", "retried", "dead_lettered")
+STARTED, SUCCEEDED, FAILED, RETRIED, DEAD_LETTERED = range(len(OUTCOMES))
+ENTRY_SIZE = KEY_SIZE + 2 * HIST_SIZE + 8 * len(OUTCOMES)
 HIST_AREA = 2 * 4096 - 512
 """Bytes at the end of every slot: a page more per slot than before, for a
 journal of a whole number of pages (the slot head is 512 bytes)."""
@@ -103,6 +116,7 @@ OTHER = "(other)"
 _U32 = struct.Struct("<I")
 _KEY = struct.Struct("<BB")
 _HIST = struct.Struct(f"<{NB}Qd")
+_OUTCOMES = struct.Struct(f"<{len(OUTCOMES)}Q")
 _Q_RUN = KEY_SIZE // 8  # in an entry, in 8-byte words: run time, then queue wait
 
 assert ENTRY_SIZE % 8 == 0 and HIST_AREA % 8 == 0 and ENTRIES >= 2
@@ -123,7 +137,7 @@ class SlotHistograms:
     type).  The counting is ``_ring.HistWriter`` (C: it runs once per task);
     the entries' keys are written here, once per task type."""
 
-    __slots__ = ("_buf", "_n", "observe", "writer")
+    __slots__ = ("_buf", "_n", "count", "observe", "writer")
 
     def __init__(self, mm: Any, offset: int) -> None:
         from ringbus._ring import HistWriter
@@ -131,10 +145,11 @@ class SlotHistograms:
         self._buf = memoryview(mm)[offset : offset + HIST_AREA]
         self.writer = HistWriter(mm, offset, HIST_AREA, BOUNDS, self._add)
         self.observe = self.writer.observe
+        self.count = self.writer.count  # (task type, envelope, outcome): failed, retried...
         # The slot may have served other workers: go on from their entries.
         self._n = min(_U32.unpack_from(self._buf, 0)[0], ENTRIES)
         entries = self.writer.entries  # task type -> word offset of its run-time buckets
-        for i, (name, _queue, _run, _wait) in enumerate(_entries(bytes(self._buf), self._n)):
+        for i, (name, *_) in enumerate(_entries(bytes(self._buf), self._n)):
             entries.setdefault(name, _words(i))
 
     def _add(self, task_type: str, data: bytes) -> int:
@@ -224,14 +239,22 @@ class Histogram:
 EMPTY = Histogram((0,) * NB, 0.0)
 
 
+NO_OUTCOMES = (0,) * len(OUTCOMES)
+
+
 class TaskTimes(NamedTuple):
-    """The run time and queue wait of one (task type, queue)."""
+    """The run time, queue wait and outcome counts (``OUTCOMES`` order) of
+    one (task type, queue)."""
 
     run: Histogram
     wait: Histogram
+    outcomes: tuple[int, ...] = NO_OUTCOMES
 
 
-def _entries(raw: bytes, n: int) -> list[tuple[str, str, Histogram, Histogram]]:
+Entry = tuple[str, str, Histogram, Histogram, tuple[int, ...]]
+
+
+def _entries(raw: bytes, n: int) -> list[Entry]:
     out = []
     for i in range(min(n, ENTRIES)):
         at = AREA_HEAD + i * ENTRY_SIZE
@@ -244,12 +267,15 @@ def _entries(raw: bytes, n: int) -> list[tuple[str, str, Histogram, Histogram]]:
         queue = raw[at + 8 + TYPE_MAX : at + 8 + TYPE_MAX + qlen].decode("ascii", "replace")
         run = _HIST.unpack_from(raw, at + KEY_SIZE)
         wait = _HIST.unpack_from(raw, at + KEY_SIZE + HIST_SIZE)
-        out.append((name, queue, Histogram(run[:NB], run[NB]), Histogram(wait[:NB], wait[NB])))
+        outcomes = _OUTCOMES.unpack_from(raw, at + KEY_SIZE + 2 * HIST_SIZE)
+        out.append(
+            (name, queue, Histogram(run[:NB], run[NB]), Histogram(wait[:NB], wait[NB]), outcomes)
+        )
     return out
 
 
-def read_area(mm: Any, offset: int) -> list[tuple[str, str, Histogram, Histogram]]:
-    """(task type, queue, run time, queue wait) of every entry of the area at
+def read_area(mm: Any, offset: int) -> list[Entry]:
+    """(task type, queue, run time, queue wait, outcomes) of every entry of the area at
     ``offset`` (one copy of the entries in use)."""
     (n,) = _U32.unpack_from(mm, offset)
     n = min(n, ENTRIES)
@@ -260,24 +286,27 @@ def _add(a: Histogram, b: Histogram) -> Histogram:
     return Histogram(tuple(x + y for x, y in zip(a.buckets, b.buckets, strict=True)), a.sum + b.sum)
 
 
-def merge_into(
-    out: dict[tuple[str, str], TaskTimes], entries: list[tuple[str, str, Histogram, Histogram]]
-) -> None:
+def _sum(a: TaskTimes, b: TaskTimes) -> TaskTimes:
+    return TaskTimes(
+        _add(a.run, b.run),
+        _add(a.wait, b.wait),
+        tuple(x + y for x, y in zip(a.outcomes, b.outcomes, strict=True)),
+    )
+
+
+def merge_into(out: dict[tuple[str, str], TaskTimes], entries: list[Entry]) -> None:
     """Add a slot's entries to ``out`` ((task type, queue) -> times)."""
-    for name, queue, run, wait in entries:
+    for name, queue, run, wait, outcomes in entries:
+        t = TaskTimes(run, wait, outcomes)
         prev = out.get((name, queue))
-        out[(name, queue)] = (
-            TaskTimes(run, wait)
-            if prev is None
-            else TaskTimes(_add(prev.run, run), _add(prev.wait, wait))
-        )
+        out[(name, queue)] = t if prev is None else _sum(prev, t)
 
 
 def total(times: dict[tuple[str, str], TaskTimes]) -> TaskTimes:
     """Every task type together."""
     out = TaskTimes(EMPTY, EMPTY)
     for t in times.values():
-        out = TaskTimes(_add(out.run, t.run), _add(out.wait, t.wait))
+        out = _sum(out, t)
     return out
 
 
@@ -290,6 +319,7 @@ def times_doc(times: dict[tuple[str, str], TaskTimes]) -> list[dict[str, Any]]:
             "queue": queue,
             "run_seconds": t.run.doc(),
             "queue_wait_seconds": t.wait.doc(),
+            "tasks": dict(zip(OUTCOMES, t.outcomes, strict=True)),
         }
         for (task_type, queue), t in sorted(times.items())
     ]
@@ -301,6 +331,7 @@ def times_doc(times: dict[tuple[str, str], TaskTimes]) -> list[dict[str, Any]]:
                 "queue": None,
                 "run_seconds": t.run.doc(),
                 "queue_wait_seconds": t.wait.doc(),
+                "tasks": dict(zip(OUTCOMES, t.outcomes, strict=True)),
             }
         )
     return rows

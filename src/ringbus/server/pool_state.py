@@ -413,25 +413,43 @@ class PoolState:
     # ------------------------------------------------------------ histograms
 
     def observe(
-        self, slot: int, started: float, enqueued: float, task_type: str, data: bytes
+        self,
+        slot: int,
+        started: float,
+        enqueued: float,
+        task_type: str,
+        data: bytes,
+        succeeded: bool = False,
     ) -> None:
         """Worker: count one task whose handler ran in the histograms of
         ``slot``: ``started`` is when the worker took it (``time.monotonic()``),
         ``enqueued`` when it was queued or became due (the envelope's field;
-        0: not known), ``data`` its envelope.  Plain stores in shared memory:
-        no lock, no syscall."""
-        self.observer(slot)(started, enqueued, task_type, data)
+        0: not known), ``data`` its envelope; one more started (and
+        ``succeeded``) task of its type.  Plain stores in shared memory: no
+        lock, no syscall."""
+        self.observer(slot)(started, enqueued, task_type, data, succeeded)
 
-    def observer(self, slot: int) -> Callable[[float, float, str, bytes], None]:
-        """``observe`` for one slot, bound once (a hot loop saves a call)."""
+    def observer(self, slot: int) -> Callable[..., None]:
+        """``observe`` for one slot, bound once (a hot loop saves a call):
+        ``(started, enqueued, task_type, data, succeeded=False)``."""
+        w = self._slot_histograms(slot)
+        return _no_observer if w is None else w.observe
+
+    def tally(self, slot: int) -> Callable[[str, bytes, int], None]:
+        """``count(task_type, data, outcome)`` of one slot: a failed, retried
+        or dead-lettered task (``histograms.FAILED`` ...)."""
+        w = self._slot_histograms(slot)
+        return _no_tally if w is None else w.count
+
+    def _slot_histograms(self, slot: int) -> hist.SlotHistograms | None:
         w = self._writers.get(slot)
         if w is None:
             if not self._hist_readable:
-                return _no_observer  # a segment without histograms
+                return None  # a segment without histograms
             w = self._writers[slot] = hist.SlotHistograms(
                 self.mm, self.offset(slot) + self.journal_end
             )
-        return w.observe
+        return w
 
     def histograms(self) -> dict[tuple[str, str], hist.TaskTimes]:
         """Run time and queue wait by (task type, queue), summed over every
@@ -454,7 +472,13 @@ class PoolState:
             os.unlink(self.path)
 
 
-def _no_observer(started: float, enqueued: float, task_type: str, data: bytes) -> None:
+def _no_observer(
+    started: float, enqueued: float, task_type: str, data: bytes, succeeded: bool = False
+) -> None:
+    pass
+
+
+def _no_tally(task_type: str, data: bytes, outcome: int) -> None:
     pass
 
 

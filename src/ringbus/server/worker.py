@@ -339,6 +339,7 @@ class _WorkerLoop(WorkerBase):
                 finish_task()
                 continue
             token = set_current(ctx)
+            ok = False  # the handler returned a result (histograms: succeeded)
             while True:
                 try:
                     value = call(task)
@@ -348,7 +349,9 @@ class _WorkerLoop(WorkerBase):
                     if ctx.cancelled:  # told to stop: it stopped
                         self._cancelled(gid, flags, reply, dpid, tid)
                         break
-                    delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
+                    delay = self._retry_delay(
+                        exc, attempt, policy, deadline, tid, type_name, data
+                    )
                     if delay is None:
                         self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                         break
@@ -384,6 +387,7 @@ class _WorkerLoop(WorkerBase):
                         out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
                     tracker.done(gid, tid, value, keep_result, out)
                     del value
+                    ok = True
                     break
             reset_current(token)
             if permit:  # -- limits: the handler is done with its permit
@@ -399,7 +403,7 @@ class _WorkerLoop(WorkerBase):
                     except Exception:  # full, too large, closed: the careful way
                         put_addr = None  # and ask again next time: the handle may be gone
                         self._reply(reply, dpid, out, tid)
-            observe(now, enq, type_name, data)  # run time and queue wait, once answered
+            observe(now, enq, type_name, data, ok)  # run time, queue wait, outcome; once answered
             journal[0:4] = zero4  # finish_task(), inline on the hot path
             if ack is not None:
                 ack(transport.delivery_tag)

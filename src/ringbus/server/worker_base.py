@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from ringbus.errors import MessageTooLarge, Unrecoverable
+from ringbus.server import histograms as hist
 from ringbus.server.limiter import Limiter
 from ringbus.server.pool_state import (
     JOURNAL_OFF,
@@ -69,6 +70,7 @@ class WorkerBase:
         self.dead = DeadLetterStore(t)
         self.limiter = Limiter(bus)  # rate_limit / max_concurrency of handlers
         self.counters = [0, 0, 0]  # failed, retried, dead-lettered
+        self.tally = pool.tally(slot)  # the same, by task type and queue (histograms.py)
         # Status records, current_task(); kept results are encoded by the codec.
         self.tracker = Tracker(t.task_table(), bus.name, bus.codec)
         mw = bus._mw  # middleware hooks (tasks/middleware.py); None: no calls per task
@@ -97,6 +99,8 @@ class WorkerBase:
             )
             return
         self._count(dead=1)
+        if attempt:  # attempt 0: a malformed envelope, not a task
+            self.tally(task_type, data, hist.DEAD_LETTERED)
         if self.mw is not None and attempt:  # attempt 0: a malformed envelope, not a task
             self.mw.dead_letter(self.bus, data, reason, task_type, attempt)
 
@@ -158,6 +162,7 @@ class WorkerBase:
         )
         log.error("ringbus: %s; it goes to dead letters", text)
         self._count(failed=1)
+        self.tally(type_name, data, hist.FAILED)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
         out = self.codec.encode_text(tid, env.LOST, text)
         self.tracker.failed(data, out)
@@ -179,6 +184,7 @@ class WorkerBase:
         """The last attempt failed: keep a dead letter, then answer the caller
         (who may look for the letter as soon as its future fails)."""
         self._count(failed=1)
+        self.tally(type_name, data, hist.FAILED)
         if keep:
             self._dead_letter(
                 env.with_attempt(data, attempt),
@@ -209,7 +215,14 @@ class WorkerBase:
         return True
 
     def _retry_delay(
-        self, exc: Exception, attempt: int, policy: Any, deadline: float, tid: int, name: str
+        self,
+        exc: Exception,
+        attempt: int,
+        policy: Any,
+        deadline: float,
+        tid: int,
+        name: str,
+        data: bytes = b"",
     ) -> float | None:
         """Seconds to wait before attempt ``attempt + 1`` (counted and logged),
         or None when the failed attempt was the last one allowed."""
@@ -219,6 +232,7 @@ class WorkerBase:
         if deadline and time.monotonic() + delay >= deadline:
             return None
         self._count(retried=1)
+        self.tally(name, data, hist.RETRIED)
         if self.mw is not None:
             self.mw.retry(self.bus, exc, attempt, delay)
         log.warning(
@@ -247,6 +261,7 @@ class WorkerBase:
         text = f"task #{tid} ({type_name}) ran longer than {limit:g} s"
         log.warning("ringbus: %s", text)
         self._count(failed=1)
+        self.tally(type_name, data, hist.FAILED)
         self._dead_letter(env.with_attempt(data, attempt), text, type_name, attempt)
         out = self.codec.encode_text(tid, env.TIMEOUT, text)
         self.tracker.failed(data, out)

@@ -109,7 +109,8 @@ class ConcurrentWorker(WorkerBase):
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
         self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
-        self._began: list[tuple[float, float, str, bytes] | None] = [None] * len(self.slots)
+        # (taken at, enqueued at, type, envelope[, succeeded]) of the task in slot i
+        self._began: list[tuple[Any, ...] | None] = [None] * len(self.slots)
 
     # -------------------------------------------------------- lifecycle
 
@@ -268,7 +269,7 @@ class ConcurrentWorker(WorkerBase):
             if held is not None and release:  # -- limits (a stuck thread keeps its permit)
                 self.limiter.release(*held)
             began, self._began[i] = self._began[i], None
-            if began is not None:  # its handler ran: run time and queue wait
+            if began is not None:  # its handler ran: run time, queue wait, outcome
                 self.pool.observe(self.slot, *began)
             rec = self.recs[i]
             self.journals[i][0:4] = _ZERO4  # finished: a kill from now on does not redeliver
@@ -393,7 +394,7 @@ class ConcurrentWorker(WorkerBase):
                 if ctx.cancelled:  # told to stop: it stopped
                     self._cancelled(gid, flags, reply, dpid, tid)
                     return True
-                delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name)
+                delay = self._retry_delay(exc, attempt, policy, deadline, tid, type_name, data)
                 if delay is None:
                     self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                     return True
@@ -423,6 +424,9 @@ class ConcurrentWorker(WorkerBase):
                 await self._answer(reply, dpid, tid, value, flags) if flags & FLAG_REPLY else None
             )
             self.tracker.done(gid, tid, value, policy.keep_result, out)
+            began = self._began[i]
+            if began is not None:  # succeeded (histograms)
+                self._began[i] = (*began, True)
             return True
 
     async def _attempt(

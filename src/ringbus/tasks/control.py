@@ -101,7 +101,7 @@ class TaskControl:
         """The task was not queued after all (the channel refused it)."""
         table = self.transport.task_table()
         if table is not None:
-            table.finish(gid, CANCELLED, 0.0, None)
+            table.drop(gid)
 
     # ------------------------------------------------------------ status
 

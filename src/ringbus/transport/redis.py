@@ -27,6 +27,8 @@ Keys (``<bus>`` is the bus name; the braces are Redis Cluster hash tags):
 - ``ringbus:{<bus>}:delayed``, ``:timers-bell``, ``:leader``, ``:schedule``:
   delayed tasks, the leader's wake-up list, its lease and the schedule state
   (``redis_time``).
+- ``ringbus:{<bus>}:task:<id>``: a task's status record and kept result
+  (``redis_status``), written by a dispatch in the round trip of its XADD.
 
 Trimming only removes entries that the group has acknowledged.  Connection
 errors: a dispatch raises ``BrokerUnavailable`` at once when Redis is down,
@@ -62,12 +64,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ringbus.errors import BrokerUnavailable
+from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
 from ringbus.transport.redis_sender import ReplySender
+from ringbus.transport.redis_status import RedisTaskTable
 from ringbus.transport.redis_tasks import TaskChannel
 from ringbus.transport.redis_time import RedisTime
 
@@ -145,6 +148,58 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
             held = self._limits_held = (os.getpid(), lim)
         return held[1]
 
+    def task_table(self) -> RedisTaskTable:
+        """Task status and kept results: a hash per task (``bus.status``);
+        one table per process (made anew after fork)."""
+        held = self.__dict__.get("_table_held")
+        if held is None or held[0] != os.getpid():
+            with self._lock:  # one table: a record kept by another would never go out
+                held = self.__dict__.get("_table_held")
+                if held is None or held[0] != os.getpid():
+                    held = self._table_held = (os.getpid(), RedisTaskTable(self))
+        return held[1]
+
+    def _local_table(self) -> RedisTaskTable | None:
+        held = self.__dict__.get("_table_held")
+        return held[1] if held is not None and held[0] == os.getpid() else None
+
+    def _dispatch_commands(self) -> list[tuple[Any, ...]]:
+        # New task records ride in the round trip of their tasks (redis_status).
+        cmds = super()._dispatch_commands()
+        table = self._local_table()
+        if table is not None:
+            cmds += table.unsent()
+        return cmds
+
+    def _read_commands(self) -> list[tuple[Any, ...]]:
+        # The tasks cancelled while queued, read after the tasks themselves:
+        # a worker starts a task with no round trip of its own (redis_status).
+        return self.task_table().read_commands()
+
+    def _after_read(self, replies: list[Any]) -> None:
+        self.task_table().after_read(replies)
+
+    def _status_later(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> bool:
+        # A task's running, progress and end writes ride with the worker's
+        # results (redis_sender): no round trip of their own, and the end is
+        # written before the result reaches the caller.
+        sender = self._sender
+        if sender is None:
+            with self._lock:
+                if self._sender is None:
+                    self._sender = ReplySender(self)
+                sender = self._sender
+        try:
+            sender.put_commands(cmds, wake)
+        except TransportClosed:
+            return False
+        return True
+
+    def _dispatch_failed(self, cmds: list[tuple[Any, ...]]) -> None:
+        table = self._local_table()
+        if table is not None:
+            table.resend(cmds)
+
     def move_due(self) -> float | None:
         """Due delayed envelopes to the channel each one's route names (the
         task layer's ``router``: a retry or a delayed task of a named queue
@@ -160,6 +215,9 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         held = self.__dict__.pop("_limits_held", None)
         if held is not None and held[0] == os.getpid():
             held[1].close()
+        table = self._local_table()
+        if table is not None:
+            table.close()
         sender, self._sender = self._sender, None
         if sender is not None:
             self._to_ack.extend(sender.close(self.socket_timeout))
@@ -176,6 +234,8 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
             keys: list[Any] = [self.stream, self.dead_stream, *self._time_keys()]
             keys += self._channel_streams(r)
             keys += list(r.scan_iter(f"{self._prefix}:limit:*", count=1000))
+            keys += list(r.scan_iter(f"{self._prefix}:task:*", count=1000))
+            keys.append(f"{self._prefix}:cancelled")
             for k in r.scan_iter(f"{self._prefix}:reply:*", count=1000):
                 name = as_text(k)
                 if name.endswith(":alive"):

@@ -230,8 +230,28 @@ class RedisBase(Transport):
         raise AssertionError("unreachable")
 
     def _dispatch_commands(self) -> list[tuple[Any, ...]]:
-        """Commands sent ahead of every dispatch (see ReplyChannel)."""
+        """Commands sent ahead of every dispatch, in its round trip (the reply
+        key's ``:alive``, new task records): every put of an envelope
+        (XADD, ZADD) must send them first."""
         return []
+
+    def _read_commands(self) -> list[tuple[Any, ...]]:
+        """Commands pipelined behind a worker's XREADGROUP: Redis runs them
+        once the read returned (``_after_read`` gets their replies)."""
+        return []
+
+    def _after_read(self, replies: list[Any]) -> None:
+        """The replies of ``_read_commands`` (errors as exception objects)."""
+
+    def _status_later(self, cmds: list[tuple[Any, ...]], wake: bool = True) -> bool:
+        """Queue a worker's task-status commands to go out ahead of the
+        results it sends next, off the caller's thread (``wake=False``: with
+        the next result; False: cannot here, send them now)."""
+        return False
+
+    def _dispatch_failed(self, cmds: list[tuple[Any, ...]]) -> None:
+        """``_call`` is about to raise BrokerUnavailable for ``cmds`` (a task
+        record among them must go out with the next dispatch)."""
 
     def _call(self, cmds: list[tuple[Any, ...]], what: str, timeout: float | None) -> list[Any]:
         """Pipelined commands for a caller that wants an answer now (a
@@ -245,6 +265,7 @@ class RedisBase(Transport):
         for attempt in (1, 2):
             left = end - time.monotonic()
             if left <= 0:
+                self._dispatch_failed(cmds)
                 raise self._unavailable(TimeoutError(f"no answer within {budget:g} s"), what)
             conn: Any = None
             try:
@@ -255,6 +276,7 @@ class RedisBase(Transport):
                     conn.disconnect()
                     self._dconns.append(conn)
                 if attempt == 2 or end - time.monotonic() <= 0:
+                    self._dispatch_failed(cmds)
                     raise self._unavailable(exc, what) from None
                 continue
             except BaseException:

@@ -152,11 +152,13 @@ class TaskChannel(Reclaims):
         if block_ms is not None:
             read += ("BLOCK", block_ms)
         read += ("STREAMS", key, ">")
+        after = self._read_commands()  # run once the read returned (redis_status)
         if served:
-            watch, resp = self._with_acks([self._watch_command(), read])
+            watch, resp, *got = self._with_acks([self._watch_command(), read, *after])
             self._watched(watch)
         else:
-            (resp,) = self._with_acks([read])
+            resp, *got = self._with_acks([read, *after])
+        self._after_read(got)
         if isinstance(resp, Exception):
             raise resp
         return stream_entries(resp, self.bus_name)
@@ -171,12 +173,14 @@ class TaskChannel(Reclaims):
         keys = [c.key for c in chans]
         args = [GROUP, self._consumer, count, "1" if self._aging(chans) else "0"]
         args += [c.group for c in chans]
-        watch, resp = self._with_acks(
-            [self._watch_command(), ("EVALSHA", _TAKE_SHA, len(keys), *keys, *args)]
+        after = self._read_commands()  # run once the take returned (redis_status)
+        watch, resp, *got = self._with_acks(
+            [self._watch_command(), ("EVALSHA", _TAKE_SHA, len(keys), *keys, *args), *after]
         )
         self._watched(watch)
         if isinstance(resp, redis.exceptions.NoScriptError):  # a Redis that forgot it
-            (resp,) = self._roundtrip([("EVAL", TAKE, len(keys), *keys, *args)])
+            resp, *got = self._roundtrip([("EVAL", TAKE, len(keys), *keys, *args), *after])
+        self._after_read(got)
         if isinstance(resp, Exception):
             raise resp
         found, rows = resp

@@ -106,6 +106,11 @@ class TaskTable(abc.ABC):
         ``CANCELLED`` at once, a running one gets its cancel flag.  Returns
         the record as it was before (None: unknown)."""
 
+    def drop(self, gid: bytes) -> None:
+        """The task's dispatch failed (not queued): forget its record.  A
+        table may do it lazily (Redis: with the next dispatch's round trip)."""
+        self.finish(gid, CANCELLED, 0.0, None)
+
     def cancel_flag(self, gid: bytes) -> int:
         rec = self.get(gid)
         return 0 if rec is None else rec.cancel
