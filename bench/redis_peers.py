@@ -12,7 +12,7 @@ id), with the result back in the caller:
   oldest before it sends the next), tasks per second;
 - ringbus ``dispatch_many`` of N tasks with their results, tasks per second.
 
-The ringbus rows run the same plain function in a worker pool thread
+The ringbus rows run the same plain function on a worker's task threads
 (``concurrency`` 64: up to 64 tasks per process at once, and batched reads),
 as an ``async def`` on the worker's event loop, and one task at a time per
 process (``concurrency`` 1).

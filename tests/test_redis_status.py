@@ -133,6 +133,16 @@ def test_a_dispatch_sends_its_status_record_in_the_round_trip_of_its_task(
         real(conn, command, check_health)
 
     monkeypatch.setattr(redis.connection.Connection, "send_packed_command", counted)
+    import ringbus.transport.redis_wire as wire  # dispatches go out through redis_wire
+
+    real_pack = wire.pack
+
+    def packed(cmds: Any) -> bytes:
+        if threading.get_ident() == me:
+            sent.append(1)
+        return real_pack(cmds)
+
+    monkeypatch.setattr(wire, "pack", packed)
     fut = rbus.dispatch(Tiny(1))
     tid = rbus.send(Tiny(2))
     later = rbus.dispatch(Tiny(3), delay=3600)

@@ -26,7 +26,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ringbus.errors import TransportClosed
@@ -42,6 +41,7 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
+from ringbus.server.task_threads import TaskThreads
 from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
@@ -90,7 +90,7 @@ class ConcurrentWorker(WorkerBase):
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(len(self.slots)):
             self.free.put(i)
-        self.threads = ThreadPoolExecutor(len(self.slots), thread_name_prefix="ringbus-task")
+        self.threads = TaskThreads(len(self.slots), "ringbus-task")
         self.loop = asyncio.new_event_loop()
         self.running = 0
         self.taken = 0
@@ -103,6 +103,9 @@ class ConcurrentWorker(WorkerBase):
         # Tasks the taker thread hands to the loop; one call_soon_threadsafe per burst.
         self._inbox: collections.deque[tuple[int, bytes, int, object]] = collections.deque()
         self._drain_due = False
+        # Outcomes of plain handlers, back from the pool threads (see _in_thread).
+        self._outbox: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = collections.deque()
+        self._outbox_due = False
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
         self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
@@ -124,7 +127,7 @@ class ConcurrentWorker(WorkerBase):
         try:
             self.loop.run_until_complete(self._until_drained())
         finally:
-            self.threads.shutdown(wait=not self.exit_code, cancel_futures=True)
+            self.threads.shutdown(wait=not self.exit_code)
             self.loop.close()
         return self.exit_code
 
@@ -445,7 +448,7 @@ class ConcurrentWorker(WorkerBase):
                 return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit, stuck=False) from None
-        fut = self.loop.run_in_executor(self.threads, run_with, ctx, fn, task)
+        fut = self._in_thread(ctx, fn, task)
         if limit is None:
             value = await fut
         else:
@@ -459,6 +462,43 @@ class ConcurrentWorker(WorkerBase):
             except asyncio.TimeoutError:
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
+
+    def _in_thread(
+        self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
+    ) -> asyncio.Future[Any]:
+        """``fn(task)`` in a pool thread.  Outcomes come back to the loop in
+        bursts (``_outbox``): one wake-up of the loop for every call finished
+        meanwhile, not one per call as ``run_in_executor`` does."""
+        fut = self.loop.create_future()
+        self.threads.submit(self._call_in_thread, fut, ctx, fn, task)
+        return fut
+
+    def _call_in_thread(
+        self, fut: asyncio.Future[Any], ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
+    ) -> None:
+        try:
+            out = (fut, True, run_with(ctx, fn, task))
+        except BaseException as exc:  # as run_in_executor: the awaiting task decides
+            out = (fut, False, exc)
+        self._outbox.append(out)  # first, then the flag (see _drain_outbox)
+        if not self._outbox_due:
+            self._outbox_due = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain_outbox)
+            except RuntimeError:  # the loop is closed: a stuck thread that came back late
+                pass
+
+    def _drain_outbox(self) -> None:
+        self._outbox_due = False  # first: an outcome appended from now on schedules another
+        box = self._outbox
+        while box:
+            fut, ok, value = box.popleft()
+            if fut.done():  # given up on (time limit)
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
 
     async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> bytes:
         out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 from ringbus import _names
 from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.base import Transport
+from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 try:
     import redis
@@ -45,6 +46,11 @@ GROUP = "workers"
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 _CLUSTER_MOVES = ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")
 NET_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+_CLUSTER_ERRORS = (
+    redis.exceptions.AskError,  # MovedError is one
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+)
 
 _OPTIONS = ("stream_maxlen", "visibility_timeout", "reply_ttl", "socket_timeout")
 
@@ -181,7 +187,10 @@ class RedisBase(Transport):
         forget the node and the connections to it (True), so the next request
         finds the node that holds the slot now."""
         text = str(exc)
-        if not self.cluster or not text.startswith(_CLUSTER_MOVES):
+        # redis-py's parser makes MovedError("<slot> <node>") of "MOVED ..."
+        # (the code stripped), as redis_wire does: the class tells it then.
+        moved = isinstance(exc, _CLUSTER_ERRORS) or text.startswith(_CLUSTER_MOVES)
+        if not self.cluster or not moved:
             return False
         log.warning(
             "ringbus: bus %r: %s; finding its Redis Cluster node again", self.bus_name, text
@@ -261,13 +270,7 @@ class RedisBase(Transport):
             conn: Any = None
             try:
                 conn = self._dispatch_conn(left)
-                conn.send_packed_command(conn.pack_commands(cmds))
-                replies: list[Any] = []
-                for _ in cmds:
-                    try:
-                        replies.append(conn.read_response())
-                    except redis.ResponseError as exc:
-                        replies.append(exc)
+                replies = wire_pipeline(conn, cmds, end)  # redis_wire: hiredis, no redis-py layers
             except NET_ERRORS as exc:
                 if conn is not None:
                     conn.disconnect()

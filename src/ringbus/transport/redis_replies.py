@@ -4,15 +4,18 @@ written by workers only while its ``:alive`` key says a reader listens."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import queue
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable, TransportClosed
 from ringbus.transport.redis_conn import R, RedisBase, log
 from ringbus.transport.redis_scripts import SEND
+from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 __all__ = ["ReplyChannel"]
 
@@ -28,6 +31,8 @@ class ReplyChannel(RedisBase):
         self._reply_closed = False
         self._alive_at = 0.0
         self._alive_outages = 0
+        self._rconns: list[Any] = []  # idle connections of reply readers (redis_wire)
+        self._rides = False  # a worker's results ride its reads (see redis_sender)
 
     def reply_address(self) -> bytes:
         """This process's reply list.  Its ``:alive`` key is set by every
@@ -82,13 +87,11 @@ class ReplyChannel(RedisBase):
                     raise queue.Empty
                 wait = max(wait, 0.001)  # BLMPOP 0 would wait forever
 
-            def pop(r: R, wait: float = wait) -> Any:
-                if wait <= 0:
-                    return r.execute_command("LMPOP", 1, key, "LEFT", "COUNT", max_items)
-                return r.execute_command(
-                    "BLMPOP", f"{wait:.3f}", 1, key, "LEFT", "COUNT", max_items
-                )
-
+            if wait <= 0:
+                cmd: tuple[Any, ...] = ("LMPOP", 1, key, "LEFT", "COUNT", max_items)
+            else:
+                cmd = ("BLMPOP", f"{wait:.3f}", 1, key, "LEFT", "COUNT", max_items)
+            pop: Callable[[R], Any] = functools.partial(self._pop_replies, cmd)
             got = self._retrying(pop, "reading results", self._reply_stopped)
             if got:
                 items = next(iter(got.values())) if isinstance(got, dict) else got[1]
@@ -97,6 +100,30 @@ class ReplyChannel(RedisBase):
                     return out
             if timeout == 0:
                 raise queue.Empty
+
+    def _pop_replies(self, cmd: tuple[Any, ...], r: R = None) -> Any:
+        """One (B)LMPOP on a reader connection of this process's own (two
+        readers may overlap for a moment: each takes its own).  Its socket
+        timeout is ``socket_timeout`` + the longest wait."""
+        try:
+            conn = self._rconns.pop()
+        except IndexError:
+            conn = self._raw_connection(self._reply_key or "")
+        (got,) = wire_pipeline(conn, [cmd])
+        if self._reply_closed:
+            conn.disconnect()
+        else:
+            self._rconns.append(conn)
+        if isinstance(got, Exception):
+            raise got  # a cluster's MOVED: _retrying finds the node again
+        return got
+
+    def _close_connections(self) -> None:
+        super()._close_connections()
+        conns, self._rconns = self._rconns, []
+        for conn in conns:
+            with contextlib.suppress(Exception):
+                conn.disconnect()
 
     def close_replies(self) -> None:
         with self._lock:

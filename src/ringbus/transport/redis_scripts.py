@@ -3,7 +3,16 @@ split by another client's command."""
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "DROP_CONSUMER", "KEEP", "MOVE_DUE", "RELEASE", "RENEW", "SEND", "SEND_MANY"]
+__all__ = [
+    "CLAIM",
+    "DROP_CONSUMER",
+    "KEEP",
+    "MOVE_DUE",
+    "RELEASE",
+    "RENEW",
+    "SEND",
+    "SEND_GROUPED",
+]
 
 SEND = """
 -- Deliver a result only while its dispatcher's reader is alive.
@@ -100,21 +109,24 @@ end
 return 0
 """
 
-SEND_MANY = """
--- SEND for a batch of results: KEYS[2i-1] the reply list, KEYS[2i] its
--- :alive key, ARGV[i] the result, ARGV[#KEYS/2 + 1] the TTL.  Returns one
--- 1 (delivered) or 0 (its dispatcher is gone) per result.
-local n = #KEYS / 2
-local ttl = ARGV[n + 1]
+SEND_GROUPED = """
+-- The results of a batch, grouped by reply list: KEYS[2g-1] a reply list,
+-- KEYS[2g] its :alive key; ARGV[1] the TTL, then per list its count n and
+-- its n results.  A list gets its results (one RPUSH) only while its
+-- dispatcher listens.  Returns 1 (delivered) or 0 (gone) per list.
+local ttl = ARGV[1]
+local at = 2
 local out = {}
-for i = 1, n do
-    if redis.call('exists', KEYS[2 * i]) == 1 then
-        redis.call('rpush', KEYS[2 * i - 1], ARGV[i])
-        redis.call('expire', KEYS[2 * i - 1], ttl)
-        out[i] = 1
+for g = 1, #KEYS / 2 do
+    local n = tonumber(ARGV[at])
+    if redis.call('exists', KEYS[2 * g]) == 1 then
+        redis.call('rpush', KEYS[2 * g - 1], unpack(ARGV, at + 1, at + n))
+        redis.call('expire', KEYS[2 * g - 1], ttl)
+        out[g] = 1
     else
-        out[i] = 0
+        out[g] = 0
     end
+    at = at + n + 1
 end
 return out
 """

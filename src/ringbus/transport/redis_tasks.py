@@ -26,6 +26,7 @@ from ringbus.transport.redis_conn import GROUP, NET_ERRORS, R, as_text, log, red
 from ringbus.transport.redis_identity import Identity
 from ringbus.transport.redis_queue_scripts import TAKE
 from ringbus.transport.redis_reclaim import Reclaims
+from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 __all__ = ["TaskChannel"]
 
@@ -107,20 +108,25 @@ class TaskChannel(Reclaims):
         return conn
 
     def _roundtrip(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
-        """``cmds`` pipelined on the blocking connection; errors as replies."""
+        """``cmds`` pipelined on the blocking connection; errors as replies.
+        A one-at-a-time worker's results and acknowledgements ride ahead of
+        them (``ReplySender.ride``: results first, then every XACK)."""
         conn = self._task_conn()
+        sender = self._sender
+        riding = sender.ride() if self._rides and sender is not None else None
         try:
-            conn.send_packed_command(conn.pack_commands(cmds))
-            replies: list[Any] = []
-            for _ in cmds:
-                try:
-                    replies.append(conn.read_response())
-                except redis.ResponseError as exc:
-                    replies.append(exc)
+            if riding is not None:
+                cmds = riding[0] + cmds  # results first, then every XACK
+            replies = wire_pipeline(conn, cmds)  # redis_wire: hiredis, no redis-py layers
         except BaseException:
+            if riding is not None:
+                sender.fell(riding[1])
             conn.disconnect()
             self._tsock = None
             raise
+        if riding is not None:
+            sender.rode(riding[1], replies[: len(riding[0])])
+            replies = replies[len(riding[0]) :]
         return replies
 
     def _with_acks(self, cmds: list[tuple[Any, ...]]) -> list[Any]:
@@ -202,6 +208,7 @@ class TaskChannel(Reclaims):
         own delivery count."""
         if self._interrupted:
             raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        self._rides = True  # one task at a time: its result rides the next read
         with self._tlock:
             ((data, deliveries, tag),) = self._get_tasks(1, timeout, self._served is not None)
             self.deliveries = deliveries
