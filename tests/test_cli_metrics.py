@@ -175,7 +175,14 @@ def test_stats_prometheus_of_a_bus_without_server(ops_bus: TaskBus) -> None:
     assert out.returncode == 0, out.stderr
     m = parse(out.stdout)
     assert value(m, "ringbus_queue_depth", bus=bus.name) == 2
+    assert value(m, "ringbus_scheduled_tasks", bus=bus.name) == 0
     assert "ringbus_workers_alive" not in names(m)  # no server: no per-server series
+    bus.dispatch(Ok(3), delay=3600)  # held by the timer store: scheduled, not queued
+    bus.send(Ok(4), delay=3600)
+    out = ringbus_cli("stats", bus.name, "--format", "prometheus", env=cli_env(bus.name))
+    m = parse(out.stdout)
+    assert value(m, "ringbus_scheduled_tasks", bus=bus.name) == 2
+    assert value(m, "ringbus_queue_depth", bus=bus.name) == 2
 
 
 def test_metrics_port_in_use_is_a_usage_error(ops_bus: TaskBus) -> None:

@@ -200,6 +200,20 @@ class BusCollector(Collector):
             transport.bind(self.bus)
         return transport.queue_depths()
 
+    def scheduled(self) -> int | None:
+        """Delayed tasks waiting for their time (delays, retries held by the
+        timer store); None where it cannot be read."""
+        transport = self.transport
+        if transport is None:
+            from ringbus.transport.shm import ShmTransport
+
+            transport = ShmTransport()
+            transport.bind(self.bus)
+        try:
+            return int(transport.scheduled()[0])
+        except Exception:  # a broker away, a store not made yet: no sample
+            return None
+
     def dead_letter_types(self) -> dict[str, int]:
         """Dead letters kept now, by task type."""
         from ringbus.tasks.dead_letters import DeadLetterStore
@@ -316,6 +330,15 @@ class BusCollector(Collector):
         for (q, p), n in sorted(self.channel_depths().items()):
             chans.add_metric([bus, q, str(p)], n)
         yield chans
+        scheduled = self.scheduled()
+        if scheduled is not None:
+            g = GaugeMetricFamily(
+                "ringbus_scheduled_tasks",
+                "Delayed tasks waiting for their time (delay=, eta=, retries).",
+                labels=["bus"],
+            )
+            g.add_metric([bus], scheduled)
+            yield g
         dead = GaugeMetricFamily(
             "ringbus_dead_letters",
             "Dead letters kept now, by task type (ringbus dead-letters NAME).",
