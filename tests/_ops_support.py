@@ -67,11 +67,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "c
 class Worker:
     """A ``ringbus worker _ops_tasks:bus`` subprocess and its stderr lines."""
 
-    def __init__(self, bus_name: str, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        bus_name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        target: str = "_ops_tasks:bus",
+    ) -> None:
         self.bus_name = bus_name
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ringbus.cli", "worker", "_ops_tasks:bus", *args],
+            [sys.executable, "-m", "ringbus.cli", "worker", target, *args],
             env=env or cli_env(bus_name),
             stderr=subprocess.PIPE,
             text=True,

@@ -12,9 +12,6 @@ import os
 import pickle
 import signal
 import struct
-import subprocess
-import sys
-import threading
 import time
 import urllib.request
 import uuid
@@ -25,7 +22,7 @@ from typing import Any
 import pytest
 
 from _hist_tasks import Block, Boom, Flaky, Long, Quick, Ran, Short, Touch
-from _ops_support import SHM, TESTS, cli_env, free_port, ringbus_cli, wait_for
+from _ops_support import SHM, Worker, cli_env, free_port, ringbus_cli, wait_for
 from ringbus import TaskBus, TaskServer
 from ringbus.server import histograms as hist
 from ringbus.server.pool_state import PoolState, read_pool_states
@@ -45,41 +42,11 @@ interval into a wall-clock instant (clocks slewed by NTP drift apart a little)."
 # ---------------------------------------------------------------- helpers
 
 
-class HistWorker:
+class HistWorker(Worker):
     """A ``ringbus worker _hist_tasks:bus`` subprocess and its stderr lines."""
 
     def __init__(self, bus_name: str, *args: str) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ringbus.cli", "worker", "_hist_tasks:bus", *args],
-            env=cli_env(bus_name),
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=str(TESTS),
-        )
-        assert self.proc.stderr is not None
-        stderr = self.proc.stderr
-        self._reader = threading.Thread(target=lambda: self.lines.extend(stderr), daemon=True)
-        self._reader.start()
-
-    def wait_serving(self) -> None:
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"worker exited {self.proc.returncode}: {self.lines}")
-            return any("serving bus" in ln for ln in self.lines)
-
-        wait_for(ready, what="the worker to serve")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._reader.join(timeout=10)
-        return code
+        super().__init__(bus_name, *args, target="_hist_tasks:bus")
 
 
 @pytest.fixture(name="hbus")
