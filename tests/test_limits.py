@@ -66,7 +66,11 @@ def test_rate_limit_holds_across_servers(
     # machine's load, not the bucket: 20 in 3 s was seen at load 8).
     assert len(in_window) >= burst, len(in_window)
     stats = ShmLimits(lbus.name).stats(limit_key(Tick))
-    assert stats["rate_granted"] == len(starts(log))  # every grant ran: none lost
+    # Every grant ran, but for the tasks in hand when the servers stopped: a
+    # task granted its token just then is handed back unstarted (its token is
+    # spent: the limit errs on the safe side). At most one per task slot.
+    ran = len(starts(log))
+    assert ran <= stats["rate_granted"] <= ran + 2 * 2 * 4, (stats, ran)
     assert stats["rate_refused"] > 0
 
 
