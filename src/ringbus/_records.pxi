@@ -58,10 +58,6 @@ cdef class TaskRecords:
             return -1
         return <Py_ssize_t>slot * self.record_size
 
-    def offset(self, bytes gid):
-        """Where ``gid``'s record starts, from ``base`` (-1: no slot here)."""
-        return self._off(gid)
-
     def use_block(self, Py_ssize_t first, Py_ssize_t count, bint evict, bytes nonce):
         """Fill records of slots [first, first + count) from now on; ``evict``:
         kept results may be replaced before their time.  ``nonce``: 8 random
@@ -105,12 +101,6 @@ cdef class TaskRecords:
             return PyBytes_FromStringAndSize(<char *>self._id, 16)
         return None
 
-    def fill(self, bytes gid, int state, uint32_t dispatcher_pid, uint64_t counter, double now):
-        cdef Py_ssize_t off = self._off(gid)
-        if off >= 0:
-            task_record_fill(self._base + off, <const uint8_t *>PyBytes_AS_STRING(gid), <uint8_t>state,
-                             dispatcher_pid, counter, now)
-
     def begin(self, bytes gid, int attempt, uint32_t worker_pid, double now):
         """A worker starts the task: the record's offset (>= 0, for
         ``cancel_flag``) to run it, -1 not tracked here (run it), -2 it was
@@ -147,7 +137,7 @@ cdef class TaskRecords:
                                   now, hold)
 
     def cancel_flag(self, Py_ssize_t offset):
-        """The cancel flag of the record at ``offset`` (from ``offset()``)."""
+        """The cancel flag of the record at ``offset`` (``begin``'s answer)."""
         if not self._held or offset < 0 or offset > (self.slots - 1) * self.record_size:
             return 0
         return task_record_cancel_flag(self._base + offset)
