@@ -103,8 +103,10 @@ def test_max_concurrency_holds_and_a_killed_holder_gives_its_permit_back(
         f.result(timeout=60)
     assert len(spans(log)) == 40 + 2 + 20
     assert most_at_once(spans(log)) <= 2
-    stats = ShmLimits(lbus.name).stats(key)
-    assert stats["reclaimed"] == 2 and stats["held"] == 0
+    # A worker gives its permit back after it answered: the last caller may see
+    # its result a moment before that.
+    wait_for(lambda: ShmLimits(lbus.name).stats(key)["held"] == 0, what="the last permit back")
+    assert ShmLimits(lbus.name).stats(key)["reclaimed"] == 2
 
 
 @pytest.mark.parametrize(
