@@ -16,6 +16,7 @@ from test_corruption import mapped, set_u64
 
 OFF_RECOVERY_LOCK = 784
 OFF_RECOVERY_LEASE = 792
+LEASE_HELD_NS = 950_000_000  # just under the longest valid lease, 1 s
 
 
 def test_a_bogus_recovery_lock_holder_does_not_block_recovery(shm_name: str) -> None:
@@ -50,17 +51,20 @@ def test_the_recovery_lock_is_a_lease(shm_name: str, lease_s: float) -> None:
 
 def test_recover_reports_a_lock_held_under_a_valid_lease(shm_name: str) -> None:
     """While its holder keeps renewing the lease, recover() gives up with
-    RingError instead of taking the lock."""
+    RingError instead of taking the lock.  The holder keeps its lease near the
+    longest valid one (1 s), so only a stall of the renewing thread longer
+    than that could let recover() take over (a 300 ms lease was outlived by
+    a starved renewer in an ASan CI run)."""
     stop = threading.Event()
     with Queue(8, name=shm_name) as q, mapped(shm_name) as m:
         struct.pack_into("<I", m, OFF_RECOVERY_LOCK, 1)
 
         def renew() -> None:
             while not stop.is_set():
-                set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + 300_000_000)
-                time.sleep(0.02)
+                set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + LEASE_HELD_NS)
+                time.sleep(0.01)
 
-        set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + 300_000_000)
+        set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + LEASE_HELD_NS)
         t = threading.Thread(target=renew)
         t.start()
         try:
