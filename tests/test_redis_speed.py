@@ -324,6 +324,46 @@ def test_a_one_at_a_time_worker_sends_its_results_with_its_next_read(
         r.close()
 
 
+@dataclass
+class Quick:
+    n: int
+
+
+async def quick(task: Quick) -> int:
+    return task.n
+
+
+def test_a_concurrent_worker_sends_async_results_with_its_next_read(
+    redis_server: RedisServer, bus_name: str
+) -> None:
+    """At concurrency 64, ``async def`` handlers that finish at once: the
+    worker's loop reads, and their results and acknowledgements ride its
+    next XREADGROUP (no sending thread's connection ends on an XACK)."""
+    bus = TaskBus(bus_name, transport=redis_server.url, secret=TEST_SECRET)
+    bus.register(Quick, quick)
+    r: Any = redis.Redis.from_url(redis_server.url)
+    try:
+        with TaskServer(bus, workers=1, concurrency=64):
+            for i in range(10):
+                assert bus.dispatch(Quick(i)).result(timeout=60) == i
+            time.sleep(1.5)  # Redis counts idle time in whole seconds
+            t0 = time.monotonic()
+            for i in range(50):
+                assert bus.dispatch(Quick(i)).result(timeout=60) == i
+            clients = r.client_list()
+            recent = int(time.monotonic() - t0) + 1
+            assert any(c["cmd"] == "xreadgroup" for c in clients)
+            assert not [
+                c for c in clients if c["cmd"] in ("xack", "eval") and int(c["idle"]) < recent
+            ]
+            futs = [bus.dispatch(Quick(i)) for i in range(500)]  # batches too
+            assert [f.result(timeout=60) for f in futs] == list(range(500))
+            assert r.xpending(bus.transport.stream, "workers")["pending"] == 0  # type: ignore[attr-defined]
+    finally:
+        bus.destroy(force=True)
+        r.close()
+
+
 def test_a_worker_that_stops_after_its_task_still_answers(
     redis_server: RedisServer, bus_name: str, tmp_path: Path
 ) -> None:

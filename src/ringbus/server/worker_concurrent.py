@@ -57,6 +57,7 @@ log = logging.getLogger("ringbus.server")
 _U16 = struct.Struct("<H")
 _ZERO4 = bytes(4)
 _CURRENT = bytes((env.TASK_MAGIC,))
+_YIELDS = 4  # loop turns a batch's tasks get before the next read
 
 
 class _Overran(Exception):
@@ -97,6 +98,8 @@ class ConcurrentWorker(WorkerBase):
         self.done = 0
         self.exit_code = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._io: Any = None  # a transport's reads on this loop (Redis: redis_loop)
+        self._slot_freed = asyncio.Event()
         self._quiet = asyncio.Event()
         self._taker_done = asyncio.Event()
         self._types: dict[type, tuple[Callable[[Any], Any], Any, str, int, bool]] = {}
@@ -122,11 +125,20 @@ class ConcurrentWorker(WorkerBase):
         """Serve until stopped (or recycled); returns the exit status."""
         asyncio.set_event_loop(self.loop)
         self._quiet.set()
-        taker = threading.Thread(target=self._take_loop, name="ringbus-taker", daemon=True)
-        taker.start()
+        t = self.transport
+        make = getattr(t, "loop_taker", None) if t.takes_batches else None
+        taker: Any = None
+        if make is not None:  # the loop reads itself: no taker thread (redis_loop)
+            self._io = make(self.loop, lambda: self.running)
+            taker = self.loop.create_task(self._take_on_loop())
+        else:
+            taker = threading.Thread(target=self._take_loop, name="ringbus-taker", daemon=True)
+            taker.start()
         try:
             self.loop.run_until_complete(self._until_drained())
         finally:
+            if self._io is not None:
+                self._io.close()
             self.threads.shutdown(wait=not self.exit_code)
             self.loop.close()
         return self.exit_code
@@ -144,6 +156,62 @@ class ConcurrentWorker(WorkerBase):
         self.flag.stop = True
         self.transport.interrupt()
         self.free.put(-1)
+        self._slot_freed.set()
+
+    # -------------------------------------------------------- taking on the loop
+
+    async def _take_on_loop(self) -> None:
+        """The taker of a transport that reads on the worker's loop: entries
+        start as tasks at once, and the loop yields to them before the next
+        read, which carries the results they made (``redis_loop``)."""
+        io, counts = self._io, self.transport.redelivers_lost_tasks
+        try:
+            while not self.flag.stop:
+                slots = await self._free_on_loop()
+                if slots is None or self.flag.stop:
+                    break
+                try:
+                    got = await io.take([self.journals[s] for s in slots])
+                except TransportClosed:
+                    break
+                for s in slots[len(got) :]:
+                    self.free.put(s)
+                before = self.running
+                for s, (data, deliveries, tag) in zip(slots, got, strict=False):
+                    self._start(s, data, deliveries if counts else 1, tag)
+                self.taken += len(got)
+                if self.max_tasks and self.taken >= self.max_tasks:
+                    break  # recycled once these finish
+                # The tasks just started run first (a handler is a task of its
+                # own, a few steps away): what they finish rides the next read.
+                for _ in range(_YIELDS):
+                    if self.running <= before:
+                        break
+                    await asyncio.sleep(0)
+        except Exception:
+            log.exception("ringbus worker %d: the task taker failed", os.getpid())
+        finally:
+            self._taker_done.set()
+
+    async def _free_on_loop(self) -> list[int] | None:
+        """Every slot free now, waiting for one (None: stop taking)."""
+        while True:
+            try:
+                i = self.free.get_nowait()
+            except queue.Empty:
+                if self.flag.stop:
+                    return None
+                self._slot_freed.clear()
+                self._io.waiting = True  # what is queued goes now: no read comes soon
+                self._io.kick()
+                try:  # a stop signal only sets the flag: looked at twice a second
+                    await asyncio.wait_for(self._slot_freed.wait(), 0.5)
+                except asyncio.TimeoutError:
+                    pass
+                finally:
+                    self._io.waiting = False
+                continue
+            return None if i < 0 else self._free_slots(i)
 
     # -------------------------------------------------------- the taker thread
 
@@ -281,6 +349,7 @@ class ConcurrentWorker(WorkerBase):
             self.running -= 1
             if release:
                 self.free.put(i)
+                self._slot_freed.set()
             if not self.running:
                 self._quiet.set()
 

@@ -69,7 +69,6 @@ from ringbus.transport.redis_conn import R, as_text
 from ringbus.transport.redis_limits import RedisLimits
 from ringbus.transport.redis_records import RecordStore
 from ringbus.transport.redis_replies import ReplyChannel
-from ringbus.transport.redis_sender import ReplySender
 from ringbus.transport.redis_status import RedisTaskTable
 from ringbus.transport.redis_tasks import TaskChannel
 from ringbus.transport.redis_time import RedisTime
@@ -131,12 +130,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         key = address.decode("utf-8", "replace")
         if not key.startswith(f"{self._prefix}:reply:"):
             return None  # send_reply logs and drops it
-        sender = self._sender
-        if sender is None:
-            with self._lock:
-                if self._sender is None:
-                    self._sender = ReplySender(self)
-                sender = self._sender
+        sender = self._sender or self._the_sender()
         return functools.partial(sender.put, key)
 
     def limits(self) -> RedisLimits:
@@ -183,12 +177,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
         # A task's running, progress and end writes ride with the worker's
         # results (redis_sender): no round trip of their own, and the end is
         # written before the result reaches the caller.
-        sender = self._sender
-        if sender is None:
-            with self._lock:
-                if self._sender is None:
-                    self._sender = ReplySender(self)
-                sender = self._sender
+        sender = self._sender or self._the_sender()
         try:
             sender.put_commands(cmds, wake)
         except TransportClosed:

@@ -29,6 +29,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from ringbus.errors import BrokerUnavailable, TransportClosed
@@ -68,14 +69,29 @@ class ReplySender:
         self._closing = False
         self._thread: threading.Thread | None = None
         self._conn: Any = None  # redis.Connection of the sending thread
+        self._kick: Callable[[], None] | None = None  # a worker's loop reads (redis_loop)
         self.rounds = 0
+
+    def on_loop(self, kick: Callable[[], None] | None) -> None:
+        """A worker's loop reads from now on: what is queued rides them, and
+        ``kick`` decides when the sending thread must send it instead."""
+        self._kick = kick
+
+    def queued(self) -> bool:
+        return bool(self._items or self._status)
+
+    def wake_thread(self) -> None:
+        """The sending thread sends what is queued (started if need be)."""
+        self._poke()
 
     def put(self, key: str, data: bytes, block: bool = True) -> None:
         """Queue a result for ``key`` (a reply list of this bus)."""
         if self._closing:
             raise TransportClosed("the result sender is closed")
         self._items.append((key, data))  # first, then the flag (see _run)
-        if not self.t._rides:  # else the putting thread's next read carries it
+        if self._kick is not None:
+            self._kick()
+        elif not self.t._rides:  # else the putting thread's next read carries it
             self._poke()
 
     def put_commands(self, cmds: list[Cmd], wake: bool = True) -> None:
@@ -89,7 +105,10 @@ class ReplySender:
             self._status.extend(cmds)
             if wake:
                 self._status_due = True
-        if wake:
+        if self._kick is not None:
+            if wake:
+                self._kick()
+        elif wake:
             self._poke()
         elif self._thread is None and not self.t._rides:
             self._start()
@@ -98,10 +117,12 @@ class ReplySender:
         """Queue an acknowledgement behind the results queued before it
         (False when closing, or no result went this way: the caller
         acknowledges another way)."""
-        if self._closing or (self._thread is None and not self.t._rides):
+        if self._closing or (self._thread is None and not self.t._rides and self._kick is None):
             return False
         self._items.append((None, entry_id))
-        if not self.t._rides and self._idle:
+        if self._kick is not None:
+            self._kick()
+        elif not self.t._rides and self._idle:
             self._idle = False
             self._wake.put(1)
         return True

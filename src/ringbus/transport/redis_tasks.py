@@ -26,6 +26,7 @@ from ringbus.transport.redis_conn import GROUP, NET_ERRORS, R, as_text, log, red
 from ringbus.transport.redis_identity import Identity
 from ringbus.transport.redis_queue_scripts import TAKE
 from ringbus.transport.redis_reclaim import Reclaims
+from ringbus.transport.redis_sender import ReplySender
 from ringbus.transport.redis_wire import pipeline as wire_pipeline
 
 __all__ = ["TaskChannel"]
@@ -44,6 +45,7 @@ class TaskChannel(Reclaims):
         self._tpool: redis.ConnectionPool | None = None
         self._tconn: Any = None  # redis.Connection of the blocking reads
         self._tsock: socket.socket | None = None
+        self._lsock_of: Callable[[], Any] | None = None  # the socket of a loop's reads
         self._tlock = threading.Lock()
         self._taken: deque[bytes] = deque()  # delivery tags handed out, not finished
         self._to_ack: list[bytes] = []  # finished, acknowledged with the next read
@@ -200,6 +202,76 @@ class TaskChannel(Reclaims):
 
     def _stop_reading(self) -> bool:
         return self._interrupted
+
+    # -------------------------------------------------------- reads on a worker's loop
+
+    def loop_taker(self, loop: Any, running: Callable[[], int]) -> Any:
+        """A concurrent worker's reads on its event loop (``redis_loop``)."""
+        from ringbus.transport.redis_loop import LoopTaker
+
+        return LoopTaker(self, loop, running)
+
+    def _loop_ready(self) -> bool:
+        """Whether the next read is a plain XREADGROUP of one stream (else
+        ``take_tasks`` does it: opening, the reclaim round, the channel set)."""
+        if self._interrupted:
+            raise TransportClosed(f"task channel of bus {self.bus_name!r} was interrupted")
+        if not self._opened or time.monotonic() >= self._next_claim:
+            return False
+        if self._served is None:
+            return True
+        chans = self._chans
+        return chans is not None and not self._chans_stale and len(chans) == 1
+
+    def _loop_read(
+        self, count: int, block: bool
+    ) -> tuple[list[tuple[Any, ...]], int, Callable[[list[Any]], list[tuple[bytes, int, object]]]]:
+        """The commands of ``_read`` (acknowledgements, the channel set's size,
+        XREADGROUP, the status reads), how long it may block (ms), and what
+        makes (envelope, deliveries, tag) of their replies."""
+        served = self._served is not None
+        key = self._chans[0].key if served and self._chans else self.stream
+        block_ms = int(self._slice * 1000) if block else 0
+        read: tuple[Any, ...] = ("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", count)
+        if block:
+            read += ("BLOCK", block_ms)
+        read += ("STREAMS", key, ">")
+        acks = list(self._to_ack)
+        ack_cmds = self._xack_commands(acks)
+        head = [*ack_cmds, self._watch_command()] if served else ack_cmds
+        cmds = [*head, read, *self._read_commands()]
+
+        def finish(replies: list[Any]) -> list[tuple[bytes, int, object]]:
+            if acks:
+                for reply in replies[: len(ack_cmds)]:
+                    if isinstance(reply, Exception):
+                        raise reply
+                del self._to_ack[: len(acks)]
+                self._acked(len(acks))
+            rest = replies[len(ack_cmds) :]
+            if served:
+                self._watched(rest[0])
+                rest = rest[1:]
+            resp, *got = rest
+            self._after_read(got)
+            if isinstance(resp, Exception):
+                raise resp
+            out: list[tuple[bytes, int, object]] = []
+            for k, entry_id, data in stream_entries(resp, self.bus_name):
+                tag = self.tag_of(k, entry_id)
+                self._taken.append(tag)
+                self._consumed.add(k)
+                out.append((data, 1, tag))  # read as new: its first delivery
+            return out
+
+        return cmds, block_ms, finish
+
+    def _the_sender(self) -> Any:
+        """This process's ReplySender (made on first use)."""
+        with self._lock:
+            if self._sender is None:
+                self._sender = ReplySender(self)
+            return self._sender
 
     def take_task(self, journal: Any, timeout: float | None = None) -> bytes:
         """One entry's envelope from the served channels (after ``serve``; else
@@ -415,10 +487,11 @@ class TaskChannel(Reclaims):
     def interrupt(self) -> None:
         # Signal-handler safe: a flag and one system call, no locks.
         self._interrupted = True
-        sock = self._tsock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        lsock = self._lsock_of() if self._lsock_of is not None else None
+        for sock in (self._tsock, lsock):
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
     def pending_tasks(self) -> int:
         """Entries of the task stream not yet delivered to any worker (the
