@@ -4,20 +4,26 @@
 two locks to submit and a Python-level semaphore to decide whether to start
 a thread, and sets the Future's result under its lock: tens of
 microseconds per task with the GIL held, for a result that the caller
-hands back by itself (``ConcurrentWorker._in_thread``).  Here a call is a
+hands back by itself (``PlainCalls``).  Here a call is a
 tuple on a SimpleQueue; threads start as needed up to ``size``, exactly
 like the executor's (a call either takes an idle thread or starts one).
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
+from resource import RUSAGE_THREAD, getrusage
 from typing import Any
 
-__all__ = ["TaskThreads"]
+from ringbus.tasks.context import TaskContext, run_with
+
+__all__ = ["PlainCalls", "TaskThreads"]
 
 log = logging.getLogger("ringbus.server")
 
@@ -87,3 +93,99 @@ class TaskThreads:
         if wait:
             for t in threads:
                 t.join()
+
+
+class PlainCalls:
+    """A concurrent worker's plain handlers: ``fn(task)`` in a task thread,
+    its outcome back on ``loop`` (``submit``), in bursts (one wake-up of the
+    loop for every call finished meanwhile, not one per call as
+    ``run_in_executor`` does).
+
+    ``inline()`` true: a handler type that made ``QUICK_RUNS`` calls under
+    ``QUICK`` seconds in a thread, none over ``SLOW`` meanwhile, runs on
+    the loop itself (``quick``, ``run_here``): a thread hand-off costs more
+    than such a call, and its thread could overlap nothing.  One call on
+    the loop that takes over ``SLOW`` seconds and waited (a voluntary
+    context switch: I/O, a sleep, a lock; not the CPU taken away) sends
+    that type back to the threads for good.
+    """
+
+    QUICK_RUNS = 64
+    QUICK = 0.0001
+    SLOW = 0.002
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, size: int, inline: Callable[[], bool]
+    ) -> None:
+        self.loop = loop
+        self.threads = TaskThreads(size, "ringbus-task")
+        self._inline = inline
+        self._outbox: collections.deque[tuple[asyncio.Future[Any], bool, Any, float, type]] = (
+            collections.deque()
+        )
+        self._due = False
+        self._quick: dict[type, int] = {}  # quick calls in a row (-1: never on the loop)
+
+    def quick(self, cls: type) -> bool:
+        """Whether ``cls``'s handler runs on the loop now."""
+        return self._quick.get(cls, 0) >= self.QUICK_RUNS and self._inline()
+
+    def run_here(self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any) -> Any:
+        """``fn(task)`` on the loop's thread, outside the running loop (a
+        handler may run a loop of its own: ``asyncio.run``)."""
+        waits = getrusage(RUSAGE_THREAD).ru_nvcsw
+        t0 = time.perf_counter()
+        running = asyncio.events._get_running_loop()
+        asyncio.events._set_running_loop(None)
+        try:
+            return run_with(ctx, fn, task)
+        finally:
+            asyncio.events._set_running_loop(running)
+            if (
+                time.perf_counter() - t0 > self.SLOW
+                and getrusage(RUSAGE_THREAD).ru_nvcsw != waits
+            ):
+                self._quick[type(task)] = -1
+
+    def submit(
+        self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
+    ) -> asyncio.Future[Any]:
+        fut = self.loop.create_future()
+        self.threads.submit(self._call, fut, ctx, fn, task)
+        return fut
+
+    def _call(
+        self, fut: asyncio.Future[Any], ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
+    ) -> None:
+        t0 = time.perf_counter()
+        try:
+            ok, value = True, run_with(ctx, fn, task)
+        except BaseException as exc:  # as run_in_executor: the awaiting task decides
+            ok, value = False, exc
+        self._outbox.append((fut, ok, value, time.perf_counter() - t0, type(task)))
+        if not self._due:  # first the outcome, then the flag (see _drain)
+            self._due = True
+            try:
+                self.loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # the loop is closed: a stuck thread that came back late
+                pass
+
+    def _drain(self) -> None:
+        self._due = False  # first: an outcome appended from now on schedules another
+        box, quick = self._outbox, self._quick
+        while box:
+            fut, ok, value, took, cls = box.popleft()
+            n = quick.get(cls, 0)
+            if n >= 0 and took < self.QUICK:
+                quick[cls] = n + 1
+            elif n >= 0 and took > self.SLOW:
+                quick[cls] = 0
+            if fut.done():  # given up on (time limit)
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.threads.shutdown(wait)

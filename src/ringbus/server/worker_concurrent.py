@@ -41,11 +41,11 @@ from ringbus.server.pool_state import (
     SLOT_RUN_OFF,
     PoolState,
 )
-from ringbus.server.task_threads import TaskThreads
+from ringbus.server.task_threads import PlainCalls
 from ringbus.server.worker_base import EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
-from ringbus.tasks.context import TaskContext, run_with, set_current
+from ringbus.tasks.context import TaskContext, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
 from ringbus.tasks.tracking import await_cancellable
@@ -91,8 +91,9 @@ class ConcurrentWorker(WorkerBase):
         self.free: queue.SimpleQueue[int] = queue.SimpleQueue()
         for i in range(len(self.slots)):
             self.free.put(i)
-        self.threads = TaskThreads(len(self.slots), "ringbus-task")
         self.loop = asyncio.new_event_loop()
+        # Plain handlers (threads, or the loop for quick ones with loop reads).
+        self.calls = PlainCalls(self.loop, len(self.slots), self._may_inline)
         self.running = 0
         self.taken = 0
         self.done = 0
@@ -106,9 +107,6 @@ class ConcurrentWorker(WorkerBase):
         # Tasks the taker thread hands to the loop; one call_soon_threadsafe per burst.
         self._inbox: collections.deque[tuple[int, bytes, int, object]] = collections.deque()
         self._drain_due = False
-        # Outcomes of plain handlers, back from the pool threads (see _in_thread).
-        self._outbox: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = collections.deque()
-        self._outbox_due = False
         self._put: Callable[[bytes, bool], object] | None = None
         self._put_addr = b""
         self._permits: list[tuple[type, int] | None] = [None] * len(self.slots)  # limits
@@ -139,9 +137,14 @@ class ConcurrentWorker(WorkerBase):
         finally:
             if self._io is not None:
                 self._io.close()
-            self.threads.shutdown(wait=not self.exit_code)
+            self.calls.shutdown(wait=not self.exit_code)
             self.loop.close()
         return self.exit_code
+
+    def _may_inline(self) -> bool:
+        # Only with loop reads (Redis), and never in a process that dispatched:
+        # a handler that waits for another task's result must not block the loop.
+        return self._io is not None and not getattr(self.transport, "_reply_key", "")
 
     async def _until_drained(self) -> None:
         await self._taker_done.wait()
@@ -517,7 +520,12 @@ class ConcurrentWorker(WorkerBase):
                 return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit, stuck=False) from None
-        fut = self._in_thread(ctx, fn, task)
+        if limit is None and self.calls.quick(type(task)):
+            value = self.calls.run_here(ctx, fn, task)
+            if inspect.isawaitable(value):
+                value = await await_cancellable(ctx, value)
+            return value
+        fut = self.calls.submit(ctx, fn, task)
         if limit is None:
             value = await fut
         else:
@@ -531,43 +539,6 @@ class ConcurrentWorker(WorkerBase):
             except asyncio.TimeoutError:
                 raise _Overran(limit or 0.0, stuck=False) from None
         return value
-
-    def _in_thread(
-        self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
-    ) -> asyncio.Future[Any]:
-        """``fn(task)`` in a pool thread.  Outcomes come back to the loop in
-        bursts (``_outbox``): one wake-up of the loop for every call finished
-        meanwhile, not one per call as ``run_in_executor`` does."""
-        fut = self.loop.create_future()
-        self.threads.submit(self._call_in_thread, fut, ctx, fn, task)
-        return fut
-
-    def _call_in_thread(
-        self, fut: asyncio.Future[Any], ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
-    ) -> None:
-        try:
-            out = (fut, True, run_with(ctx, fn, task))
-        except BaseException as exc:  # as run_in_executor: the awaiting task decides
-            out = (fut, False, exc)
-        self._outbox.append(out)  # first, then the flag (see _drain_outbox)
-        if not self._outbox_due:
-            self._outbox_due = True
-            try:
-                self.loop.call_soon_threadsafe(self._drain_outbox)
-            except RuntimeError:  # the loop is closed: a stuck thread that came back late
-                pass
-
-    def _drain_outbox(self) -> None:
-        self._outbox_due = False  # first: an outcome appended from now on schedules another
-        box = self._outbox
-        while box:
-            fut, ok, value = box.popleft()
-            if fut.done():  # given up on (time limit)
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
 
     async def _answer(self, reply: bytes, dpid: int, tid: int, value: Any, flags: int) -> bytes:
         out = self.codec.encode_ok(tid, value, flags)  # an encoding error: a FAILED result
