@@ -48,7 +48,7 @@ from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.context import TaskContext, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
-from ringbus.tasks.tracking import await_cancellable
+from ringbus.tasks.tracking import CANCEL_POLL, await_cancellable
 
 __all__ = ["ConcurrentWorker"]
 
@@ -101,6 +101,8 @@ class ConcurrentWorker(WorkerBase):
         self._tasks: set[asyncio.Task[None]] = set()
         self._io: Any = None  # a transport's reads on this loop (Redis: redis_loop)
         self._slot_freed = asyncio.Event()
+        self._watching: dict[asyncio.Task[Any], TaskContext] = {}  # handlers awaited in
+        self._watcher: asyncio.TimerHandle | None = None
         self._quiet = asyncio.Event()
         self._taker_done = asyncio.Event()
         self._types: dict[type, tuple[Callable[[Any], Any], Any, str, int, bool]] = {}
@@ -356,6 +358,30 @@ class ConcurrentWorker(WorkerBase):
             if not self.running:
                 self._quiet.set()
 
+    async def _watched(self, ctx: TaskContext | None, aw: Any) -> Any:
+        """``await aw`` in this task; a cancel request raises CancelledError
+        in it.  One timer looks at every handler awaited so (not a task and
+        a watcher task per handler, as ``await_cancellable``)."""
+        me = asyncio.current_task()
+        if ctx is None or not ctx.id or me is None:
+            return await aw
+        self._watching[me] = ctx
+        if self._watcher is None:
+            self._watcher = self.loop.call_later(CANCEL_POLL, self._watch)
+        try:
+            return await aw
+        finally:
+            self._watching.pop(me, None)
+
+    def _watch(self) -> None:
+        self._watcher = None
+        for task, ctx in list(self._watching.items()):
+            if ctx.cancelled:
+                del self._watching[task]
+                task.cancel()  # raised where the handler awaits (_process catches it)
+        if self._watching:
+            self._watcher = self.loop.call_later(CANCEL_POLL, self._watch)
+
     def _handler(self, cls: type) -> tuple[Callable[[Any], Any], Any, str, int, bool]:
         entry = self._types.get(cls)
         if entry is None:
@@ -515,7 +541,7 @@ class ConcurrentWorker(WorkerBase):
             limit = left if limit is None else min(limit, left)
         if is_async:
             if limit is None:
-                return await await_cancellable(ctx, fn(task))
+                return await self._watched(ctx, fn(task))
             try:
                 return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
@@ -523,7 +549,7 @@ class ConcurrentWorker(WorkerBase):
         if limit is None and self.calls.quick(type(task)):
             value = self.calls.run_here(ctx, fn, task)
             if inspect.isawaitable(value):
-                value = await await_cancellable(ctx, value)
+                value = await self._watched(ctx, value)
             return value
         fut = self.calls.submit(ctx, fn, task)
         if limit is None:
