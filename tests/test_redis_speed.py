@@ -74,8 +74,12 @@ def test_pack_is_the_resp_redis_py_sends() -> None:
     cmds: list[tuple[Any, ...]] = [("XADD", "s", "*", b"d", b"\x00\r\n"), ("EXPIRE", "k", 60)]
     conn = _conn("redis://127.0.0.1:1/0")
     assert pack(cmds) == b"".join(conn.pack_commands(cmds))
-    with pytest.raises(TypeError, match="float"):
-        pack([("SET", "k", 1.5)])
+    floats: list[tuple[Any, ...]] = [("SET", "k", 1.5), ("SET", "k", 1e20)]  # hiredis packs these
+    assert pack(floats) == b"".join(conn.pack_commands(floats))
+    mixed: list[tuple[Any, ...]] = [*floats, ("SET", bytearray(b"k"), 0.1, 7)]  # these in Python
+    assert pack(mixed) == b"".join(conn.pack_commands(mixed))
+    with pytest.raises(TypeError, match="NoneType"):
+        pack([("SET", "k", None)])
 
 
 def test_a_frozen_server_ends_a_read_at_its_deadline() -> None:

