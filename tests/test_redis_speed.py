@@ -103,6 +103,34 @@ def test_a_frozen_server_ends_a_read_at_its_deadline() -> None:
         server.close()
 
 
+def test_a_frozen_server_ends_a_read_without_deadline_at_the_socket_timeout() -> None:
+    """Reads wait in the kernel (SO_RCVTIMEO), not in poll(): the socket
+    timeout of the connection still bounds them, and a deadline read after
+    it gets its own bound (and the other way round)."""
+    server = RedisServer()
+    conn = redis.ConnectionPool.from_url(server.url, socket_timeout=0.4).make_connection()
+    assert server.proc is not None
+    try:
+        big = b"x" * 3_000_000  # a reply of many reads, each under the deadline
+        assert pipeline(conn, [("SET", "big", big), ("GET", "big")], time.monotonic() + 30) == [
+            b"OK",
+            big,
+        ]
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            for end in (None, time.monotonic() + 0.2, None):
+                start = time.monotonic()
+                with pytest.raises(redis.TimeoutError):
+                    pipeline(conn, [("PING",)], end)
+                assert time.monotonic() - start < 5.0
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert pipeline(conn, [("PING",)]) == [b"PONG"]
+    finally:
+        conn.disconnect()
+        server.close()
+
+
 def test_a_connection_killed_by_the_server_is_replaced_on_next_use(
     redis_server: RedisServer,
 ) -> None:

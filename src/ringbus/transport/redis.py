@@ -101,6 +101,7 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
 
     redelivers_lost_tasks = True
     spans_hosts = True
+    _table_here: RedisTaskTable | None
 
     def __init__(
         self,
@@ -145,17 +146,31 @@ class RedisTransport(TaskChannel, ReplyChannel, RecordStore, RedisTime):
     def task_table(self) -> RedisTaskTable:
         """Task status and kept results: a hash per task (``bus.status``);
         one table per process (made anew after fork)."""
+        table = self._table_here
+        if table is not None:
+            return table
         held = self.__dict__.get("_table_held")
         if held is None or held[0] != os.getpid():
             with self._lock:  # one table: a record kept by another would never go out
                 held = self.__dict__.get("_table_held")
                 if held is None or held[0] != os.getpid():
                     held = self._table_held = (os.getpid(), RedisTaskTable(self))
+        self._table_here = held[1]
         return held[1]
 
     def _local_table(self) -> RedisTaskTable | None:
-        held = self.__dict__.get("_table_held")
-        return held[1] if held is not None and held[0] == os.getpid() else None
+        # On every dispatch: no getpid() (a system call); a child forgets it
+        # at fork (_reset_process_state).
+        table = self._table_here
+        if table is None:
+            held = self.__dict__.get("_table_held")
+            if held is not None and held[0] == os.getpid():
+                table = self._table_here = held[1]
+        return table
+
+    def _reset_process_state(self) -> None:
+        super()._reset_process_state()
+        self._table_here = None  # this process's task table (made on first use)
 
     def _dispatch_commands(self) -> list[tuple[Any, ...]]:
         # New task records ride in the round trip of their tasks (redis_status).

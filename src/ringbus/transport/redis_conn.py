@@ -308,12 +308,9 @@ class RedisBase(Transport):
             conn = pool.make_connection()
         conn.socket_timeout = left
         conn.socket_connect_timeout = min(left, self.socket_timeout, 5.0)
-        sock = getattr(conn, "_sock", None)
-        if sock is None:
+        if getattr(conn, "_sock", None) is None:
             conn.connect()
-        else:
-            sock.settimeout(left)
-        return conn
+        return conn  # redis_wire bounds its reads by the caller's end
 
     def _raw_connection(self, key: str) -> Any:
         """A connection of this process's own (not pooled) to the server

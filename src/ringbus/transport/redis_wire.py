@@ -12,6 +12,8 @@ redis-py as before.
 
 from __future__ import annotations
 
+import socket
+import struct
 import time
 from typing import Any
 
@@ -28,6 +30,7 @@ __all__ = ["pack", "pipeline"]
 _pack_c = getattr(hiredis, "pack_command", None)  # hiredis >= 2.1
 
 _READ = 65536
+_TIMEVAL = struct.Struct("@ll")  # struct timeval (Linux, 64-bit and 32-bit alike)
 
 
 def _arg(a: Any) -> bytes:
@@ -78,6 +81,28 @@ def _reader(conn: Any, sock: Any) -> Any:
     return reader
 
 
+def _wait_at_most(conn: Any, sock: Any, seconds: float | None) -> None:
+    """Each send and receive on ``sock`` waits at most ``seconds`` (None: the
+    connection's socket timeout).  The socket is made blocking with kernel
+    timeouts (SO_RCVTIMEO/SO_SNDTIMEO), set again only when they change:
+    a socket with a Python timeout costs a poll() before every send and
+    receive, and an ioctl() for every change of timeout."""
+    if seconds is None:
+        seconds = conn.socket_timeout or 0.0  # 0: no limit
+    elif seconds <= 0:
+        raise TimeoutError("no time left")
+    held = getattr(conn, "_rb_wait", None)
+    if held is not None and held[0] is sock and abs(held[1] - seconds) <= 0.002 + seconds / 50:
+        return
+    if sock.gettimeout() is not None:
+        sock.settimeout(None)
+    whole = int(seconds)
+    tv = _TIMEVAL.pack(whole, max(int((seconds - whole) * 1e6), 0 if whole or not seconds else 1))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+    conn._rb_wait = (sock, seconds)
+
+
 def pipeline(conn: Any, cmds: list[tuple[Any, ...]], end: float | None = None) -> list[Any]:
     """Send ``cmds`` on ``conn`` (a connected redis-py Connection) in one
     write and read their replies, each error reply in its place as a
@@ -89,24 +114,26 @@ def pipeline(conn: Any, cmds: list[tuple[Any, ...]], end: float | None = None) -
         conn.connect()
         sock = conn._sock
     try:
-        if end is not None:
-            sock.settimeout(max(end - time.monotonic(), 0.001))
-        sock.sendall(pack(cmds))
+        data = pack(cmds)
         if hiredis is None:
+            if end is not None:
+                sock.settimeout(max(end - time.monotonic(), 0.001))
+            sock.sendall(data)
             return _read_slow(conn, len(cmds))
+        _wait_at_most(conn, sock, None if end is None else end - time.monotonic())
+        sock.sendall(data)
         reader = _reader(conn, sock)
         out: list[Any] = []
         want = len(cmds)
         gets, feed, recv = reader.gets, reader.feed, sock.recv
+        waited = False
         while True:
             got = gets()
             if got is False:
-                if end is not None:
-                    left = end - time.monotonic()
-                    if left <= 0:
-                        raise redis.TimeoutError("no answer from Redis in time")
-                    sock.settimeout(left)
+                if end is not None and waited:  # a reply in several pieces
+                    _wait_at_most(conn, sock, end - time.monotonic())
                 chunk = recv(_READ)
+                waited = True
                 if not chunk:
                     raise redis.ConnectionError("Redis closed the connection")
                 feed(chunk)
@@ -114,7 +141,7 @@ def pipeline(conn: Any, cmds: list[tuple[Any, ...]], end: float | None = None) -
             out.append(got)
             if len(out) == want:
                 return out
-    except TimeoutError as exc:  # socket.timeout: as redis-py says it
+    except (TimeoutError, BlockingIOError) as exc:  # as redis-py says it (EAGAIN: SO_RCVTIMEO)
         conn.disconnect()
         raise redis.TimeoutError(f"no answer from Redis in time: {exc}") from None
     except redis.RedisError:
