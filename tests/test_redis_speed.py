@@ -396,6 +396,32 @@ def test_a_concurrent_worker_sends_async_results_with_its_next_read(
         r.close()
 
 
+@pytest.mark.parametrize("handler", ["plain", "async"])
+def test_a_concurrent_worker_recycled_often_answers_every_task_once(
+    redis_server: RedisServer, bus_name: str, tmp_path: Path, handler: str
+) -> None:
+    """The loop's last reads carried results, or did not: what the loop did
+    not send, closing the worker sends, and acknowledges (none runs twice)."""
+    bus = TaskBus(bus_name, transport=redis_server.url, secret=TEST_SECRET)
+    bus.register(Echo, echo if handler == "plain" else quick_echo)
+    log = tmp_path / "runs"
+    try:
+        with TaskServer(bus, workers=2, concurrency=4, max_tasks_per_child=3):
+            lone = [bus.dispatch(Echo(i, str(log))).result(timeout=60) for i in range(10)]
+            futs = [bus.dispatch(Echo(i, str(log))) for i in range(10, 40)]
+            assert lone + [f.result(timeout=60) for f in futs] == list(range(40))
+            time.sleep(3)  # past the grace after which a dead worker's task is taken over
+            assert bus.dispatch(Echo(40, str(log))).result(timeout=60) == 40
+    finally:
+        bus.destroy(force=True)
+    runs = [int(ln.split()[0]) for ln in log.read_text().splitlines()]
+    assert sorted(runs) == list(range(41))  # each once: none delivered again
+
+
+async def quick_echo(task: Echo) -> int:
+    return echo(task)
+
+
 def test_a_worker_that_stops_after_its_task_still_answers(
     redis_server: RedisServer, bus_name: str, tmp_path: Path
 ) -> None:
