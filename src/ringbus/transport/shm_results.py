@@ -110,6 +110,7 @@ class ShmTaskTable(TaskTable):
             raise ValueError(f"task table record size must be >= 272 and 8-aligned: {record_size}")
         self.path = path
         self._want = (slots, record_size)
+        self.slots = slots  # as asked until the file is open (it may exist: then its own)
         self._lock = threading.Lock()
         self._mm: mmap.mmap | None = None
         self._fd = -1

@@ -74,6 +74,9 @@ class TaskTable(abc.ABC):
     """Whether a record's worker pid is a process of this machine (a cancel
     with ``terminate`` may kill it); False for a table shared across hosts."""
 
+    slots: int | None = None
+    """How many records it holds at most (None: no fixed bound)."""
+
     @abc.abstractmethod
     def add(self, state: int, dispatcher_pid: int, counter: int) -> bytes:
         """A record for a new task (``SCHEDULED`` or ``QUEUED``); returns its id.
