@@ -1,12 +1,13 @@
 """``TaskBus.dispatch_many``: many tasks in few transport calls.
 
 Every task is resolved and encoded before any is queued, so a task that
-cannot be encoded queues nothing.  A list longer than ``WAVE`` (or a quarter of the task table) is encoded
-first without ids, then given its status records (and ids) a wave at a
-time as it is queued: a status record is claimed only for a task about to
-be queued, so a list longer than the task table (65,536 records on shared
-memory) waits for earlier tasks to finish, as a full task channel makes it
-wait, instead of failing with ``StoreFull``.
+cannot be encoded queues nothing.  A list longer than ``WAVE`` (or a
+quarter of the task table) is encoded first without ids, then given its
+status records (and ids) a wave at a time as it is queued: a status record
+is claimed only for a task about to be queued, so a list longer than the
+task table (65,536 records on shared memory) waits for earlier tasks to
+finish, as a full task channel makes it wait, instead of failing with
+``StoreFull``.
 """
 
 from __future__ import annotations
