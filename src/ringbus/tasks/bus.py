@@ -160,6 +160,7 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
                     self.name, self.transport, self.transport.reply_address(), self.codec
                 )
                 st.cancel = self.cancel  # Future.cancel() of a queued task (identity)
+                st.encode_plain = self._plain_encoder(st.reply)
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -197,9 +198,13 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
         st = self._st or self._state()
         tid = next(st.ids)
         if timeout is None:
-            gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
+            encode = st.encode_plain
+            if encode is not None and self._mw is None:
+                gid, data = encode(task, tid)
+            else:
+                gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
             fut = BusFuture(st)
-            fut.task_id = _format_id(gid)
+            fut.task_id = gid.hex()  # format_id(), inline
             st.pending[tid] = fut
             try:
                 if priority or cls in self._off_default:

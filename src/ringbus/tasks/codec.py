@@ -147,6 +147,8 @@ class Codec:
         self.encode_task = (
             self._refuse if self.refusal else _encode_plain if plain else self._encode_task
         )
+        self.plain_pickle = self.encode_task is _encode_plain
+        """Tasks are encoded as ``_encode_plain`` does (the bus may inline it)."""
         if isinstance(self._fmt, MsgspecFormat):
             if self.signer is None:
                 self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
