@@ -10,7 +10,7 @@ import pytest
 
 from _identity_tasks import Report, Tiny, make_identity_bus
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
-from ringbus import ShmTransport, TaskBus, TaskServer
+from ringbus import ShmTransport, TaskBus, TaskServer, TaskTimeout
 from ringbus.tasks.results import BusFuture
 from ringbus.transport.shm_results import ShmTaskTable
 from ringbus.transport.task_table import StoreFull
@@ -112,3 +112,45 @@ def test_a_steady_dispatcher_reuses_its_own_block(bus_name: str) -> None:
         assert len({int.from_bytes(g[12:16], "little") // 256 for g in held}) == 2
     finally:
         bus.destroy(force=True)
+
+
+@pytest.mark.parametrize("secret", [None, "a secret of the test bus"], ids=["plain", "signed"])
+def test_dispatch_many_longer_than_the_table_waits_for_records(
+    bus_name: str, servers: list[TaskServer], secret: str | None
+) -> None:
+    """A list longer than the task table gets its records a wave at a time
+    as it is queued (it used to claim them all first and fail with
+    StoreFull); the ids patched into signed envelopes still verify."""
+    bus = (
+        _bus(bus_name, 512)
+        if secret is None
+        else make_identity_bus(
+            bus_name, transport=ShmTransport(task_slots=512, task_record_size=512), secret=secret
+        )
+    )
+    try:
+        servers.append(TaskServer(bus, workers=2).start())
+        n = 3000
+        futs = bus.dispatch_many(Tiny(i) for i in range(n))
+        assert [f.result(timeout=120) for f in futs] == list(range(n))
+        ids = [cast(BusFuture, f).task_id for f in futs]
+        assert len(set(ids)) == n
+        assert bus.status(ids[-1]).state in ("done", "unknown")  # kept 1 s, maybe evicted
+    finally:
+        bus.destroy(force=True)
+
+
+def test_dispatch_many_gives_up_on_a_full_table_at_its_deadline(small: TaskBus) -> None:
+    """No worker: the first 512 tasks fill the table and stay queued (their
+    deadline then passes too); the rest wait for a record until the
+    timeout, then fail, not queued."""
+    futs = small.dispatch_many((Tiny(i) for i in range(1000)), timeout=0.5)
+    assert len(futs) == 1000
+    for f in futs[512:]:
+        with pytest.raises(TaskTimeout, match="task table stayed full"):
+            f.result(timeout=0)
+    for f in futs[:512]:
+        with pytest.raises(TaskTimeout) as exc:
+            f.result(timeout=30)
+        assert "task table" not in str(exc.value)
+    assert small.pending_tasks() == 512

@@ -21,6 +21,7 @@ import functools
 import inspect
 import logging
 import os
+import pickle
 import queue
 import signal
 import struct
@@ -223,6 +224,12 @@ class _WorkerLoop(WorkerBase):
         codec = self.codec
         encode_ok = codec.encode_ok
         decode, verify = codec.decode_task, codec.verify_task
+        # Unsigned pickle: its decode and encode inline (two calls less per task).
+        plain = codec.plain_pickle
+        not_plain, ser_mask = env.FLAG_SIGNED | env.SER_MASK, env.SER_MASK
+        loads, dumps = pickle.loads, pickle.dumps
+        pack_ok = functools.partial(env.RESULT_HEADER.pack, env.RESULT_MAGIC, env.OK)
+        awaitables = _AWAITABLE
         magic_ok = env.TASK_MAGIC
         maxdel_at, maxdel_end = SLOT_MAXDEL_OFF, SLOT_MAXDEL_OFF + 2
         zero2 = _ZERO4[:2]
@@ -290,7 +297,10 @@ class _WorkerLoop(WorkerBase):
             run(dpid, tid, now, deadline, attempt, flags, rlen, RUNNING)
             out: bytes | None = None
             try:
-                task = decode(data, start, flags, True)  # True: verified above
+                if plain and not flags & not_plain and len(data) - start < 4096:
+                    task = loads(data[start:])  # codec._decode_plain, inline
+                else:
+                    task = decode(data, start, flags, True)  # True: verified above
                 cls = type(task)
                 if cls is not last_type:
                     fn = resolve(cls)
@@ -343,7 +353,8 @@ class _WorkerLoop(WorkerBase):
             while True:
                 try:
                     value = call(task)
-                    if awaitable(value):
+                    is_awaitable = awaitables.get(type(value))
+                    if is_awaitable or (is_awaitable is None and awaitable(value)):
                         value = self._await(value, ctx)
                 except Exception as exc:
                     if ctx.cancelled:  # told to stop: it stopped
@@ -384,7 +395,13 @@ class _WorkerLoop(WorkerBase):
                         self._cancelled(gid, flags, reply, dpid, tid)
                         break
                     if flags & FLAG_REPLY:
-                        out = encode_ok(tid, value, flags)  # an encoding error: a FAILED result
+                        if plain and not flags & ser_mask:  # codec._encode_ok_plain, inline
+                            try:
+                                out = pack_ok(tid) + dumps(value, 5)
+                            except Exception:
+                                out = encode_ok(tid, value, flags)  # a FAILED result
+                        else:
+                            out = encode_ok(tid, value, flags)  # an encoding error: FAILED
                     tracker.done(gid, tid, value, keep_result, out)
                     del value
                     ok = True

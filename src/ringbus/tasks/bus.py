@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import heapq
 import os
-import queue
 import threading
 import time
 import weakref
@@ -23,18 +22,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ringbus._names import validate_bus_name
-from ringbus.errors import TaskTimeout
 from ringbus.tasks import envelope as env
 from ringbus.tasks.codec import Codec
 from ringbus.tasks.control import BusAsyncFuture
 from ringbus.tasks.dead_letters import BusDeadLetters
+from ringbus.tasks.dispatch_many import dispatch_list
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
 from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.middleware import BusMiddleware
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, put_off_loop, run_reader
-from ringbus.tasks.routing import put_envelope, put_for, put_routed_many, route_for, routed
+from ringbus.tasks.routing import put_envelope, put_for, route_for, routed
 from ringbus.tasks.schedules import Schedule, check_due, make_schedule
 from ringbus.tasks.signing import Secret, load_secret
 from ringbus.transport.base import Transport
@@ -46,20 +45,14 @@ _monotonic = time.monotonic
 _format_id = format_id
 
 _buses: weakref.WeakSet[TaskBus] = weakref.WeakSet()
-_pid = os.getpid()
 
 
 def _after_fork_in_child() -> None:
-    global _pid
-    _pid = os.getpid()
     for bus in list(_buses):
         bus._reset_process_state()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-_DISPATCH_CHUNK = 512  # tasks per transport call in dispatch_many
 
 
 class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
@@ -167,6 +160,7 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
                     self.name, self.transport, self.transport.reply_address(), self.codec
                 )
                 st.cancel = self.cancel  # Future.cancel() of a queued task (identity)
+                st.encode_plain = self._plain_encoder(st.reply)
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -204,9 +198,13 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
         st = self._st or self._state()
         tid = next(st.ids)
         if timeout is None:
-            gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
+            encode = st.encode_plain
+            if encode is not None and self._mw is None:
+                gid, data = encode(task, tid)
+            else:
+                gid, data = self._encode_new(task, tid, FLAG_REPLY, st.reply)
             fut = BusFuture(st)
-            fut.task_id = _format_id(gid)
+            fut.task_id = gid.hex()  # format_id(), inline
             st.pending[tid] = fut
             try:
                 if priority or cls in self._off_default:
@@ -312,8 +310,10 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
         """Dispatch several tasks in few transport calls (``taskWaitMulti``).
 
         Every task is resolved and encoded before any is queued.  If the
-        channel stays full until the deadline, the futures of the tasks that
-        did not make it fail with ``TaskTimeout``.
+        channel (or the task table) stays full until the deadline, the
+        futures of the tasks that did not make it fail with ``TaskTimeout``.
+        A list longer than the task table waits for earlier tasks to finish
+        (``tasks/dispatch_many.py``).
         """
         tasks = list(tasks)
         if delay is not None or eta is not None:
@@ -327,70 +327,7 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
         chans = None  # channels of the tasks, when any is not the default one
         if priority or any(type(t) in self._off_default for t in tasks):
             chans = [route_for(self, type(t), priority) for t in tasks]
-        st = self._st or self._state()
-        deadline = wall = 0.0
-        if timeout is not None:
-            deadline = self._deadline(timeout)
-            wall = time.time() + timeout
-        reply, pending, encode = st.reply, st.pending, self.codec.encode_task
-        ids = [next(st.ids) for _ in tasks]
-        gids: list[bytes] = []
-        try:
-            for tid in ids:
-                gids.append(self._new_task(tid, False))
-            payloads = [
-                encode(t, tid, FLAG_REPLY, _pid, reply, deadline, wall, gid=gid)
-                for t, tid, gid in zip(tasks, ids, gids, strict=True)
-            ]
-            payloads = self._encode_many(tasks, gids, payloads)  # middleware headers
-        except BaseException:
-            for gid in gids:
-                self._drop_task(gid)
-            raise
-        futs: list[Future[Any]] = []  # BusFutures (task_id); typed as before
-        # Queued a chunk at a time: workers start on the first tasks while the
-        # futures of the rest are built (one call for 100,000
-        # tasks kept the pool idle that long: 190k against 315k tasks/s).
-        for at in range(0, len(payloads), _DISPATCH_CHUNK):
-            part = datas = payloads[at : at + _DISPATCH_CHUNK]
-            tids = ids[at : at + _DISPATCH_CHUNK]
-            part_gids = gids[at : at + _DISPATCH_CHUNK]
-            for tid, gid in zip(tids, part_gids, strict=True):
-                bfut = BusFuture(st)
-                bfut.task_id = _format_id(gid)
-                futs.append(bfut)
-                pending[tid] = bfut
-            left = None if timeout is None else max(0.0, deadline - _monotonic())
-            try:
-                if chans is None:
-                    self.transport.put_tasks(datas, left)
-                else:
-                    put_routed_many(self, chans[at : at + len(part)], datas, left)
-            except queue.Full as exc:
-                done = getattr(exc, "done", 0)
-                why = "not queued: the task channel stayed full"
-                for tid, f in zip(tids[done:], futs[at + done :], strict=True):
-                    pending.pop(tid, None)
-                    f.set_exception(TaskTimeout(why))
-                for gid in gids[at + done :]:  # not queued: no status record either
-                    self._drop_task(gid)
-                for _ in payloads[at + len(part) :]:
-                    f = BusFuture(st)
-                    f.set_exception(TaskTimeout(why))
-                    futs.append(f)
-                tids = tids[:done]
-                self._dispatched(*part_gids[:done])
-                self._arm_all(st, deadline, timeout, tids, tasks[at : at + done])
-                return futs
-            except BaseException:
-                for tid in tids:  # earlier chunks are queued: their results still come
-                    pending.pop(tid, None)
-                for gid in gids[at:]:
-                    self._drop_task(gid)
-                raise
-            self._dispatched(*part_gids)
-            self._arm_all(st, deadline, timeout, tids, tasks[at : at + len(part)])
-        return futs
+        return dispatch_list(self, tasks, timeout, chans)
 
     def _arm_all(
         self,

@@ -52,6 +52,7 @@ _pack_result = env.RESULT_HEADER.pack
 _unpack_result = env.RESULT_HEADER.unpack_from
 _TASK_MAGIC = env.TASK_MAGIC
 _NO_ID = env.NO_ID  # the global task id field (tasks/identity.py)
+_GID_AT = env.GID_OFFSET
 _RESULT_MAGIC = env.RESULT_MAGIC
 _OK, _ERROR = env.OK, env.ERROR
 _RHS = env.RESULT_HEADER_SIZE
@@ -146,6 +147,8 @@ class Codec:
         self.encode_task = (
             self._refuse if self.refusal else _encode_plain if plain else self._encode_task
         )
+        self.plain_pickle = self.encode_task is _encode_plain
+        """Tasks are encoded as ``_encode_plain`` does (the bus may inline it)."""
         if isinstance(self._fmt, MsgspecFormat):
             if self.signer is None:
                 self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
@@ -216,6 +219,17 @@ class Codec:
         data = b"".join((head, reply, body))
         signer = self.signer
         return data if signer is None else data + signer.tag_task(data)
+
+    def with_gid(self, data: bytes, gid: bytes) -> bytes:
+        """The task envelope ``data`` with its id field set (``dispatch_many``
+        encodes a long list first and gives it ids as it queues it); a signed
+        one is signed again."""
+        end = len(data) - TAG_SIZE if data[1] & _SIGNED else len(data)
+        out = b"".join((data[:_GID_AT], gid, data[_GID_AT + 16 : end]))
+        if end == len(data):
+            return out
+        assert self.signer is not None  # it signed the envelope
+        return out + self.signer.tag_task(out)
 
     def _verify_task(self, data: bytes, flags: int) -> str | None:
         if not flags & _SIGNED:

@@ -19,11 +19,13 @@ class TaskContext:
     """The task a handler runs: ``current_task()`` inside it."""
 
     __slots__ = (
+        "_arg",
         "_flag",
+        "_gid",
+        "_id",
         "_progress",
         "attempt",
         "deadline",
-        "id",
         "max_attempts",
         "queue",
         "type",
@@ -31,29 +33,44 @@ class TaskContext:
 
     def __init__(
         self,
-        task_id: str,
+        gid: bytes,
         task_type: str,
         attempt: int,
         max_attempts: int,
         deadline: float | None,
         queue: str,
-        flag: Callable[[], int],
-        progress: Callable[[float | None, str], None],
+        flag: Callable[..., int],
+        progress: Callable[..., None],
+        arg: int | None = None,
     ) -> None:
-        self.id = task_id
+        # Built once per task on the worker's hot path: the id's text is made
+        # when asked for, and a record's accessors take its offset (``arg``)
+        # instead of being closures made per task.
+        self._gid = gid
+        self._id: str | None = None
         self.type = task_type
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.deadline = deadline
         """time.monotonic() by which the task must be done (None: no deadline)."""
         self.queue = queue
-        self._flag = flag
-        self._progress = progress
+        self._flag = flag  # flag() -> int, or flag(arg) when arg is not None
+        self._progress = progress  # progress(fraction, message), or with arg first
+        self._arg = arg
+
+    @property
+    def id(self) -> str:
+        """The task's id ("" for a task without one: an older producer's)."""
+        text = self._id
+        if text is None:
+            text = self._id = "" if not any(self._gid) else self._gid.hex()
+        return text
 
     @property
     def cancelled(self) -> bool:
         """True once ``bus.cancel(id)`` was called: a plain handler should stop."""
-        return bool(self._flag())
+        arg = self._arg
+        return bool(self._flag() if arg is None else self._flag(arg))
 
     def set_progress(self, fraction: float | None, message: str = "") -> None:
         """Publish progress (``fraction`` in [0, 1]) for ``bus.status``; cheap."""
@@ -61,7 +78,10 @@ class TaskContext:
             if not isinstance(fraction, (int, float)) or math.isnan(fraction):
                 raise ValueError(f"progress must be a number in [0, 1], not {fraction!r}")
             fraction = min(1.0, max(0.0, float(fraction)))
-        self._progress(fraction, str(message))
+        if self._arg is None:
+            self._progress(fraction, str(message))
+        else:
+            self._progress(self._arg, fraction, str(message))
 
     def __repr__(self) -> str:
         return f"<TaskContext {self.id} {self.type} attempt {self.attempt}/{self.max_attempts}>"

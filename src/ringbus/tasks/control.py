@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import pickle
 import signal
 import time
+from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +98,32 @@ class TaskControl:
         if due:  # its queue wait counts from when it is due (metrics)
             data = env.with_enqueued(data, due)
         return gid, data
+
+    def _plain_encoder(self, reply: bytes) -> Callable[[Any, int], tuple[bytes, bytes]] | None:
+        """``_encode_new`` for dispatch's common case, unsigned pickle with a
+        reply and no deadline: the status record and the envelope in one
+        frame and one clock read (the general path's three frames were a
+        fifth of a dispatch).  None for any other codec.  The bus calls it
+        only without middleware (which adds its headers in ``_encode_new``)."""
+        if not self.codec.plain_pickle:
+            return None
+        table = self._records
+        pack, dumps, clock = env.TASK_HEADER.pack, pickle.dumps, time.time
+        magic, flags, rlen = env.TASK_MAGIC, env.FLAG_REPLY, len(reply)
+        drop = self._drop_task
+
+        def encode(task: Any, tid: int) -> tuple[bytes, bytes]:
+            pid = current_pid()
+            gid = new_id() if table is None else table.add(QUEUED, pid, tid)
+            try:  # the same bytes as codec._encode_plain
+                return gid, pack(magic, flags, 1, pid, tid, 0.0, 0.0, rlen, gid, clock()) + (
+                    reply + dumps(task, 5)
+                )
+            except BaseException:
+                drop(gid)
+                raise
+
+        return encode
 
     def _drop_task(self, gid: bytes) -> None:
         """The task was not queued after all (the channel refused it)."""

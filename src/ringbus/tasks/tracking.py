@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import TaskContext
-from ringbus.tasks.identity import format_id
 from ringbus.transport.task_table import (
     CANCELLED,
     DONE,
@@ -22,6 +22,7 @@ from ringbus.transport.task_table import (
     QUEUED,
     RUNNING,
     SCHEDULED,
+    Bound,
     TaskTable,
 )
 
@@ -43,6 +44,10 @@ def _no_progress(fraction: float | None, message: str) -> None:
     pass
 
 
+_UNTRACKED: Bound = (_no_flag, _no_progress, None)
+_time = time.time
+
+
 class Tracker:
     """Status records of the tasks a worker runs (see the module docstring)."""
 
@@ -52,6 +57,14 @@ class Tracker:
         self.codec = codec  # encodes a kept result the caller did not ask for
         self.pid = os.getpid()
         self.keeps: dict[bytes, float] = {}  # keep_result of the tasks begun
+        # The table's records as direct calls (shared memory: C), for the two
+        # steps every task takes; made here, in the worker process that uses them.
+        steps = None if table is None else table.local_steps()
+        self._begin_c = self._finish_c = None
+        self._flag_c: Callable[..., int] = _no_flag
+        self._progress_c: Callable[..., None] = _no_progress
+        if steps is not None:
+            self._begin_c, self._finish_c, self._flag_c, self._progress_c = steps
 
     def begin(
         self,
@@ -66,15 +79,22 @@ class Tracker:
         table = self.table
         if keep > 0:
             self.keeps[gid] = keep
-        flag: Callable[[], int] = _no_flag
-        progress: Callable[[float | None, str], None] = _no_progress
+        bound = _UNTRACKED
         if table is not None and gid != _NO_ID:
-            bound = table.begin(gid, attempt, self.pid)
-            if bound is None:
-                return None
-            flag, progress = bound
+            begin_c = self._begin_c
+            rel = -1 if begin_c is None else begin_c(gid, attempt, self.pid, _time())
+            if rel >= 0:
+                bound = (self._flag_c, self._progress_c, rel)
+            elif rel == -2:
+                return None  # cancelled while it waited
+            else:  # no direct calls, or a record the table does not hold
+                began = table.begin(gid, attempt, self.pid)
+                if began is None:
+                    return None
+                bound = began
+        flag, progress, arg = bound
         return TaskContext(
-            format_id(gid) if gid != _NO_ID else "",
+            gid,
             type_name,
             attempt,
             max_attempts,
@@ -82,6 +102,7 @@ class Tracker:
             self.queue,
             flag,
             progress,
+            arg,
         )
 
     def _finish(self, gid: bytes, state: int, keep: float, result: bytes | None) -> None:
@@ -96,7 +117,11 @@ class Tracker:
                 out = self.codec.encode_ok(tid, value)
             self._finish(gid, DONE, keep, out)
         elif self.table is not None and gid != _NO_ID:  # the common case: one call
-            self.table.finish(gid, DONE, 0.0, None)
+            finish_c = self._finish_c
+            if finish_c is not None:
+                finish_c(gid, DONE, _time(), 0.0, None)
+            else:
+                self.table.finish(gid, DONE, 0.0, None)
 
     def failed(self, data: bytes, out: bytes | None) -> None:
         gid = env.task_gid(data)

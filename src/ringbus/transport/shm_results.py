@@ -56,6 +56,8 @@ from ringbus.transport.task_table import (
     EMPTY,
     FINAL,
     TERMINATE,
+    Bound,
+    LocalSteps,
     StoreFull,
     TaskRecord,
     TaskTable,
@@ -110,6 +112,7 @@ class ShmTaskTable(TaskTable):
             raise ValueError(f"task table record size must be >= 272 and 8-aligned: {record_size}")
         self.path = path
         self._want = (slots, record_size)
+        self.slots: int = slots  # as asked until the file is open (it may exist: then its own)
         self._lock = threading.Lock()
         self._mm: mmap.mmap | None = None
         self._fd = -1
@@ -300,7 +303,22 @@ class ShmTaskTable(TaskTable):
                 gid = self._recs.add(state, dispatcher_pid, counter, time.time())
                 if gid is not None:
                     return gid
-                self._claim()
+                if not self._fill_own_block_again():
+                    self._claim()
+
+    def _fill_own_block_again(self) -> bool:
+        """Start over in the block this process owns when its oldest record is
+        free (likely most of them are): a steady dispatcher keeps reusing the
+        same warm pages.  No file lock: a block with a live owner is only
+        ever filled by its owner.  (Through ``_claim`` this took flock,
+        fallocate and madvise: 30-50 us per 256 tasks.)"""
+        mm, b = self._mm, self._block
+        if mm is None or b < 0 or self._recs.evicted:
+            return False  # evictions are counted under the lock, in _claim
+        if not self._usable(mm, self._base + b * BLOCK * self.record_size, time.time(), False):
+            return False
+        self._recs.use_block(b * BLOCK, BLOCK, False, os.urandom(8))
+        return True
 
     def _flush_evictions(self, mm: mmap.mmap) -> None:
         n = self._recs.evicted
@@ -364,18 +382,27 @@ class ShmTaskTable(TaskTable):
         assert mm is not None
         return off if mm[off : off + 16] == gid and mm[off + 16] != EMPTY else -1
 
-    def begin(
-        self, gid: bytes, attempt: int, worker_pid: int
-    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]] | None:
+    def begin(self, gid: bytes, attempt: int, worker_pid: int) -> Bound | None:
         # start() and accessors() in one step, in C: this runs once per task.
+        # The accessors take the record's offset: no closures per task.
         if self._mm is None or self._pid != current_pid():
             self._map()
         recs = self._recs
         rel = recs.begin(gid, attempt, worker_pid, time.time())
         if rel >= 0:
-            off = self._base + rel
-            return (lambda: recs.cancel_flag(rel)), (lambda f, m: self.write_progress(off, f, m))
-        return None if rel == -2 else super().accessors(gid)  # -1: untracked, run it
+            return recs.cancel_flag, self._write_progress_rel, rel
+        if rel == -2:
+            return None
+        flag, progress = super().accessors(gid)  # -1: untracked, run it
+        return flag, progress, None
+
+    def local_steps(self) -> LocalSteps:
+        self._map()
+        recs = self._recs
+        return recs.begin, recs.finish, recs.cancel_flag, self._write_progress_rel
+
+    def _write_progress_rel(self, rel: int, fraction: float | None, message: str) -> None:
+        self.write_progress(self._base + rel, fraction, message)
 
     def start(self, gid: bytes, attempt: int, worker_pid: int) -> bool:
         self._map()

@@ -27,6 +27,8 @@ __all__ = [
     "DONE",
     "EMPTY",
     "FINAL",
+    "Bound",
+    "LocalSteps",
     "MemoryTaskTable",
     "StoreFull",
     "TaskRecord",
@@ -40,6 +42,17 @@ CANCEL, TERMINATE = 1, 2  # cancel flag values
 CANCELLED_HOLD = 30 * 86400.0
 """How long the record of a task cancelled while still queued or delayed is
 kept (it must outlive the envelope, which a worker drops on sight)."""
+
+
+Bound = tuple[Callable[..., int], Callable[..., None], int | None]
+"""What ``TaskTable.begin`` gives a running task: (cancel flag, progress, arg)."""
+LocalSteps = tuple[
+    Callable[[bytes, int, int, float], int],
+    Callable[[bytes, int, float, float, "bytes | None"], object],
+    Callable[[int], int],
+    Callable[[int, "float | None", str], None],
+]
+"""See ``TaskTable.local_steps``."""
 
 
 class StoreFull(RingbusError):
@@ -73,6 +86,9 @@ class TaskTable(abc.ABC):
     same_host = True
     """Whether a record's worker pid is a process of this machine (a cancel
     with ``terminate`` may kill it); False for a table shared across hosts."""
+
+    slots: int | None = None
+    """How many records it holds at most (None: no fixed bound)."""
 
     @abc.abstractmethod
     def add(self, state: int, dispatcher_pid: int, counter: int) -> bytes:
@@ -122,14 +138,25 @@ class TaskTable(abc.ABC):
         handler's ``current_task()`` (a table may bind them to the record)."""
         return (lambda: self.cancel_flag(gid)), (lambda f, m: self.progress(gid, f, m))
 
-    def begin(
-        self, gid: bytes, attempt: int, worker_pid: int
-    ) -> tuple[Callable[[], int], Callable[[float | None, str], None]] | None:
+    def begin(self, gid: bytes, attempt: int, worker_pid: int) -> Bound | None:
         """``start`` and ``accessors`` in one step (a table may do it with one
-        lookup): None when the task was cancelled and must not run."""
+        lookup): None when the task was cancelled and must not run.  Returns
+        ``(flag, progress, arg)``: with ``arg`` None, ``accessors``; else
+        ``flag(arg)`` and ``progress(arg, fraction, message)`` (a table can
+        hand out the same two functions for every task, and no closures)."""
         if not self.start(gid, attempt, worker_pid):
             return None
-        return self.accessors(gid)
+        flag, progress = self.accessors(gid)
+        return flag, progress, None
+
+    def local_steps(self) -> LocalSteps | None:
+        """A worker's per-task steps as direct calls, valid in this process
+        while the table is open: ``begin(gid, attempt, pid, now) -> offset``
+        (-1: not held here, -2: cancelled), ``finish(gid, state, now, keep,
+        result)``, and ``flag(offset)`` / ``progress(offset, fraction,
+        message)`` for the handler.  None (the default): use ``begin`` and
+        ``finish``."""
+        return None
 
     def sweep(self) -> int:
         """Drop expired records now (they are reused lazily anyway); how many."""
