@@ -363,7 +363,7 @@ class ConcurrentWorker(WorkerBase):
         in it.  One timer looks at every handler awaited so (not a task and
         a watcher task per handler, as ``await_cancellable``)."""
         me = asyncio.current_task()
-        if ctx is None or not ctx.id or me is None:
+        if ctx is None or me is None:  # (a task without an id is never cancelled: harmless)
             return await aw
         self._watching[me] = ctx
         if self._watcher is None:
