@@ -4,8 +4,10 @@ server ends a read at its deadline; a killed connection is replaced),
 results grouped per reply list (in order, only to listening dispatchers,
 acknowledged behind them), a burst of 8 threads sent in shared round trips
 as Redis counts them, plain handlers of a concurrent worker overlapping
-while their outcomes come back in bursts, and a pool SIGKILLed in the middle
-of a fast run losing nothing.  Real redis-server, real processes and
+while their outcomes come back in bursts, a pool SIGKILLed in the middle
+of a fast run losing nothing, the results of a concurrent worker's
+``async def`` handlers riding its loop's next read, and a concurrent worker
+recycled every few tasks answering each exactly once.  Real redis-server, real processes and
 SIGKILL/SIGSTOP, no timing asserts (the bounds are for correctness)."""
 
 from __future__ import annotations
