@@ -362,7 +362,7 @@ class ConcurrentWorker(WorkerBase):
         """``await aw`` in this task; a cancel request raises CancelledError
         in it.  One timer looks at every handler awaited so (not a task and
         a watcher task per handler, as ``await_cancellable``)."""
-        me = asyncio.current_task()
+        me = asyncio.current_task(self.loop)  # the loop given: no getpid() system call
         if ctx is None or me is None:  # (a task without an id is never cancelled: harmless)
             return await aw
         self._watching[me] = ctx

@@ -26,6 +26,9 @@ LAZY = 0.005
 
 IDLE_TICKS = 200  # quiet ticks (1 s) before the thread sleeps until the next task
 
+_pid = [os.getpid()]  # this process's pid, without a getpid() system call per task
+os.register_at_fork(after_in_child=lambda: _pid.__setitem__(0, os.getpid()))
+
 Cmd = tuple[Any, ...]
 Send = Callable[[list[Cmd], bool], None]
 """``send(cmds, wake)``: hand commands on; ``wake=False`` lets them wait for
@@ -78,8 +81,8 @@ class LazyStatus:
 
     def _stir(self) -> None:
         self._news = True
-        if self._thread is None or self._pid != os.getpid():
-            self._pid = os.getpid()
+        if self._thread is None or self._pid != _pid[0]:  # none yet, or the parent's
+            self._pid = _pid[0]
             self._thread = threading.Thread(
                 target=self._run, name="ringbus-redis-status", daemon=True
             )
