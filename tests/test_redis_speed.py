@@ -183,6 +183,38 @@ def test_results_go_to_their_lists_in_order_and_only_to_listeners(
         r.close()
 
 
+def test_a_dispatch_brings_back_the_results_waiting_for_its_process(
+    redis_server: RedisServer, bus_name: str
+) -> None:
+    """With no reader waiting in BLMPOP, a dispatch's round trip pops the
+    results already in its process's reply list; the next read hands them
+    out without a round trip.  While a reader waits, dispatches leave the
+    list to it."""
+    t = RedisTransport(redis_server.url)
+    t.bind(bus_name)
+    r: Any = redis.Redis.from_url(redis_server.url)
+    key = t.reply_address().decode()
+    try:
+        r.rpush(key, b"r1", b"r2")
+        t.put_task(b"task")
+        assert r.llen(key) == 0  # came back with the XADD
+        r.config_resetstat()
+        assert t.recv_replies(10, timeout=0) == [b"r1", b"r2"]
+        assert _calls(r, "lmpop") == _calls(r, "blmpop") == 0  # no round trip to read them
+        got: list[list[bytes]] = []
+        reader = threading.Thread(target=lambda: got.append(t.recv_replies(10, timeout=30)))
+        reader.start()
+        wait_for(lambda: t._blocked, 30, "the reader to wait in BLMPOP")
+        t.put_task(b"task")  # no pop rides it: the waiting reader takes what comes
+        assert _calls(r, "lmpop") == 0
+        r.rpush(key, b"r3")
+        reader.join(30)
+        assert got == [[b"r3"]]
+    finally:
+        t.destroy(force=True)
+        r.close()
+
+
 # ------------------------------------------------------------ whole buses
 
 

@@ -235,6 +235,14 @@ class RedisBase(Transport):
         (XADD, ZADD) must send them first."""
         return []
 
+    def _pop_command(self) -> tuple[Any, ...] | None:
+        """A read of this process's results to ride a dispatch's round trip
+        (``redis_replies``; None: none now)."""
+        return None
+
+    def _popped_with(self, got: Any) -> None:
+        """The reply of ``_pop_command``'s command."""
+
     def _read_commands(self) -> list[tuple[Any, ...]]:
         """Commands pipelined behind a worker's XREADGROUP: Redis runs them
         once the read returned (``_after_read`` gets their replies)."""

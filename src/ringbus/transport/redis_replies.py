@@ -8,7 +8,9 @@ import functools
 import os
 import queue
 import secrets
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +22,7 @@ from ringbus.transport.redis_wire import pipeline as wire_pipeline
 __all__ = ["ReplyChannel"]
 
 WAKE = b""  # pushed on a reply list to wake its reader; never handed out
+_RIDE_COUNT = 512  # results a dispatch's round trip may bring back
 
 
 class ReplyChannel(RedisBase):
@@ -33,6 +36,10 @@ class ReplyChannel(RedisBase):
         self._alive_outages = 0
         self._rconns: list[Any] = []  # idle connections of reply readers (redis_wire)
         self._rides = False  # a worker's results ride its reads (see redis_sender)
+        # Results a dispatch's round trip brought back, and the threads whose
+        # reads wait in BLMPOP now (deque and set: each step atomic, any thread).
+        self._popped: deque[bytes] = deque()
+        self._blocked: set[int] = set()
 
     def reply_address(self) -> bytes:
         """This process's reply list.  Its ``:alive`` key is set by every
@@ -59,10 +66,46 @@ class ReplyChannel(RedisBase):
     def _reply_stopped(self) -> bool:
         return self._reply_closed
 
+    # A dispatch's round trip also pops the results already waiting (LMPOP,
+    # no wait) while no reader waits in BLMPOP (it would have them first):
+    # the next read hands them out with no round trip of its own.  A reader
+    # thread parked while a caller reads leaves results in the list for as
+    # long anyway, so none waits longer than before.
+
+    def _pop_command(self) -> tuple[Any, ...] | None:
+        """The LMPOP to ride a dispatch (None: no reply list, or a reader waits)."""
+        key = self._reply_key
+        if not key or self._reply_closed or self._blocked:
+            return None
+        return ("LMPOP", 1, key, "LEFT", "COUNT", _RIDE_COUNT)
+
+    def _popped_with(self, got: Any) -> None:
+        """The reply of a riding LMPOP."""
+        if not got or isinstance(got, Exception):
+            return
+        items = next(iter(got.values())) if isinstance(got, dict) else got[1]
+        out = [d for d in items if d != WAKE]
+        if not out:
+            return
+        self._popped.extend(out)  # first, then look: a reader either sees these or is seen
+        if self._blocked:  # a reader began to wait meanwhile: wake it for these
+            with contextlib.suppress(Exception):
+                self._once(lambda r: r.rpush(self._reply_key, WAKE), "waking the reader")
+
+    def _take_popped(self, max_items: int) -> list[bytes]:
+        out: list[bytes] = []
+        pop = self._popped.popleft
+        with contextlib.suppress(IndexError):  # another reader took the rest
+            while len(out) < max_items:
+                out.append(pop())
+        return out
+
     def recv_replies(self, max_items: int, timeout: float | None = None) -> list[bytes]:
         key = self._reply_key
         if not key or self._reply_closed:
             raise TransportClosed("no reply channel in this process")
+        if self._popped:
+            return self._take_popped(max_items)
         end = None if timeout is None else time.monotonic() + timeout
         ttl = int(self.reply_ttl)
         while True:
@@ -92,7 +135,16 @@ class ReplyChannel(RedisBase):
             else:
                 cmd = ("BLMPOP", f"{wait:.3f}", 1, key, "LEFT", "COUNT", max_items)
             pop: Callable[[R], Any] = functools.partial(self._pop_replies, cmd)
-            got = self._retrying(pop, "reading results", self._reply_stopped)
+            me = threading.get_ident()
+            self._blocked.add(me)  # first, then look (see _popped_with)
+            try:
+                if self._popped:  # a dispatch brought some back meanwhile
+                    return self._take_popped(max_items)
+                got = self._retrying(pop, "reading results", self._reply_stopped)
+            finally:
+                self._blocked.discard(me)
+            if self._popped:
+                got = self._merged(got)
             if got:
                 items = next(iter(got.values())) if isinstance(got, dict) else got[1]
                 out = [d for d in items if d != WAKE]
@@ -100,6 +152,11 @@ class ReplyChannel(RedisBase):
                     return out
             if timeout == 0:
                 raise queue.Empty
+
+    def _merged(self, got: Any) -> Any:
+        """``got`` (a (B)LMPOP reply) behind what dispatches popped meanwhile."""
+        items = [] if not got else next(iter(got.values())) if isinstance(got, dict) else got[1]
+        return [None, self._take_popped(_RIDE_COUNT) + list(items)]
 
     def _pop_replies(self, cmd: tuple[Any, ...], r: R = None) -> Any:
         """One (B)LMPOP on a reader connection of this process's own (two

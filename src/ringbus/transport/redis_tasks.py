@@ -86,7 +86,12 @@ class TaskChannel(Reclaims):
         cmds = self._dispatch_commands()
         stream = self.stream
         cmds += [("XADD", stream, "*", b"d", data) for data in items]
-        self._call(cmds, "queueing tasks", timeout)
+        pop = self._pop_command()  # results waiting come back in this round trip
+        if pop is not None:
+            cmds.append(pop)
+        replies = self._call(cmds, "queueing tasks", timeout)
+        if pop is not None:
+            self._popped_with(replies[-1])
 
     def _sender_holds(self) -> list[bytes]:
         """Finished entries whose acknowledgement waits behind their results."""
