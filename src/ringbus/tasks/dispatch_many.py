@@ -17,9 +17,9 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus._ids import current_pid, format_id
 from ringbus.errors import TaskTimeout
 from ringbus.tasks.envelope import FLAG_REPLY, NO_ID
-from ringbus.tasks.identity import current_pid, format_id
 from ringbus.tasks.results import BusFuture, ProcState
 from ringbus.tasks.routing import put_routed_many
 from ringbus.transport.task_table import StoreFull

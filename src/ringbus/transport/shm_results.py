@@ -12,7 +12,7 @@ at a time (claimed under ``flock``, which the kernel drops if it dies, once
 per 256 dispatches; its pages mapped in one ``madvise``) and is the only one
 to put new records in it.  It claims its own block again when that block's
 oldest record is free, so a steady dispatcher reuses warm pages.  A task's
-id names its slot (``identity.py``), so a lookup is one read.  A worker
+id names its slot (``ringbus/_ids.py``), so a lookup is one read.  A worker
 writes the running task's state and progress; a canceller its cancel flag.
 Readers re-read a record until two reads agree.
 
@@ -46,10 +46,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from ringbus._ids import NO_SLOT, current_pid, id_slot
 from ringbus._proc import pid_alive
 from ringbus._ring import TaskRecords
 from ringbus.errors import RingError
-from ringbus.tasks.identity import NO_SLOT, current_pid, id_slot
 from ringbus.transport.task_table import (
     CANCEL,
     CANCELLED_HOLD,
@@ -82,7 +82,7 @@ _F64 = struct.Struct("<d")
 _PROG = struct.Struct("<fH")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_SLOT = struct.Struct("<I")  # an id's slot, at byte 12 (identity.py)
+_SLOT = struct.Struct("<I")  # an id's slot, at byte 12 (_ids.py)
 _NAN = float("nan")
 NOT_KEPT = 0xFFFFFFFF
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
