@@ -266,12 +266,9 @@ class ShmTaskTable(TaskTable):
                     b = (start + i) % self.blocks
                     if self._owner_alive(mm, b):
                         continue
-                    first = self._base + b * BLOCK * self.record_size
-                    if not any(
-                        self._usable(mm, first + k * self.record_size, now, evict)
-                        for k in range(BLOCK)
-                    ):
+                    if not self._recs.any_usable(b * BLOCK, BLOCK, now, evict):
                         continue
+                    first = self._base + b * BLOCK * self.record_size
                     try:  # a full /dev/shm fails here, not with a SIGBUS later
                         os.posix_fallocate(self._fd, first, BLOCK * self.record_size)
                     except OSError as exc:
