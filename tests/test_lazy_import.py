@@ -1,6 +1,6 @@
 """Scope: the package's public face: ``from ringbus import Queue`` loads the ring
 and the queue only (no task layer, no server, no hooks), and every public
-exception has one root."""
+exception has one root; the transports load no task code."""
 
 from __future__ import annotations
 
@@ -43,3 +43,21 @@ def test_every_public_exception_has_one_root() -> None:
         obj = getattr(ringbus, name)
         if isinstance(obj, type) and issubclass(obj, BaseException):
             assert issubclass(obj, ringbus.RingbusError), name
+
+
+def test_the_transports_load_no_task_code() -> None:
+    """The transport layer carries bytes: loading every shared-memory and
+    Redis transport module imports nothing of the task layer or the server
+    (``transport/inline.py`` runs tasks in the caller and is left out)."""
+    import pathlib
+
+    folder = pathlib.Path(ringbus.__file__).parent / "transport"
+    names = sorted(
+        f"ringbus.transport.{p.stem}"
+        for p in folder.glob("*.py")
+        if p.stem not in ("__init__", "inline")
+    )
+    assert "ringbus.transport.shm_results" in names
+    loaded = _modules_after("import " + ", ".join(names))
+    reach = {m for m in loaded if m.split(".")[1:2] in (["tasks"], ["server"])}
+    assert not reach, f"the transport layer imports {sorted(reach)}"

@@ -101,6 +101,20 @@ cdef class TaskRecords:
             return PyBytes_FromStringAndSize(<char *>self._id, 16)
         return None
 
+    def any_usable(self, Py_ssize_t first, Py_ssize_t count, double now, bint evict):
+        """Whether a record of slots [first, first + count) can take a new
+        task: a block's scan when a dispatcher claims one (in Python it was
+        256 reads per block passed over)."""
+        cdef Py_ssize_t i
+        if not self._held:
+            raise RingError("task table records released")
+        if first < 0 or count < 0 or first + count > self.slots:
+            raise ValueError(f"slots {first}..{first + count} outside the table")
+        for i in range(first, first + count):
+            if task_record_usable(self._base + i * self.record_size, now, evict):
+                return True
+        return False
+
     def begin(self, bytes gid, int attempt, uint32_t worker_pid, double now):
         """A worker starts the task: the record's offset (>= 0, for
         ``cancel_flag``) to run it, -1 not tracked here (run it), -2 it was

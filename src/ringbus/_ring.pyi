@@ -157,6 +157,8 @@ class TaskRecords:
     """Records this process took before their keep time (flushed to the header)."""
     def use_block(self, first: int, count: int, evict: bool, nonce: bytes) -> None: ...
     def add(self, state: int, dispatcher_pid: int, counter: int, now: float) -> bytes | None: ...
+    def any_usable(self, first: int, count: int, now: float, evict: bool) -> bool:
+        """Whether a record of slots [first, first + count) can take a new task."""
     def begin(self, gid: bytes, attempt: int, worker_pid: int, now: float) -> int:
         """Offset >= 0: run; -1: not tracked here (run); -2: cancelled."""
     def finish(

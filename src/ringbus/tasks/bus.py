@@ -21,6 +21,7 @@ from concurrent.futures import Future
 from datetime import datetime, timedelta
 from typing import Any
 
+from ringbus._ids import format_id
 from ringbus._names import validate_bus_name
 from ringbus.tasks import envelope as env
 from ringbus.tasks.codec import Codec
@@ -29,7 +30,6 @@ from ringbus.tasks.dead_letters import BusDeadLetters
 from ringbus.tasks.dispatch_many import dispatch_list
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.handlers import DEFAULT_POLICY, HandlerRegistry, RetryPolicy
-from ringbus.tasks.identity import format_id
 from ringbus.tasks.limits import HandlerLimits
 from ringbus.tasks.middleware import BusMiddleware
 from ringbus.tasks.results import BusFuture, ProcState, cancel_queued, put_off_loop, run_reader

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from concurrent.futures import CancelledError, Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus._ids import current_pid, new_id, parse_id
 from ringbus.tasks import envelope as env
-from ringbus.tasks.identity import current_pid, new_id, parse_id
 from ringbus.tasks.status import TaskStatus, status_of
 from ringbus.transport.task_table import (
     CANCELLED,

@@ -12,17 +12,18 @@ finish, as a full task channel makes it wait, instead of failing with
 
 from __future__ import annotations
 
+import pickle
 import queue
 import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+from ringbus._ids import current_pid, new_id
 from ringbus.errors import TaskTimeout
-from ringbus.tasks.envelope import FLAG_REPLY, NO_ID
-from ringbus.tasks.identity import current_pid, format_id
+from ringbus.tasks.envelope import FLAG_REPLY, NO_ID, TASK_HEADER, TASK_MAGIC
 from ringbus.tasks.results import BusFuture, ProcState
 from ringbus.tasks.routing import put_routed_many
-from ringbus.transport.task_table import StoreFull
+from ringbus.transport.task_table import QUEUED, StoreFull
 
 if TYPE_CHECKING:
     from ringbus.tasks.bus import TaskBus
@@ -33,6 +34,7 @@ CHUNK = 512  # tasks per transport call
 WAVE = 16384  # tasks per round of status records in a long list (a quarter of the table)
 _RECORD_POLL = 0.002  # seconds between looks for a free status record
 _monotonic = time.monotonic
+_pack, _MAGIC, _dumps = TASK_HEADER.pack, TASK_MAGIC, pickle.dumps
 
 
 class _Cut(Exception):
@@ -58,14 +60,27 @@ def dispatch_list(
     wave = _wave(bus)
     waves = len(tasks) > wave
     gids: list[bytes] = []
+    table = bus._records
     try:
-        if not waves:
-            for tid in ids:
-                gids.append(bus._new_task(tid, False))
-        datas = [
-            encode(t, tid, FLAG_REPLY, pid, reply, deadline, wall, gid=gid)
-            for t, tid, gid in zip(tasks, ids, gids or [NO_ID] * len(ids), strict=True)
-        ]
+        if not waves and table is None:
+            gids = [new_id() for _ in ids]
+        elif not waves and table is not None:
+            add = table.add
+            for tid in ids:  # bus._new_task, inline: once per task
+                gids.append(add(QUEUED, pid, tid))
+        if bus.codec.plain_pickle:  # codec._encode_plain, inline, one clock read
+            now, rlen = time.time(), len(reply)
+            datas = [
+                _pack(_MAGIC, FLAG_REPLY, 1, pid, tid, deadline, wall, rlen, gid, now)
+                + reply
+                + _dumps(t, 5)
+                for t, tid, gid in zip(tasks, ids, gids or [NO_ID] * len(ids), strict=True)
+            ]
+        else:
+            datas = [
+                encode(t, tid, FLAG_REPLY, pid, reply, deadline, wall, gid=gid)
+                for t, tid, gid in zip(tasks, ids, gids or [NO_ID] * len(ids), strict=True)
+            ]
         if not waves:
             datas = bus._encode_many(tasks, gids, datas)  # middleware headers
     except BaseException:
@@ -148,7 +163,7 @@ def _queue(
         tids, part_gids = ids[lo:hi], gids[lo - at : hi - at]
         for tid, gid in zip(tids, part_gids, strict=True):
             bfut = BusFuture(st)
-            bfut.task_id = format_id(gid)
+            bfut.task_id = gid.hex()  # format_id(), inline
             futs.append(bfut)
             pending[tid] = bfut
         left = None if timeout is None else max(0.0, deadline - _monotonic())

@@ -23,7 +23,7 @@ Task message::
     16      8     deadline       (time.monotonic(), system-wide on Linux; 0.0 = none)
     24      8     wall deadline  (time.time() for transports that span machines; 0.0 = none)
     32      2     reply address length n
-    34      16    global task id (``bus.status(id)``; see tasks/identity.py; zeros = none)
+    34      16    global task id (``bus.status(id)``; see ringbus/_ids.py; zeros = none)
     50      8     enqueued at (time.time() when queued, or when it became due:
                   a delay's end, a retry's; 0.0 = not known): queue-wait metrics
     58      n     reply address (transport-specific bytes, e.g. a ring name)

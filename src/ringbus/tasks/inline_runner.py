@@ -17,11 +17,11 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
+from ringbus._ids import format_id
 from ringbus.errors import EnvelopeError, Unrecoverable
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import TaskContext, reset_current, set_current
 from ringbus.tasks.envelope import FLAG_REPLY
-from ringbus.tasks.identity import format_id
 from ringbus.tasks.tracking import Tracker, await_cancellable
 
 if TYPE_CHECKING:

@@ -30,11 +30,11 @@ import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from ringbus._ids import format_id
 from ringbus.errors import EnvelopeError, TaskFailed
 from ringbus.tasks import envelope as env
 from ringbus.tasks.context import _current as _task_context
 from ringbus.tasks.control import TaskControl
-from ringbus.tasks.identity import format_id
 
 current_context = _task_context.get
 __all__ = ["HOOKS", "BusMiddleware", "Middleware", "MiddlewareStack", "TaskMessage"]

@@ -359,7 +359,10 @@ def _resolve(st: ProcState, batch: list[bytes]) -> None:
         # then reads the state, so either it sees the future finished or we
         # see its mark (checking the mark first lost that wake-up).
         _finish_all(cond, plain)
-        if not wake:
+        # Only a caller inside the channel can be waiting there; it says so
+        # (caller_reading) before it looks at its future's state, and the
+        # states are set above before this look: no per-future scan otherwise.
+        if not wake and st.caller_reading:
             wake = any(_reads_channel(f) for f, _, _ in plain)
     with st.heap_lock:  # two readers may overlap for a moment: += is not atomic
         st.results += len(batch) - wakes

@@ -45,8 +45,8 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ringbus._ids import new_id
 from ringbus.errors import BrokerUnavailable
-from ringbus.tasks.identity import new_id
 from ringbus.transport.redis_conn import redis
 from ringbus.transport.redis_status_lazy import LazyStatus
 from ringbus.transport.task_table import (

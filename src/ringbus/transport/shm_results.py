@@ -12,7 +12,7 @@ at a time (claimed under ``flock``, which the kernel drops if it dies, once
 per 256 dispatches; its pages mapped in one ``madvise``) and is the only one
 to put new records in it.  It claims its own block again when that block's
 oldest record is free, so a steady dispatcher reuses warm pages.  A task's
-id names its slot (``identity.py``), so a lookup is one read.  A worker
+id names its slot (``ringbus/_ids.py``), so a lookup is one read.  A worker
 writes the running task's state and progress; a canceller its cancel flag.
 Readers re-read a record until two reads agree.
 
@@ -46,10 +46,10 @@ import threading
 import time
 from collections.abc import Callable
 
+from ringbus._ids import NO_SLOT, current_pid, id_slot
 from ringbus._proc import pid_alive
 from ringbus._ring import TaskRecords
 from ringbus.errors import RingError
-from ringbus.tasks.identity import NO_SLOT, current_pid, id_slot
 from ringbus.transport.task_table import (
     CANCEL,
     CANCELLED_HOLD,
@@ -82,7 +82,7 @@ _F64 = struct.Struct("<d")
 _PROG = struct.Struct("<fH")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
-_SLOT = struct.Struct("<I")  # an id's slot, at byte 12 (identity.py)
+_SLOT = struct.Struct("<I")  # an id's slot, at byte 12 (_ids.py)
 _NAN = float("nan")
 NOT_KEPT = 0xFFFFFFFF
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -169,6 +169,9 @@ class ShmTaskTable(TaskTable):
         # The per-task steps (fill, begin, finish, cancel) in C: csrc/task_records.h.
         self._recs = TaskRecords(mm, self._base, slots, size)
         self._block = -1  # a new map (a forked child, say) claims a block of its own
+        # Blocks allocated in the file and mapped in this map: the file never
+        # shrinks while it exists, so they need no fallocate/madvise again.
+        self._ready: set[int] = set()
 
     def _create(self) -> int:
         """Made whole under a temporary name, then linked: nobody sees half a header."""
@@ -266,17 +269,16 @@ class ShmTaskTable(TaskTable):
                     b = (start + i) % self.blocks
                     if self._owner_alive(mm, b):
                         continue
-                    first = self._base + b * BLOCK * self.record_size
-                    if not any(
-                        self._usable(mm, first + k * self.record_size, now, evict)
-                        for k in range(BLOCK)
-                    ):
+                    if not self._recs.any_usable(b * BLOCK, BLOCK, now, evict):
                         continue
-                    try:  # a full /dev/shm fails here, not with a SIGBUS later
-                        os.posix_fallocate(self._fd, first, BLOCK * self.record_size)
-                    except OSError as exc:
-                        raise StoreFull(f"no room in {self.path} for a block: {exc}") from None
-                    _populate(mm, first, BLOCK * self.record_size)
+                    first = self._base + b * BLOCK * self.record_size
+                    if b not in self._ready:  # once per block and map: 30-90 us each
+                        try:  # a full /dev/shm fails here, not with a SIGBUS later
+                            os.posix_fallocate(self._fd, first, BLOCK * self.record_size)
+                        except OSError as exc:
+                            raise StoreFull(f"no room in {self.path} for a block: {exc}") from None
+                        _populate(mm, first, BLOCK * self.record_size)
+                        self._ready.add(b)
                     OWNER.pack_into(mm, OWNERS_OFF + b * OWNER_SIZE, me, time.time())
                     self._block = b
                     self._recs.use_block(b * BLOCK, BLOCK, evict, os.urandom(8))

@@ -173,7 +173,7 @@ class MemoryTaskTable(TaskTable):
     """A task table in this process (the inline transport)."""
 
     def __init__(self, max_records: int = 1 << 20) -> None:
-        from ringbus.tasks.identity import new_id
+        from ringbus._ids import new_id
 
         self._new_id = new_id
         self._lock = threading.Lock()
