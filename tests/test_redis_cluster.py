@@ -1,7 +1,8 @@
 """Scope: the bus on a real 3-node Redis Cluster (``redis+cluster://``):
 every key of a bus in one hash slot (the ``{bus}`` tag), tasks, results,
 delayed tasks, dead letters and the leader through the node that holds it,
-reached from a seed node that may not; buses spread over the shards."""
+reached from a seed node that may not; buses spread over the shards; a
+concurrent worker follows its bus's slot to another node."""
 
 from __future__ import annotations
 
@@ -79,3 +80,49 @@ def test_buses_spread_over_the_shards(redis_cluster: RedisCluster) -> None:
         c.close()
         for bus in buses:
             bus.destroy(force=True)
+
+
+def _move_slot(c: Any, key: str) -> None:
+    """Reshard the slot of ``key`` to another primary (as ``redis-cli
+    --cluster reshard`` does: IMPORTING, MIGRATING, MIGRATE, SETSLOT NODE)."""
+    slot = c.keyslot(key)
+    src = c.get_node_from_key(key)
+    primaries = c.get_primaries()
+    dst = next(n for n in primaries if n.name != src.name)
+    rs, rd = src.redis_connection, dst.redis_connection
+    src_id, dst_id = rs.execute_command("CLUSTER", "MYID"), rd.execute_command("CLUSTER", "MYID")
+    rd.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    rs.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := rs.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        rs.execute_command("MIGRATE", dst.host, dst.port, "", 0, 5000, "KEYS", *keys)
+    for n in primaries:
+        n.redis_connection.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+def test_a_concurrent_worker_follows_its_bus_to_another_node(
+    cbus: TaskBus, redis_cluster: RedisCluster
+) -> None:
+    """The slot of the bus moves while a worker with concurrency 4 reads on
+    its loop: the worker finds the new node (MOVED) and serves on."""
+    c = _client(redis_cluster)
+    try:
+        with TaskServer(cbus, workers=1, concurrency=4):
+            assert [cbus.dispatch(Double(i)).result(timeout=60)[0] for i in range(10)] == [
+                2 * i for i in range(10)
+            ]
+            key = f"ringbus:{{{cbus.name}}}:tasks"
+            old = c.get_node_from_key(key)
+            _move_slot(c, key)
+            old.redis_connection.config_resetstat()
+            c.nodes_manager.initialize()
+            assert c.get_node_from_key(key).name != old.name
+            futs = [cbus.dispatch(Double(i)) for i in range(10, 30)]
+            assert [f.result(timeout=60)[0] for f in futs] == [2 * i for i in range(10, 30)]
+            for i in range(100):  # a read each, one at a time
+                assert cbus.dispatch(Double(i)).result(timeout=60)[0] == 2 * i
+            # Each connection of the bus is told once, then asks the new node (a
+            # loop whose reads kept the old connection was told at every read).
+            moved = old.redis_connection.info("errorstats").get("errorstat_MOVED", {})
+            assert int(moved.get("count", 0)) < 40
+    finally:
+        c.close()

@@ -21,6 +21,7 @@ way it always did: its retries, backoff and log lines are unchanged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -41,9 +42,10 @@ class LoopConn:
     """One redis-py connection driven by ``loop``: a pipeline at a time, its
     replies parsed by hiredis as they arrive (the socket stays watched)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, conn: Any) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, make: Callable[[], Any]) -> None:
         self.loop = loop
-        self.conn = conn
+        self._make = make  # a new redis-py connection (to the node that holds the bus)
+        self.conn: Any = None
         self.sock: Any = None
         self._fut: asyncio.Future[list[Any]] | None = None
         self._out: list[Any] = []
@@ -54,8 +56,9 @@ class LoopConn:
         """The replies of ``cmds`` (error replies in place); a network error or
         no answer within ``timeout`` s disconnects and raises."""
         if self.sock is None:
-            # Connecting (and redis-py's handshake) may wait: not on the loop.
-            await self.loop.run_in_executor(None, self.conn.connect)
+            # Connecting (and redis-py's handshake, finding a cluster's node)
+            # may wait: not on the loop.
+            await self.loop.run_in_executor(None, self._connect)
             self.sock = self.conn._sock
             self.sock.setblocking(False)
             self._reader = _reader(self.conn, self.sock)
@@ -75,6 +78,17 @@ class LoopConn:
             return await fut
         finally:
             timer.cancel()
+
+    def _connect(self) -> None:
+        if self.conn is None:
+            self.conn = self._make()
+        self.conn.connect()
+
+    def renew(self) -> None:
+        """The next call connects anew, through a new connection (a cluster
+        may have moved the bus's slot to another node)."""
+        self.close()
+        self.conn = None
 
     def _expire(self, fut: asyncio.Future[list[Any]]) -> None:
         if fut is self._fut and not fut.done():
@@ -115,8 +129,10 @@ class LoopConn:
                 self.loop.remove_reader(sock.fileno())
             except (ValueError, OSError, RuntimeError):
                 pass  # closed already (interrupt shut it down, the loop is gone)
-            sock.setblocking(True)
-        self.conn.disconnect()
+            with contextlib.suppress(OSError):  # back to redis-py's ways (if still open)
+                sock.setblocking(True)
+        if self.conn is not None:
+            self.conn.disconnect()
 
 
 class LoopTaker:
@@ -128,7 +144,7 @@ class LoopTaker:
         self.t = t
         self.loop = loop
         self.running = running
-        self._conn = LoopConn(loop, t._raw_connection(t.stream))
+        self._conn = LoopConn(loop, lambda: t._raw_connection(t.stream))
         t._lsock_of = self._sock  # interrupt() shuts this socket down too
         self._thread = threading.get_ident()
         self._reading = False  # a fast read is in flight
@@ -196,6 +212,7 @@ class LoopTaker:
             if isinstance(exc, asyncio.CancelledError):
                 raise
             log.warning("ringbus: reading tasks on the loop failed (%s); retrying", exc)
+            self._conn.renew()
             return await self._take_slow(journals)
         finally:
             self._reading = False
@@ -205,6 +222,7 @@ class LoopTaker:
         try:
             got = finish(out)
         except redis.ResponseError:  # a stream gone, a cluster's MOVED: the careful way
+            self._conn.renew()
             return await self._take_slow(journals)
         for journal, (data, _, _) in zip(journals, got, strict=False):
             write_journal(journal, data)
