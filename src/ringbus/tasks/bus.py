@@ -160,7 +160,7 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
                     self.name, self.transport, self.transport.reply_address(), self.codec
                 )
                 st.cancel = self.cancel  # Future.cancel() of a queued task (identity)
-                st.encode_plain = self._plain_encoder(st.reply)
+                st.encode_new = self._dispatch_encoder(st.reply)
                 reader = threading.Thread(
                     target=run_reader, args=(st,), name=f"ringbus-reader-{self.name}", daemon=True
                 )
@@ -198,7 +198,7 @@ class TaskBus(HandlerRegistry, BusDeadLetters, BusMiddleware):
         st = self._st or self._state()
         tid = next(st.ids)
         if timeout is None:
-            encode = st.encode_plain
+            encode = st.encode_new
             if encode is not None and self._mw is None:
                 gid, data = encode(task, tid)
             else:

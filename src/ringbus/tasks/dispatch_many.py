@@ -1,13 +1,13 @@
 """``TaskBus.dispatch_many``: many tasks in few transport calls.
 
 Every task is resolved and encoded before any is queued, so a task that
-cannot be encoded queues nothing.  A list longer than ``WAVE`` (or a
-quarter of the task table) is encoded first without ids, then given its
-status records (and ids) a wave at a time as it is queued: a status record
-is claimed only for a task about to be queued, so a list longer than the
-task table (65,536 records on shared memory) waits for earlier tasks to
-finish, as a full task channel makes it wait, instead of failing with
-``StoreFull``.
+cannot be encoded queues nothing.  Status records (and so ids) are taken a
+wave at a time: the first wave's (``WAVE`` tasks, or a quarter of a smaller
+task table) before encoding, each later wave's just before it is queued,
+its ids then set into the envelopes already encoded.  So a list longer
+than the task table (65,536 records on shared memory) waits for earlier
+tasks to finish, as a full task channel makes it wait, instead of failing
+with ``StoreFull``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from ringbus._ids import current_pid, new_id
 from ringbus.errors import TaskTimeout
-from ringbus.tasks.envelope import FLAG_REPLY, NO_ID, TASK_HEADER, TASK_MAGIC
+from ringbus.tasks.envelope import FLAG_REPLY, GID_OFFSET, NO_ID, TASK_HEADER, TASK_MAGIC
 from ringbus.tasks.results import BusFuture, ProcState
 from ringbus.tasks.routing import put_routed_many
 from ringbus.transport.task_table import QUEUED, StoreFull
@@ -35,6 +35,7 @@ WAVE = 16384  # tasks per round of status records in a long list (a quarter of t
 _RECORD_POLL = 0.002  # seconds between looks for a free status record
 _monotonic = time.monotonic
 _pack, _MAGIC, _dumps = TASK_HEADER.pack, TASK_MAGIC, pickle.dumps
+_GID_AT, _GID_END = GID_OFFSET, GID_OFFSET + len(NO_ID)
 
 
 class _Cut(Exception):
@@ -58,31 +59,31 @@ def dispatch_list(
     reply, encode, pid = st.reply, bus.codec.encode_task, current_pid()
     ids = [next(st.ids) for _ in tasks]
     wave = _wave(bus)
-    waves = len(tasks) > wave
+    first = min(len(tasks), wave)  # the first wave gets its records now, the rest later
     gids: list[bytes] = []
     table = bus._records
     try:
-        if not waves and table is None:
-            gids = [new_id() for _ in ids]
-        elif not waves and table is not None:
+        if table is None:
+            gids = [new_id() for _ in range(first)]
+        else:
             add = table.add
-            for tid in ids:  # bus._new_task, inline: once per task
+            for tid in ids[:first]:  # bus._new_task, inline: once per task
                 gids.append(add(QUEUED, pid, tid))
+        all_gids = gids + [NO_ID] * (len(tasks) - first)
         if bus.codec.plain_pickle:  # codec._encode_plain, inline, one clock read
             now, rlen = time.time(), len(reply)
             datas = [
                 _pack(_MAGIC, FLAG_REPLY, 1, pid, tid, deadline, wall, rlen, gid, now)
                 + reply
                 + _dumps(t, 5)
-                for t, tid, gid in zip(tasks, ids, gids or [NO_ID] * len(ids), strict=True)
+                for t, tid, gid in zip(tasks, ids, all_gids, strict=True)
             ]
         else:
             datas = [
                 encode(t, tid, FLAG_REPLY, pid, reply, deadline, wall, gid=gid)
-                for t, tid, gid in zip(tasks, ids, gids or [NO_ID] * len(ids), strict=True)
+                for t, tid, gid in zip(tasks, ids, all_gids, strict=True)
             ]
-        if not waves:
-            datas = bus._encode_many(tasks, gids, datas)  # middleware headers
+        datas[:first] = bus._encode_many(tasks[:first], gids, datas[:first])  # middleware
     except BaseException:
         for gid in gids:
             bus._drop_task(gid)
@@ -91,13 +92,11 @@ def dispatch_list(
     at = 0
     try:
         while at < len(tasks):
-            end = min(len(tasks), at + wave) if waves else len(tasks)
-            if waves:
+            end = min(len(tasks), at + wave)
+            if at:  # a later wave: its records now, their ids into the envelopes
                 gids = _records(bus, ids, at, end, deadline if timeout is not None else None)
-                part = [bus.codec.with_gid(d, g) for d, g in zip(datas[at:end], gids, strict=True)]
+                part = _with_gids(bus, datas[at:end], gids)
                 datas[at:end] = bus._encode_many(tasks[at:end], gids, part)
-            else:
-                gids = gids[at:end]
             _queue(bus, st, tasks, datas, ids, gids, at, end, chans, deadline, timeout, futs)
             at = end
     except _Cut as cut:
@@ -106,6 +105,13 @@ def dispatch_list(
             f.set_exception(TaskTimeout(str(cut)))
             futs.append(f)
     return futs
+
+
+def _with_gids(bus: TaskBus, datas: list[bytes], gids: list[bytes]) -> list[bytes]:
+    """The envelopes with their ids set (``Codec.with_gid``; unsigned ones inline)."""
+    if bus.codec.signer is not None:
+        return [bus.codec.with_gid(d, g) for d, g in zip(datas, gids, strict=True)]
+    return [d[:_GID_AT] + g + d[_GID_END:] for d, g in zip(datas, gids, strict=True)]
 
 
 def _wave(bus: TaskBus) -> int:

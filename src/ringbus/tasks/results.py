@@ -76,7 +76,7 @@ class ProcState:
         "closing",
         "codec",
         "cond",
-        "encode_plain",
+        "encode_new",
         "fast_decode",
         "fast_status",
         "heap",
@@ -125,8 +125,8 @@ class ProcState:
         self.unmatched = 0
         # bus.cancel, for Future.cancel() (set by the bus; see control.py).
         self.cancel: Callable[[str], bool] | None = None
-        # The bus's encoder for a plain dispatch (control._plain_encoder), or None.
-        self.encode_plain: Callable[[Any, int], tuple[bytes, bytes]] | None = None
+        # The bus's encoder for a plain dispatch (control._dispatch_encoder).
+        self.encode_new: Callable[[Any, int], tuple[bytes, bytes]] | None = None
 
 
 def _set_async(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
