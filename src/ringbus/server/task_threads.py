@@ -16,9 +16,7 @@ import collections
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
-from resource import RUSAGE_THREAD, getrusage
 from typing import Any
 
 from ringbus.tasks.context import TaskContext, run_with
@@ -101,51 +99,20 @@ class PlainCalls:
     loop for every call finished meanwhile, not one per call as
     ``run_in_executor`` does).
 
-    ``inline()`` true: a handler type that made ``QUICK_RUNS`` calls under
-    ``QUICK`` seconds in a thread, none over ``SLOW`` meanwhile, runs on
-    the loop itself (``quick``, ``run_here``): a thread hand-off costs more
-    than such a call, and its thread could overlap nothing.  One call on
-    the loop that takes over ``SLOW`` seconds and waited (a voluntary
-    context switch: I/O, a sleep, a lock; not the CPU taken away) sends
-    that type back to the threads for good.
+    Every call runs in a task thread, however quick its handler has been:
+    a plain handler may block at any call (a cache miss, a slow SMTP
+    server), and blocking calls must overlap, never stall the loop and the
+    worker's other tasks.  (Running handlers that had been quick on the
+    loop's own thread was tried: one blocking call then stalled them all.)
     """
 
-    QUICK_RUNS = 64
-    QUICK = 0.0001
-    SLOW = 0.002
-
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, size: int, inline: Callable[[], bool]
-    ) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, size: int) -> None:
         self.loop = loop
         self.threads = TaskThreads(size, "ringbus-task")
-        self._inline = inline
-        self._outbox: collections.deque[tuple[asyncio.Future[Any], bool, Any, float, type]] = (
+        self._outbox: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
             collections.deque()
         )
         self._due = False
-        self._quick: dict[type, int] = {}  # quick calls in a row (-1: never on the loop)
-
-    def quick(self, cls: type) -> bool:
-        """Whether ``cls``'s handler runs on the loop now."""
-        return self._quick.get(cls, 0) >= self.QUICK_RUNS and self._inline()
-
-    def run_here(self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any) -> Any:
-        """``fn(task)`` on the loop's thread, outside the running loop (a
-        handler may run a loop of its own: ``asyncio.run``)."""
-        waits = getrusage(RUSAGE_THREAD).ru_nvcsw
-        t0 = time.perf_counter()
-        running = asyncio.events._get_running_loop()
-        asyncio.events._set_running_loop(None)
-        try:
-            return run_with(ctx, fn, task)
-        finally:
-            asyncio.events._set_running_loop(running)
-            if (
-                time.perf_counter() - t0 > self.SLOW
-                and getrusage(RUSAGE_THREAD).ru_nvcsw != waits
-            ):
-                self._quick[type(task)] = -1
 
     def submit(
         self, ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
@@ -157,12 +124,11 @@ class PlainCalls:
     def _call(
         self, fut: asyncio.Future[Any], ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any
     ) -> None:
-        t0 = time.perf_counter()
         try:
             ok, value = True, run_with(ctx, fn, task)
         except BaseException as exc:  # as run_in_executor: the awaiting task decides
             ok, value = False, exc
-        self._outbox.append((fut, ok, value, time.perf_counter() - t0, type(task)))
+        self._outbox.append((fut, ok, value))
         if not self._due:  # first the outcome, then the flag (see _drain)
             self._due = True
             try:
@@ -172,14 +138,9 @@ class PlainCalls:
 
     def _drain(self) -> None:
         self._due = False  # first: an outcome appended from now on schedules another
-        box, quick = self._outbox, self._quick
+        box = self._outbox
         while box:
-            fut, ok, value, took, cls = box.popleft()
-            n = quick.get(cls, 0)
-            if n >= 0 and took < self.QUICK:
-                quick[cls] = n + 1
-            elif n >= 0 and took > self.SLOW:
-                quick[cls] = 0
+            fut, ok, value = box.popleft()
             if fut.done():  # given up on (time limit)
                 continue
             if ok:

@@ -92,8 +92,8 @@ class ConcurrentWorker(WorkerBase):
         for i in range(len(self.slots)):
             self.free.put(i)
         self.loop = asyncio.new_event_loop()
-        # Plain handlers (threads, or the loop for quick ones with loop reads).
-        self.calls = PlainCalls(self.loop, len(self.slots), self._may_inline)
+        # Plain handlers: task threads, outcomes back on the loop in bursts.
+        self.calls = PlainCalls(self.loop, len(self.slots))
         self.running = 0
         self.taken = 0
         self.done = 0
@@ -142,11 +142,6 @@ class ConcurrentWorker(WorkerBase):
             self.calls.shutdown(wait=not self.exit_code)
             self.loop.close()
         return self.exit_code
-
-    def _may_inline(self) -> bool:
-        # Only with loop reads (Redis), and never in a process that dispatched:
-        # a handler that waits for another task's result must not block the loop.
-        return self._io is not None and not getattr(self.transport, "_reply_key", "")
 
     async def _until_drained(self) -> None:
         await self._taker_done.wait()
@@ -546,11 +541,6 @@ class ConcurrentWorker(WorkerBase):
                 return await asyncio.wait_for(await_cancellable(ctx, fn(task)), limit)
             except asyncio.TimeoutError:
                 raise _Overran(limit, stuck=False) from None
-        if limit is None and self.calls.quick(type(task)):
-            value = self.calls.run_here(ctx, fn, task)
-            if inspect.isawaitable(value):
-                value = await self._watched(ctx, value)
-            return value
         fut = self.calls.submit(ctx, fn, task)
         if limit is None:
             value = await fut
