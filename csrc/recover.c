@@ -33,9 +33,16 @@ static int lock_recovery(ring_t *r)
     for (;;) {
         /* acquire: see everything the previous recoverer did. */
         uint32_t cur = atomic_load_explicit(&h->recovery_lock, memory_order_acquire);
+        /* The lease before the clock: a holder reads its clock and then
+         * writes now + RECOVERY_LEASE_NS, so a lease read before our clock
+         * is never further ahead than that.  (Clock first, a renewal landing
+         * between the two reads looked further ahead than any holder
+         * writes, a bogus lease, and a live holder lost its lock.)
+         * acquire: keeps the clock read below (the vDSO reads its data
+         * page) after this load; it pairs with no store, the lease itself
+         * publishes nothing (renew_recovery's relaxed store). */
+        int64_t lease = atomic_load_explicit(&h->recovery_lease, memory_order_acquire);
         int64_t now = ring_now();
-        /* relaxed: the lease only decides whether to try the CAS below. */
-        int64_t lease = atomic_load_explicit(&h->recovery_lease, memory_order_relaxed);
         if (cur == 0 || !lease_valid(lease, now)) {
             /* relaxed: published by the CAS (acq_rel) just below. */
             atomic_store_explicit(&h->recovery_lease, now + RECOVERY_LEASE_NS,

@@ -4,11 +4,16 @@ cannot disable recovery for more than one lease (1 s)."""
 
 from __future__ import annotations
 
+import contextlib
+import mmap
 import os
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import cffi
 import pytest
 
 from ringbus import Queue, RingError
@@ -16,7 +21,7 @@ from test_corruption import mapped, set_u64
 
 OFF_RECOVERY_LOCK = 784
 OFF_RECOVERY_LEASE = 792
-LEASE_HELD_NS = 950_000_000  # just under the longest valid lease, 1 s
+LEASE_HELD_NS = 1_000_000_000  # the longest valid lease, as the C holder writes it
 
 
 def test_a_bogus_recovery_lock_holder_does_not_block_recovery(shm_name: str) -> None:
@@ -49,22 +54,36 @@ def test_the_recovery_lock_is_a_lease(shm_name: str, lease_s: float) -> None:
             assert took < 1, took
 
 
+@contextlib.contextmanager
+def lease_word(m: mmap.mmap) -> Iterator[Any]:
+    """The lease as a cffi ``int64_t *``: ``p[0] = v`` is one aligned 8-byte
+    store (``*(long long *)p = v``), as the C holder writes it."""
+    ffi = cffi.FFI()
+    buf = ffi.from_buffer(m)
+    try:
+        yield ffi.cast("int64_t *", buf + OFF_RECOVERY_LEASE)
+    finally:
+        ffi.release(buf)  # the map must close later: no buffer left exported
+
+
 def test_recover_reports_a_lock_held_under_a_valid_lease(shm_name: str) -> None:
     """While its holder keeps renewing the lease, recover() gives up with
-    RingError instead of taking the lock.  The holder keeps its lease near the
-    longest valid one (1 s), so only a stall of the renewing thread longer
-    than that could let recover() take over (a 300 ms lease was outlived by
-    a starved renewer in an ASan CI run)."""
+    RingError instead of taking the lock.  The holder renews as the C holder
+    does: the longest valid lease (now + 1 s), in one 8-byte store
+    (``struct.pack_into`` writes byte by byte: a reader could see a torn
+    value), and here without pause.  recover() read its clock before the
+    lease, so a renewal between the two reads looked further ahead than any
+    holder writes, a bogus lease, and was taken over (two ASan CI runs
+    failed so; this renewer made it fail at once)."""
     stop = threading.Event()
-    with Queue(8, name=shm_name) as q, mapped(shm_name) as m:
+    with Queue(8, name=shm_name) as q, mapped(shm_name) as m, lease_word(m) as lease:
         struct.pack_into("<I", m, OFF_RECOVERY_LOCK, 1)
 
         def renew() -> None:
             while not stop.is_set():
-                set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + LEASE_HELD_NS)
-                time.sleep(0.01)
+                lease[0] = time.monotonic_ns() + LEASE_HELD_NS
 
-        set_u64(m, OFF_RECOVERY_LEASE, time.monotonic_ns() + LEASE_HELD_NS)
+        lease[0] = time.monotonic_ns() + LEASE_HELD_NS
         t = threading.Thread(target=renew)
         t.start()
         try:
