@@ -236,3 +236,22 @@ def test_stats_shows_delayed_tasks_and_schedules(
     finally:
         _kill_group(group)
         bus.destroy(force=True)
+
+
+def test_the_scheduler_ends_quietly_when_its_bus_is_closed(
+    bus_name: str, servers: list[TaskServer], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``bus.close()`` under a running server closes the timer store the
+    leading scheduler waits on: the scheduler ends, logging no failure (it
+    logged "the scheduler of bus ... failed" with a RingClosed traceback)."""
+    bus = make_bus(bus_name)
+    server = TaskServer(bus, workers=1)
+    servers.append(server)
+    server.start()
+    wait_for(lambda: server.leading, 30, "the server to lead the scheduler")
+    caplog.set_level("DEBUG", logger="ringbus.scheduler")
+    bus.close()
+    wait_for(lambda: not server.leading, 30, "the scheduler to end")
+    failed = [r for r in caplog.records if r.name == "ringbus.scheduler" and r.levelno >= 40]
+    assert not failed, [r.getMessage() for r in failed]
+    assert any("its bus is closed" in r.getMessage() for r in caplog.records)

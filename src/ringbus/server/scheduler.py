@@ -15,6 +15,7 @@ import os
 import threading
 import time
 
+from ringbus.errors import TransportClosed
 from ringbus.tasks.bus import TaskBus
 from ringbus.tasks.schedules import ScheduleBook
 
@@ -65,6 +66,8 @@ class Scheduler:
                     continue
                 wake = self._lead_once(book)
                 transport.wait_timers(min(_RETRY, max(0.0, wake - time.time())))
+        except TransportClosed:  # the bus was closed under a running server: nothing to do
+            log.debug("ringbus: the scheduler of bus %r ends: its bus is closed", self.bus.name)
         except Exception:
             log.exception("ringbus: the scheduler of bus %r failed", self.bus.name)
         finally:
