@@ -142,13 +142,18 @@ class TaskChannel(Reclaims):
         acks = list(self._to_ack)
         ack_cmds = self._xack_commands(acks)
         replies = self._roundtrip([*ack_cmds, *cmds])
+        self._acks_sent(acks, replies[: len(ack_cmds)])
+        return replies[len(ack_cmds) :]
+
+    def _acks_sent(self, acks: list[bytes], replies: list[Any]) -> None:
+        """The XACKs of ``acks`` came back (``replies``): raise the first
+        error, else forget them."""
         if acks:
-            for reply in replies[: len(ack_cmds)]:
+            for reply in replies:
                 if isinstance(reply, Exception):
                     raise reply
             del self._to_ack[: len(acks)]
             self._acked(len(acks))
-        return replies[len(ack_cmds) :]
 
     def _read(
         self, key: str, count: int, block_ms: int | None, served: bool
@@ -247,12 +252,7 @@ class TaskChannel(Reclaims):
         cmds = [*head, read, *self._read_commands()]
 
         def finish(replies: list[Any]) -> list[tuple[bytes, int, object]]:
-            if acks:
-                for reply in replies[: len(ack_cmds)]:
-                    if isinstance(reply, Exception):
-                        raise reply
-                del self._to_ack[: len(acks)]
-                self._acked(len(acks))
+            self._acks_sent(acks, replies[: len(ack_cmds)])
             rest = replies[len(ack_cmds) :]
             if served:
                 self._watched(rest[0])
