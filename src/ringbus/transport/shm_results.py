@@ -237,15 +237,6 @@ class ShmTaskTable(TaskTable):
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
 
-    def _usable(self, mm: mmap.mmap, off: int, now: float, evict: bool) -> bool:
-        state = mm[off + 16]
-        if state == EMPTY:
-            return True
-        if state not in FINAL or mm[off + 17]:
-            return False  # not finished, or cancelled while queued: never replaced
-        expires = _F64.unpack_from(mm, off + 64)[0]
-        return evict or 0 < expires <= now
-
     def _claim(self) -> None:
         """Own a block with room (under the file lock)."""
         mm = self._mm
@@ -260,9 +251,7 @@ class ShmTaskTable(TaskTable):
             # them are): a dispatcher whose tasks finish keeps reusing the same
             # warm pages instead of walking, and faulting in, the whole table.
             start = (self._block + 1) % self.blocks
-            if self._block >= 0 and self._usable(
-                mm, self._base + self._block * BLOCK * self.record_size, now, False
-            ):
+            if self._block >= 0 and self._recs.any_usable(self._block * BLOCK, 1, now, False):
                 start = self._block
             for evict in (False, True):
                 for i in range(self.blocks):
@@ -317,7 +306,7 @@ class ShmTaskTable(TaskTable):
         mm, b = self._mm, self._block
         if mm is None or b < 0 or self._recs.evicted:
             return False  # evictions are counted under the lock, in _claim
-        if not self._usable(mm, self._base + b * BLOCK * self.record_size, time.time(), False):
+        if not self._recs.any_usable(b * BLOCK, 1, time.time(), False):  # its oldest record
             return False
         self._recs.use_block(b * BLOCK, BLOCK, False, os.urandom(8))
         return True
