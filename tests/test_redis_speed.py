@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -361,6 +362,22 @@ def test_a_pool_sigkilled_in_a_fast_run_loses_nothing(
 # ------------------------------------------------------------ one at a time
 
 
+def _results_ride_reads(bus: TaskBus, r: Any, make: Callable[[int], Any]) -> None:
+    """After a warm-up, 50 tasks one after the other: the worker reads, and
+    no connection whose last command came during them ended on an XACK (or
+    the results script) of a separate round trip."""
+    for i in range(10):  # warm up: the worker finds out how it takes tasks
+        assert bus.dispatch(make(i)).result(timeout=60) == i
+    time.sleep(1.5)  # Redis counts idle time in whole seconds
+    t0 = time.monotonic()
+    for i in range(50):
+        assert bus.dispatch(make(i)).result(timeout=60) == i
+    clients = r.client_list()
+    recent = int(time.monotonic() - t0) + 1  # seconds the 50 tasks took, rounded up
+    assert any(c["cmd"] == "xreadgroup" for c in clients)
+    assert not [c for c in clients if c["cmd"] in ("xack", "eval") and int(c["idle"]) < recent]
+
+
 def test_a_one_at_a_time_worker_sends_its_results_with_its_next_read(
     redis_server: RedisServer, bus_name: str
 ) -> None:
@@ -371,19 +388,7 @@ def test_a_one_at_a_time_worker_sends_its_results_with_its_next_read(
     r: Any = redis.Redis.from_url(redis_server.url)
     try:
         with TaskServer(bus, workers=1):
-            for i in range(10):  # warm up: the worker finds out it takes one at a time
-                assert bus.dispatch(Echo(i)).result(timeout=60) == i
-            time.sleep(1.5)  # Redis counts idle time in whole seconds
-            t0 = time.monotonic()
-            for i in range(50):
-                assert bus.dispatch(Echo(i)).result(timeout=60) == i
-            clients = r.client_list()
-            recent = int(time.monotonic() - t0) + 1  # seconds the 50 tasks took, rounded up
-            assert any(c["cmd"] == "xreadgroup" for c in clients)
-            # No connection whose last command came during the 50 tasks ended on an XACK.
-            assert not [
-                c for c in clients if c["cmd"] in ("xack", "eval") and int(c["idle"]) < recent
-            ]
+            _results_ride_reads(bus, r, Echo)
             assert r.xpending(bus.transport.stream, "workers")["pending"] == 0  # type: ignore[attr-defined]
     finally:
         bus.destroy(force=True)
@@ -410,18 +415,7 @@ def test_a_concurrent_worker_sends_async_results_with_its_next_read(
     r: Any = redis.Redis.from_url(redis_server.url)
     try:
         with TaskServer(bus, workers=1, concurrency=64):
-            for i in range(10):
-                assert bus.dispatch(Quick(i)).result(timeout=60) == i
-            time.sleep(1.5)  # Redis counts idle time in whole seconds
-            t0 = time.monotonic()
-            for i in range(50):
-                assert bus.dispatch(Quick(i)).result(timeout=60) == i
-            clients = r.client_list()
-            recent = int(time.monotonic() - t0) + 1
-            assert any(c["cmd"] == "xreadgroup" for c in clients)
-            assert not [
-                c for c in clients if c["cmd"] in ("xack", "eval") and int(c["idle"]) < recent
-            ]
+            _results_ride_reads(bus, r, Quick)
             futs = [bus.dispatch(Quick(i)) for i in range(500)]  # batches too
             assert [f.result(timeout=60) for f in futs] == list(range(500))
             assert r.xpending(bus.transport.stream, "workers")["pending"] == 0  # type: ignore[attr-defined]
