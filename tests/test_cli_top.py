@@ -18,13 +18,16 @@ from ringbus import TaskBus
 from ringbus.server.pool_state import read_pool_states
 
 
-def running_workers(bus_name: str) -> list[int]:
-    return [
-        w.worker_pid
+def holding_alone(bus_name: str) -> list[int]:
+    """[the pid of the worker running the Hold task] once no other worker
+    runs anything (a worker shows running until just after its answer)."""
+    running = [
+        (w.worker_pid, w.task_type)
         for slots in read_pool_states(bus_name).values()
         for w in slots
         if w.state == "running"
     ]
+    return [pid for pid, kind in running if kind.endswith(".Hold")] if len(running) == 1 else []
 
 
 def test_top_once_shows_running_tasks_workers_and_depth(
@@ -40,7 +43,7 @@ def test_top_once_shows_running_tasks_workers_and_depth(
     release = tmp_path / "release"
     held = bus.dispatch(Hold(str(release)))
     try:
-        (pid,) = wait_for(lambda: running_workers(bus.name), what="the held task to run")
+        (pid,) = wait_for(lambda: holding_alone(bus.name), what="the held task to run alone")
         out = ringbus_cli("top", bus.name, "--once", env=cli_env(bus.name))
         assert out.returncode == 0, out.stderr
         text = out.stdout
