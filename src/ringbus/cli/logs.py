@@ -38,9 +38,9 @@ class TaskLogFilter(logging.Filter):
         if not hasattr(record, "task_id"):
             current = TaskLogFilter._current
             if current is None:  # imported here: the ringbus command's start stays light
-                from ringbus.tasks.context import _current as var
+                from ringbus.tasks.context import current_context
 
-                current = TaskLogFilter._current = var.get
+                current = TaskLogFilter._current = current_context
             ctx = current()
             if ctx is None:
                 record.task_id = record.task_type = record.task = ""

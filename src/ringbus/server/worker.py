@@ -49,7 +49,14 @@ from ringbus.server.pool_state import (
 from ringbus.server.worker_base import EXIT_INIT_FAILED, EXIT_STUCK_THREAD, StopFlag, WorkerBase
 from ringbus.tasks import envelope as env
 from ringbus.tasks.bus import TaskBus
-from ringbus.tasks.context import TaskContext, reset_current, set_current
+from ringbus.tasks.context import (
+    Pending,
+    TaskContext,
+    pending_attempt,
+    pending_cancelled,
+    reset_current,
+    set_current,
+)
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
 from ringbus.tasks.tracking import await_cancellable
@@ -340,8 +347,11 @@ class _WorkerLoop(WorkerBase):
                 finish(IDLE, done)
                 continue
             # -- end limits
-            # Identity: the status record says running; current_task() is set.
-            ctx = tracker.begin(gid, attempt, type_name, max_attempts, deadline, keep_result)
+            # Identity: the status record says running; current_task() is set
+            # (as context.Pending: the object is made if the handler asks).
+            ctx: Pending | None = tracker.begin_pending(
+                gid, attempt, type_name, max_attempts, deadline, keep_result
+            )
             if ctx is None:  # cancelled while it waited: never run
                 if permit:
                     limiter.release(cls, permit)
@@ -355,9 +365,9 @@ class _WorkerLoop(WorkerBase):
                     value = call(task)
                     is_awaitable = awaitables.get(type(value))
                     if is_awaitable or (is_awaitable is None and awaitable(value)):
-                        value = self._await(value, ctx)
+                        value = self._await(value, TaskContext(*ctx))
                 except Exception as exc:
-                    if ctx.cancelled:  # told to stop: it stopped
+                    if pending_cancelled(ctx):  # told to stop: it stopped
                         self._cancelled(gid, flags, reply, dpid, tid)
                         break
                     delay = self._retry_delay(
@@ -373,7 +383,9 @@ class _WorkerLoop(WorkerBase):
                     # The slot's attempt first: a crash from here on redelivers
                     # this attempt (the journal keeps the envelope as taken).
                     run(dpid, tid, monotonic(), deadline, attempt, flags, rlen, RUNNING)
-                    ctx.attempt = attempt
+                    ctx = pending_attempt(ctx, attempt)
+                    reset_current(token)
+                    token = set_current(ctx)
                     if not self._backoff(delay):
                         # Stopping: hand the retry to the next worker or server.
                         put_envelope(transport, env.with_attempt(data, attempt))
@@ -385,13 +397,13 @@ class _WorkerLoop(WorkerBase):
                         break
                     continue
                 except BaseException as exc:  # SystemExit and the like: not retried
-                    if ctx.cancelled:  # CancelledError inside an async handler
+                    if pending_cancelled(ctx):  # CancelledError inside an async handler
                         self._cancelled(gid, flags, reply, dpid, tid)
                     else:
                         self._fail(data, tid, flags, reply, dpid, exc, attempt, type_name, keep)
                     break
                 else:
-                    if ctx.cancelled:  # told to stop: what it returned is not a result
+                    if pending_cancelled(ctx):  # told to stop: what it returned is not a result
                         self._cancelled(gid, flags, reply, dpid, tid)
                         break
                     if flags & FLAG_REPLY:

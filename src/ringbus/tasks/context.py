@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["TaskContext", "current_task"]
+__all__ = ["Pending", "TaskContext", "current_context", "current_task"]
 
 
 class TaskContext:
@@ -87,14 +87,31 @@ class TaskContext:
         return f"<TaskContext {self.id} {self.type} attempt {self.attempt}/{self.max_attempts}>"
 
 
-_current: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+Pending = tuple[
+    bytes, str, int, int, "float | None", str, Callable[..., int], Callable[..., None], "int | None"
+]
+"""A ``TaskContext``'s arguments, not yet made into one.  The one-task worker
+loop sets this as current (a tuple costs a fifth of the object, and most
+handlers never ask); ``current_task()`` makes the object on first use."""
+
+_current: contextvars.ContextVar[TaskContext | Pending | None] = contextvars.ContextVar(
     "ringbus_current_task", default=None
 )
 
 
+def current_context() -> TaskContext | None:
+    """The current task's context, None outside a handler."""
+    ctx = _current.get()
+    if isinstance(ctx, tuple):
+        made = TaskContext(*ctx)
+        _current.set(made)  # made once: later calls get the same object
+        return made
+    return ctx
+
+
 def current_task() -> TaskContext:
     """The task the calling handler runs; ``RuntimeError`` outside a handler."""
-    ctx = _current.get()
+    ctx = current_context()
     if ctx is None:
         raise RuntimeError(
             "current_task() is only available inside a ringbus task handler "
@@ -103,10 +120,21 @@ def current_task() -> TaskContext:
     return ctx
 
 
+def pending_cancelled(p: Pending) -> bool:
+    """``TaskContext(*p).cancelled`` without making the object."""
+    flag, arg = p[6], p[8]
+    return bool(flag() if arg is None else flag(arg))
+
+
+def pending_attempt(p: Pending, attempt: int) -> Pending:
+    """``p`` for another attempt of its task."""
+    return (p[0], p[1], attempt, p[3], p[4], p[5], p[6], p[7], p[8])
+
+
 # The variable's own methods, not wrappers: the worker loops call them once
 # per task, and a Python frame each would cost more than the calls.
-set_current: Callable[[TaskContext | None], contextvars.Token[TaskContext | None]] = _current.set
-reset_current: Callable[[contextvars.Token[TaskContext | None]], None] = _current.reset
+set_current: Callable[[TaskContext | Pending | None], contextvars.Token[Any]] = _current.set
+reset_current: Callable[[contextvars.Token[Any]], None] = _current.reset
 
 
 def run_with(ctx: TaskContext | None, fn: Callable[[Any], Any], task: Any) -> Any:

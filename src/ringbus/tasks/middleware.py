@@ -33,10 +33,9 @@ from typing import Any
 from ringbus._ids import format_id
 from ringbus.errors import EnvelopeError, TaskFailed
 from ringbus.tasks import envelope as env
-from ringbus.tasks.context import _current as _task_context
+from ringbus.tasks.context import current_context
 from ringbus.tasks.control import TaskControl
 
-current_context = _task_context.get
 __all__ = ["HOOKS", "BusMiddleware", "Middleware", "MiddlewareStack", "TaskMessage"]
 
 log = logging.getLogger("ringbus.middleware")

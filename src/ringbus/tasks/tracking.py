@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from ringbus.tasks import envelope as env
-from ringbus.tasks.context import TaskContext
+from ringbus.tasks.context import Pending, TaskContext
 from ringbus.transport.task_table import (
     CANCELLED,
     DONE,
@@ -76,6 +76,20 @@ class Tracker:
         keep: float = 0.0,
     ) -> TaskContext | None:
         """The task starts; None when it was cancelled (drop it, never run it)."""
+        p = self.begin_pending(gid, attempt, type_name, max_attempts, deadline, keep)
+        return None if p is None else TaskContext(*p)
+
+    def begin_pending(
+        self,
+        gid: bytes,
+        attempt: int,
+        type_name: str,
+        max_attempts: int,
+        deadline: float,
+        keep: float = 0.0,
+    ) -> Pending | None:
+        """``begin``, with the context's arguments instead of the object
+        (context.Pending: the one-task worker loop sets them as current)."""
         table = self.table
         if keep > 0:
             self.keeps[gid] = keep
@@ -93,17 +107,8 @@ class Tracker:
                     return None
                 bound = began
         flag, progress, arg = bound
-        return TaskContext(
-            gid,
-            type_name,
-            attempt,
-            max_attempts,
-            deadline or None,
-            self.queue,
-            flag,
-            progress,
-            arg,
-        )
+        dl = deadline or None
+        return (gid, type_name, attempt, max_attempts, dl, self.queue, flag, progress, arg)
 
     def _finish(self, gid: bytes, state: int, keep: float, result: bytes | None) -> None:
         self.keeps.pop(gid, None)
