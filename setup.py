@@ -8,6 +8,8 @@ Build switches read from the environment:
   RINGBUS_DEBUG=1              -O0 -g3, assertions kept
   RINGBUS_SANITIZE=address     AddressSanitizer (+UBSan) build of core and wrapper
   RINGBUS_SANITIZE=thread      ThreadSanitizer build
+  RINGBUS_PURE_PYTHON=1        do not compile the per-task Python modules
+                               (src/ringbus/_compiled.py lists them)
 
 Run-time switches (read by the C core when a handle is opened, in every
 build):
@@ -58,6 +60,9 @@ class StrictCoreBuildExt(build_ext):
     """Compile the C core with strict warnings, separately from the wrapper."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name != "ringbus._ring":  # a compiled Python module: no C core
+            super().build_extension(ext)
+            return
         objects = self.compiler.compile(
             CORE,
             output_dir=self.build_temp,
@@ -78,10 +83,30 @@ extension = Extension(
     extra_link_args=san,
 )
 
+# The per-task pure-Python modules, compiled as they are (see _compiled.py:
+# the one list, read here without importing the package).
+_COMPILED_TEXT = (_HERE / "src/ringbus/_compiled.py").read_text()
+_COMPILED_BLOCK = re.search(r"COMPILED_MODULES = \((.*?)\)", _COMPILED_TEXT, re.S)
+assert _COMPILED_BLOCK is not None, "src/ringbus/_compiled.py lost COMPILED_MODULES"
+COMPILED = re.findall(r'"([\w.]+)"', _COMPILED_BLOCK.group(1))
+pure = os.environ.get("RINGBUS_PURE_PYTHON", "") not in ("", "0")
+compiled = [
+    Extension(
+        name,
+        sources=["src/" + name.replace(".", "/") + ".py"],
+        extra_compile_args=opt + san,
+        extra_link_args=san,
+    )
+    for name in ([] if pure else COMPILED)
+]
+
 setup(
-    ext_modules=cythonize(
-        [extension],
-        compiler_directives={"language_level": "3"},
+    ext_modules=cythonize([extension], compiler_directives={"language_level": "3"}, gdb_debug=debug)
+    + cythonize(
+        compiled,
+        # Annotations stay hints: a `float` parameter must still take an int
+        # or None as the Python code does, so Cython does not type from them.
+        compiler_directives={"language_level": "3", "annotation_typing": False},
         gdb_debug=debug,
     ),
     cmdclass={"build_ext": StrictCoreBuildExt},

@@ -14,6 +14,20 @@ from _redis_support import redis_aof_server, redis_cluster, redis_server  # noqa
 from ringbus._proc import pid_alive
 
 SHM = Path("/dev/shm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A compiled module older than its source runs the old code: the suite
+    # would test something else than the tree (see ringbus/_compiled.py).
+    from ringbus._compiled import stale_modules
+
+    stale = stale_modules()
+    if stale:
+        raise pytest.UsageError(
+            f"compiled modules older than their source: {', '.join(stale)}; "
+            "rebuild them with `pip install -e .` (or build with RINGBUS_PURE_PYTHON=1 "
+            "and remove the compiled files to run the .py)"
+        )
 TEST_PREFIX = "ringbus-test-"
 
 
