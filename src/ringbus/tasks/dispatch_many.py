@@ -4,7 +4,9 @@ Every task is resolved and encoded before any is queued, so a task that
 cannot be encoded queues nothing.  Status records (and so ids) are taken a
 wave at a time: the first wave's (``WAVE`` tasks, or a quarter of a smaller
 task table) before encoding, each later wave's just before it is queued,
-its ids then set into the envelopes already encoded.  So a list longer
+its ids then set into the envelopes already encoded (unsigned pickle:
+every payload is encoded first, and each wave's envelopes are made with
+their ids, which costs less than setting them).  So a list longer
 than the task table (65,536 records on shared memory) waits for earlier
 tasks to finish, as a full task channel makes it wait, instead of failing
 with ``StoreFull``.
@@ -62,6 +64,10 @@ def dispatch_list(
     first = min(len(tasks), wave)  # the first wave gets its records now, the rest later
     gids: list[bytes] = []
     table = bus._records
+    # Unsigned pickle: every payload now, each wave's envelopes (header with
+    # its ids, reply address, payload) when its records are taken; other
+    # codecs encode whole envelopes now and set the ids later (_with_gids).
+    bodies: list[bytes] | None = None
     try:
         if table is None:
             gids = [new_id() for _ in range(first)]
@@ -70,14 +76,10 @@ def dispatch_list(
             for tid in ids[:first]:  # bus._new_task, inline: once per task
                 gids.append(add(QUEUED, pid, tid))
         all_gids = gids + [NO_ID] * (len(tasks) - first)
-        if bus.codec.plain_pickle:  # codec._encode_plain, inline, one clock read
-            now, rlen = time.time(), len(reply)
-            datas = [
-                _pack(_MAGIC, FLAG_REPLY, 1, pid, tid, deadline, wall, rlen, gid, now)
-                + reply
-                + _dumps(t, 5)
-                for t, tid, gid in zip(tasks, ids, all_gids, strict=True)
-            ]
+        if bus.codec.plain_pickle:  # codec._encode_plain, inline
+            bodies = [_dumps(t, 5) for t in tasks]
+            datas = _plain_envelopes(ids, bodies, 0, first, gids, reply, pid, deadline, wall)
+            datas += [b""] * (len(tasks) - first)  # each later wave's, made with its ids
         else:
             datas = [
                 encode(t, tid, FLAG_REPLY, pid, reply, deadline, wall, gid=gid)
@@ -95,7 +97,10 @@ def dispatch_list(
             end = min(len(tasks), at + wave)
             if at:  # a later wave: its records now, their ids into the envelopes
                 gids = _records(bus, ids, at, end, deadline if timeout is not None else None)
-                part = _with_gids(bus, datas[at:end], gids)
+                if bodies is None:
+                    part = _with_gids(bus, datas[at:end], gids)
+                else:
+                    part = _plain_envelopes(ids, bodies, at, end, gids, reply, pid, deadline, wall)
                 datas[at:end] = bus._encode_many(tasks[at:end], gids, part)
             _queue(bus, st, tasks, datas, ids, gids, at, end, chans, deadline, timeout, futs)
             at = end
@@ -105,6 +110,26 @@ def dispatch_list(
             f.set_exception(TaskTimeout(str(cut)))
             futs.append(f)
     return futs
+
+
+def _plain_envelopes(
+    ids: list[int],
+    bodies: list[bytes],
+    at: int,
+    end: int,
+    gids: list[bytes],
+    reply: bytes,
+    pid: int,
+    deadline: float,
+    wall: float,
+) -> list[bytes]:
+    """Envelopes of unsigned pickled tasks ``at:end`` (``codec._encode_plain``,
+    inline; one clock read: their queue wait counts from here)."""
+    now, rlen = time.time(), len(reply)
+    return [
+        _pack(_MAGIC, FLAG_REPLY, 1, pid, tid, deadline, wall, rlen, gid, now) + reply + body
+        for tid, gid, body in zip(ids[at:end], gids, bodies[at:end], strict=True)
+    ]
 
 
 def _with_gids(bus: TaskBus, datas: list[bytes], gids: list[bytes]) -> list[bytes]:
