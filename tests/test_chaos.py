@@ -43,6 +43,7 @@ def _dispatcher(bus_name: str, idx: int, log_dir: str, stop: Event, out: mp.Simp
     bus = make_bus(bus_name)
     sent = ok = wrong = lost = 0
     base = idx * 10_000_000
+    error = ""  # what ended this dispatcher early, with the stuck task's status
     try:
         while sent < MIN_TASKS or not stop.is_set():
             futs = bus.dispatch_many([Counted(base + sent + i, log_dir) for i in range(WINDOW)])
@@ -52,6 +53,10 @@ def _dispatcher(bus_name: str, idx: int, log_dir: str, stop: Event, out: mp.Simp
                 except WorkerLost:
                     lost += 1
                     continue
+                except BaseException as exc:
+                    status = bus.status(getattr(f, "task_id", ""))
+                    error = f"task {base + sent + i}: {exc!r}; its status: {status!r}"
+                    raise
                 if value == (base + sent + i) ** 2:
                     ok += 1
                 else:
@@ -59,7 +64,7 @@ def _dispatcher(bus_name: str, idx: int, log_dir: str, stop: Event, out: mp.Simp
             sent += WINDOW
     finally:
         bus.close()
-        out.put((idx, sent, ok, wrong, lost))
+        out.put((idx, sent, ok, wrong, lost, error))
 
 
 def _victim_dispatcher(bus_name: str, idx: int, log_dir: str) -> None:
@@ -227,6 +232,7 @@ def test_chaos_sigkill_under_load(
         )
         with capsys.disabled():  # the figures belong in every run's output
             print(summary)
+        assert not [r[5] for r in results if r[5]]  # no dispatcher ended early
         assert sum(kills.values()) >= MIN_KILLS and kills["worker"] >= 20
         # Side ring: every message a consumer read, or the test drained, was
         # whole; a killed producer's message was skipped, never half-read.
