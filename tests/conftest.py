@@ -14,6 +14,7 @@ from _redis_support import redis_aof_server, redis_cluster, redis_server  # noqa
 from ringbus._proc import pid_alive
 
 SHM = Path("/dev/shm")
+TEST_PREFIX = "ringbus-test-"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -28,7 +29,6 @@ def pytest_configure(config: pytest.Config) -> None:
             "rebuild them with `pip install -e .` (or build with RINGBUS_PURE_PYTHON=1 "
             "and remove the compiled files to run the .py)"
         )
-TEST_PREFIX = "ringbus-test-"
 
 
 def _ours() -> set[str]:

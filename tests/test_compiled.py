@@ -6,13 +6,12 @@ named as stale."""
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import time
 
 import pytest
 
-from ringbus._compiled import COMPILED_MODULES, compiled_modules, stale_modules
+from ringbus._compiled import COMPILED_MODULES, compiled_modules, module_files, stale_modules
 
 
 def test_the_suite_runs_the_compiled_modules() -> None:
@@ -28,9 +27,7 @@ def test_a_source_newer_than_its_compiled_module_is_stale() -> None:
     if not built:
         pytest.skip("no compiled modules in this build")
     name = built[0]
-    source = importlib.util.find_spec(name).origin  # type: ignore[union-attr]
-    assert source is not None
-    py = os.path.join(os.path.dirname(source), name.rsplit(".", 1)[1] + ".py")
+    py = module_files(name)[0]
     st = os.stat(py)
     assert name not in stale_modules()
     try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-__all__ = ["COMPILED_MODULES", "compiled_modules", "stale_modules"]
+__all__ = ["COMPILED_MODULES", "compiled_modules", "module_files", "stale_modules"]
 
 COMPILED_MODULES = (
     "ringbus.server.worker",
@@ -32,7 +32,7 @@ COMPILED_MODULES = (
 )
 
 
-def _paths(name: str) -> tuple[str, str | None]:
+def module_files(name: str) -> tuple[str, str | None]:
     """(the module's source, its compiled file or None) without importing it."""
     spec = importlib.util.find_spec(name)
     if spec is None or spec.origin is None:
@@ -46,14 +46,14 @@ def _paths(name: str) -> tuple[str, str | None]:
 
 def compiled_modules() -> list[str]:
     """The modules of COMPILED_MODULES that import from a compiled file."""
-    return [name for name in COMPILED_MODULES if _paths(name)[1] is not None]
+    return [name for name in COMPILED_MODULES if module_files(name)[1] is not None]
 
 
 def stale_modules() -> list[str]:
     """Compiled modules whose source changed after they were built."""
     out = []
     for name in COMPILED_MODULES:
-        source, built = _paths(name)
+        source, built = module_files(name)
         if built is not None and os.path.exists(source):
             if os.stat(source).st_mtime > os.stat(built).st_mtime:
                 out.append(name)

@@ -75,12 +75,12 @@ def dispatch_list(
             add = table.add
             for tid in ids[:first]:  # bus._new_task, inline: once per task
                 gids.append(add(QUEUED, pid, tid))
-        all_gids = gids + [NO_ID] * (len(tasks) - first)
         if bus.codec.plain_pickle:  # codec._encode_plain, inline
             bodies = [_dumps(t, 5) for t in tasks]
             datas = _plain_envelopes(ids, bodies, 0, first, gids, reply, pid, deadline, wall)
             datas += [b""] * (len(tasks) - first)  # each later wave's, made with its ids
         else:
+            all_gids = gids + [NO_ID] * (len(tasks) - first)  # set per wave (_with_gids)
             datas = [
                 encode(t, tid, FLAG_REPLY, pid, reply, deadline, wall, gid=gid)
                 for t, tid, gid in zip(tasks, ids, all_gids, strict=True)
