@@ -13,7 +13,7 @@ from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: 
 from ringbus import ShmTransport, TaskBus, TaskServer, TaskTimeout
 from ringbus.tasks.results import BusFuture
 from ringbus.transport.shm_results import ShmTaskTable
-from ringbus.transport.task_table import StoreFull
+from ringbus.transport.task_table import QUEUED, StoreFull
 
 
 def _bus(name: str, slots: int, record: int = 512) -> TaskBus:
@@ -110,6 +110,27 @@ def test_a_steady_dispatcher_reuses_its_own_block(bus_name: str) -> None:
         # A block full of unfinished tasks is passed over, not scanned forever.
         held = [table.add(2, os.getpid(), i) for i in range(300)]
         assert len({int.from_bytes(g[12:16], "little") // 256 for g in held}) == 2
+    finally:
+        bus.destroy(force=True)
+
+
+def test_a_dispatchers_adder_claims_blocks_and_outlives_a_closed_map(bus_name: str) -> None:
+    """``adder()`` (dispatch's quick path to a new record) claims the next
+    block when one is used up, and keeps working after the table was closed
+    and opened again (its old records released)."""
+    bus = _bus(bus_name, 4 * 256)
+    try:
+        table = bus.transport.task_table()
+        assert isinstance(table, ShmTaskTable)
+        add = table.adder()
+        first = [add(QUEUED, os.getpid(), i) for i in range(300)]  # over two blocks
+        assert {int.from_bytes(g[12:16], "little") // 256 for g in first} == {0, 1}
+        table.close()
+        after = [add(QUEUED, os.getpid(), i) for i in range(300)]
+        for gid in first + after:
+            rec = table.get(gid)
+            assert rec is not None and rec.state == QUEUED, gid.hex()
+        assert len(set(first + after)) == 600
     finally:
         bus.destroy(force=True)
 

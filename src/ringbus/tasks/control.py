@@ -106,13 +106,14 @@ class TaskControl:
         pickle inline, with one clock read.  The bus calls it only without
         middleware (which adds its headers in ``_encode_new``)."""
         table = self._records
+        add = None if table is None else table.adder()
         flags, drop = env.FLAG_REPLY, self._drop_task
         if not self.codec.plain_pickle:
             encode_task = self.codec.encode_task
 
             def encode_other(task: Any, tid: int) -> tuple[bytes, bytes]:
                 pid = current_pid()
-                gid = new_id() if table is None else table.add(QUEUED, pid, tid)
+                gid = new_id() if add is None else add(QUEUED, pid, tid)
                 try:
                     return gid, encode_task(task, tid, flags, pid, reply, 0.0, 0.0, gid)
                 except BaseException:
@@ -125,7 +126,7 @@ class TaskControl:
 
         def encode(task: Any, tid: int) -> tuple[bytes, bytes]:
             pid = current_pid()
-            gid = new_id() if table is None else table.add(QUEUED, pid, tid)
+            gid = new_id() if add is None else add(QUEUED, pid, tid)
             try:  # the same bytes as codec._encode_new
                 return gid, pack(magic, flags, 1, pid, tid, 0.0, 0.0, rlen, gid, clock()) + (
                     reply + dumps(task, 5)

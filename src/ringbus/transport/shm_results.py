@@ -310,6 +310,27 @@ class ShmTaskTable(TaskTable):
                 if not self._fill_own_block_again():
                     self._claim()
 
+    def adder(self) -> Callable[[int, int, int], bytes]:
+        """``add`` for this process's dispatches: the C step straight away,
+        ``add`` only to claim a block (or when the map changed: closed and
+        opened again, the old records are released)."""
+        self._map()
+        recs = self._recs
+        step, clock, slow = recs.add, time.time, self.add
+
+        def add(state: int, dispatcher_pid: int, counter: int) -> bytes:
+            nonlocal recs, step
+            if self._recs is recs and self._mm is not None:  # not closed since
+                gid = step(state, dispatcher_pid, counter, clock())
+                if gid is not None:
+                    return gid
+            gid = slow(state, dispatcher_pid, counter)
+            recs = self._recs
+            step = recs.add
+            return gid
+
+        return add
+
     def _fill_own_block_again(self) -> bool:
         """Start over in the block this process owns when its oldest record is
         free (likely most of them are): a steady dispatcher keeps reusing the

@@ -95,6 +95,11 @@ class TaskTable(abc.ABC):
         """A record for a new task (``SCHEDULED`` or ``QUEUED``); returns its id.
         ``StoreFull`` when there is no room."""
 
+    def adder(self) -> Callable[[int, int, int], bytes]:
+        """``add`` for one process's dispatches (a table may hand out a
+        quicker path valid in this process; it falls back to ``add``)."""
+        return self.add
+
     @abc.abstractmethod
     def get(self, gid: bytes) -> TaskRecord | None:
         """The record of ``gid``; None if unknown or expired."""
