@@ -64,13 +64,6 @@ class TaskControl:
         """The transport's task table, looked up once (dispatch uses it each time)."""
         return self.transport.task_table()
 
-    def _new_task(self, counter: int, delayed: bool) -> bytes:
-        """A new task's id (and its status record, where the transport keeps them)."""
-        table = self._records
-        if table is None:
-            return new_id()
-        return table.add(SCHEDULED if delayed else QUEUED, current_pid(), counter)
-
     def _encode_new(
         self,
         task: Any,
@@ -85,7 +78,7 @@ class TaskControl:
         (the record is dropped again if the task cannot be encoded).
         ``due``: when a delayed task is due (Unix seconds; 0: now)."""
         pid = current_pid()
-        table = self._records  # _new_task(), inline: this runs once per dispatch
+        table = self._records
         if table is None:
             gid = new_id()
         else:

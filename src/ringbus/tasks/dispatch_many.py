@@ -72,8 +72,8 @@ def dispatch_list(
         if table is None:
             gids = [new_id() for _ in range(first)]
         else:
-            add = table.add
-            for tid in ids[:first]:  # bus._new_task, inline: once per task
+            add = table.adder()
+            for tid in ids[:first]:
                 gids.append(add(QUEUED, pid, tid))
         if bus.codec.plain_pickle:  # codec._encode_plain, inline
             bodies = [_dumps(t, 5) for t in tasks]
@@ -152,11 +152,13 @@ def _records(
     """Status records (ids) for ``ids[at:end]``: while the table is full of
     tasks not finished, wait for them to finish (until ``deadline``)."""
     gids: list[bytes] = []
+    table, pid = bus._records, current_pid()
+    add = None if table is None else table.adder()
     try:
         for tid in ids[at:end]:
             while True:
                 try:
-                    gids.append(bus._new_task(tid, False))
+                    gids.append(new_id() if add is None else add(QUEUED, pid, tid))
                     break
                 except StoreFull:
                     if deadline is not None and _monotonic() >= deadline:
