@@ -60,6 +60,7 @@ from ringbus.tasks.context import (
 from ringbus.tasks.envelope import FLAG_REPLY
 from ringbus.tasks.routing import put_envelope
 from ringbus.tasks.tracking import await_cancellable
+from ringbus.transport.task_table import DONE as TASK_DONE
 
 __all__ = ["EXIT_INIT_FAILED", "EXIT_STUCK_THREAD", "worker_main"]
 
@@ -243,6 +244,10 @@ class _WorkerLoop(WorkerBase):
         pack_u16 = _U16.pack
         max_tasks = self.max_tasks
         tracker = self.tracker
+        # The tracker's common case inline (a task with an id and no
+        # keep_result): its C steps called from here, a method call less each.
+        begin_c, finish_c, flag_c, progress_c = tracker.quick_steps()
+        queue_name, my_pid, wall_time = tracker.queue, tracker.pid, time.time
         no_id = env.NO_ID
         current = bytes((env.TASK_MAGIC,))
         observe = pool.observer(slot)  # run time and queue wait (histograms)
@@ -349,9 +354,21 @@ class _WorkerLoop(WorkerBase):
             # -- end limits
             # Identity: the status record says running; current_task() is set
             # (as context.Pending: the object is made if the handler asks).
-            ctx: Pending | None = tracker.begin_pending(
-                gid, attempt, type_name, max_attempts, deadline, keep_result
-            )
+            rel = -1
+            if begin_c is not None and not keep_result and gid != no_id:
+                rel = begin_c(gid, attempt, my_pid, wall_time())  # tracker.begin_pending, inline
+            ctx: Pending | None
+            if rel >= 0:
+                dl = deadline or None
+                ctx = (
+                    gid, type_name, attempt, max_attempts, dl, queue_name, flag_c, progress_c, rel
+                )
+            elif rel == -2:
+                ctx = None
+            else:
+                ctx = tracker.begin_pending(
+                    gid, attempt, type_name, max_attempts, deadline, keep_result
+                )
             if ctx is None:  # cancelled while it waited: never run
                 if permit:
                     limiter.release(cls, permit)
@@ -414,7 +431,10 @@ class _WorkerLoop(WorkerBase):
                                 out = encode_ok(tid, value, flags)  # a FAILED result
                         else:
                             out = encode_ok(tid, value, flags)  # an encoding error: FAILED
-                    tracker.done(gid, tid, value, keep_result, out)
+                    if rel >= 0 and finish_c is not None:  # tracker.done, inline
+                        finish_c(gid, TASK_DONE, wall_time(), 0.0, None)
+                    else:
+                        tracker.done(gid, tid, value, keep_result, out)
                     del value
                     ok = True
                     break

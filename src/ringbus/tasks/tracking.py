@@ -66,6 +66,17 @@ class Tracker:
         if steps is not None:
             self._begin_c, self._finish_c, self._flag_c, self._progress_c = steps
 
+    def quick_steps(
+        self,
+    ) -> tuple[Callable[..., int] | None, Callable[..., object] | None, Callable[..., int], Any]:
+        """``(begin, finish, flag, progress)``: the table's direct calls
+        (``TaskTable.local_steps``; begin and finish None without them) for a
+        loop that makes the common case's steps itself -- a task with an id
+        and no ``keep_result``: ``begin`` answering >= 0 is ``begin_pending``'s
+        tuple with these ``flag`` and ``progress``, -2 is its None, -1 asks
+        ``begin_pending``; ``finish`` with ``DONE`` is ``done``."""
+        return self._begin_c, self._finish_c, self._flag_c, self._progress_c
+
     def begin(
         self,
         gid: bytes,
