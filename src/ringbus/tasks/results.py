@@ -38,6 +38,14 @@ READ_BATCH = 512
 _INF = float("inf")
 # How long the reader thread stays parked after a caller read the replies.
 _PARK = 0.005
+# A reader with at least _NAP_PENDING results to come polls the reply channel
+# between naps of _NAP seconds (transports whose poll is a look at memory),
+# until _NAP_EMPTY naps in a row found nothing; then it waits in the channel,
+# and after each result that wait brings it naps once more to see whether
+# results come fast again (see _read_once).
+_NAP_PENDING = 64
+_NAP = 50e-6
+_NAP_EMPTY = 4
 _WAITING = frozenset(("PENDING", "RUNNING"))  # concurrent.futures' not-done states
 _PENDING = "PENDING"
 _FINISHED = "FINISHED"
@@ -76,6 +84,7 @@ class ProcState:
         "closing",
         "codec",
         "cond",
+        "empty_naps",
         "encode_new",
         "fast_decode",
         "fast_status",
@@ -83,6 +92,7 @@ class ProcState:
         "heap_lock",
         "ids",
         "name",
+        "naps",
         "pending",
         "pid",
         "reader",
@@ -127,6 +137,9 @@ class ProcState:
         self.cancel: Callable[[str], bool] | None = None
         # The bus's encoder for a plain dispatch (control._dispatch_encoder).
         self.encode_new: Callable[[Any, int], tuple[bytes, bytes]] | None = None
+        # Naps in a row that found no result (see _read_once); -1: never nap.
+        self.empty_naps = 0 if transport.replies_poll_cheaply else -1
+        self.naps = 0  # naps taken (stats and tests)
 
 
 def _set_async(items: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
@@ -291,12 +304,27 @@ def _read_once(st: ProcState, timeout: float | None, fut: BusFuture | None = Non
         st.wake_at = _monotonic() + nxt
         if timeout is None or nxt < timeout:
             timeout = nxt
+    napping = 0 <= st.empty_naps < _NAP_EMPTY and len(st.pending) >= _NAP_PENDING
+    if napping:
+        # Many results to come: a waiter spinning on the channel would take a
+        # core from the workers that make them (on 2 cores, a third of the
+        # CPU), and sleeping in it would cost each worker a wake-up call per
+        # result.  Poll, nap, poll: they wait here in batches.
+        timeout = 0.0
     try:
         batch = st.transport.recv_replies(READ_BATCH, timeout)
     except queue.Empty:
+        if napping:
+            st.empty_naps += 1
+            st.naps += 1
+            time.sleep(_NAP)
         return True
     except TransportClosed:
         return False
+    if st.empty_naps >= 0:
+        # From a poll: results come fast, nap on.  From a wait: they came
+        # slowly; one nap next time tells whether that changed.
+        st.empty_naps = 0 if napping else _NAP_EMPTY - 1
     _resolve(st, batch)
     return True
 

@@ -73,6 +73,11 @@ class Transport(abc.ABC):
     task layer then trusts wall-clock deadlines, not this host's monotonic
     clock)."""
 
+    replies_poll_cheaply: bool = False
+    """True when ``recv_replies(n, 0)`` costs no more than a look at memory
+    (no round trip): a dispatcher with many results to come then polls its
+    reply channel between short naps instead of spinning on it."""
+
     deliveries: int = 1
     """How many times the envelope this process took last was delivered
     (1 = first delivery; a broker counts redeliveries after consumer deaths)."""

@@ -72,6 +72,8 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 class ShmTransport(ShmQueues, ShmTime, ShmLimitsMixin, Transport):
     """Shared-memory rings (``ringbus.Queue``); see the module docstring."""
 
+    replies_poll_cheaply = True
+
     def __init__(
         self,
         *,
