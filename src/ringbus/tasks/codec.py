@@ -149,12 +149,8 @@ class Codec:
         )
         self.plain_pickle = self.encode_task is _encode_plain
         """Tasks are encoded as ``_encode_plain`` does (the bus may inline it)."""
-        if isinstance(self._fmt, MsgspecFormat):
-            if self.signer is None:
-                self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
-            self.decode_task = self._fmt.task_decoder(
-                self._task_bits, self._tag_len, self._decode_task, self.signer is None
-            )
+        if isinstance(self._fmt, MsgspecFormat) and self.signer is None:
+            self.encode_task = self._fmt.task_encoder(_TASK_MAGIC, self._task_bits)
         self.decode_task = (
             self._decode_task if self.refusal else self._decode_plain if plain else self._decode_own
         )

@@ -196,28 +196,6 @@ class MsgspecFormat:
 
         return encode
 
-    def task_decoder(self, bits: int, tag_len: int, general: Any, trusted: bool) -> Any:
-        """``Codec.decode_task`` in one frame for envelopes whose flag bits
-        (signed, serializer) are ``bits``; others go to ``general``.
-        ``trusted``: unsigned (no tag to have been checked)."""
-        decoders, find, errors = self._decoders, self._decoder, self._errors
-        mask = 0x0E  # signed + serializer bits of a task's flags
-
-        def decode(data: bytes, start: int, flags: int, verified: bool = False) -> Any:
-            if flags & mask != bits or not (verified or trusted):
-                return general(data, start, flags, verified)
-            n = data[start]
-            raw = data[start + 1 : start + 1 + n]
-            entry = decoders.get(raw) or find(raw)
-            end = len(data) - tag_len
-            try:
-                return entry[1](_view(data, start + 1 + n, end))
-            except errors as exc:
-                what = entry[0].__qualname__
-                raise CodecError(f"task payload does not match {what}: {exc}") from None
-
-        return decode
-
     def _decoder(self, raw: bytes) -> Any:
         for name in raw.decode("utf-8", "replace").split(" "):
             cls = self._known(name)
