@@ -192,6 +192,23 @@ def test_dispatch_many_longer_than_the_table_waits_for_records(
         bus.destroy(force=True)
 
 
+def test_dispatch_many_of_unsigned_pickle_takes_records_a_chunk_at_a_time(
+    bus_name: str, servers: list[TaskServer]
+) -> None:
+    """Unsigned pickle: a wave is a chunk of 512, its records and envelopes
+    made right before it is queued (workers start once the payloads are
+    pickled); over many waves every task runs once under its own id."""
+    bus = _bus(bus_name, 4096)  # waves of 512 (a quarter of the table is 1024)
+    try:
+        servers.append(TaskServer(bus, workers=2).start())
+        n = 3000
+        futs = bus.dispatch_many(Tiny(i) for i in range(n))
+        assert [f.result(timeout=120) for f in futs] == list(range(n))
+        assert len({cast(BusFuture, f).task_id for f in futs}) == n
+    finally:
+        bus.destroy(force=True)
+
+
 def test_dispatch_many_gives_up_on_a_full_table_at_its_deadline(small: TaskBus) -> None:
     """No worker: the first 512 tasks fill the table and stay queued (their
     deadline then passes too); the rest wait for a record until the
