@@ -10,15 +10,8 @@ import pytest
 
 from _tasks_basic import Add, Sleep, make_bus
 from _tasks_support import bus_name_fixture, servers_fixture, wait_for  # noqa: F401 - fixtures
-from ringbus import BusClosed, TaskBus, TaskServer, TaskTimeout
+from ringbus import BusClosed, TaskServer, TaskTimeout
 from ringbus.tasks.results import _NAP_PENDING
-
-
-def _serve(bus: TaskBus, servers: list[TaskServer], workers: int) -> TaskServer:
-    server = TaskServer(bus, workers=workers)
-    servers.append(server)
-    server.start()
-    return server
 
 
 def test_results_and_deadlines_of_many_pending_tasks_while_polling(
@@ -26,7 +19,7 @@ def test_results_and_deadlines_of_many_pending_tasks_while_polling(
 ) -> None:
     bus = make_bus(bus_name)
     try:
-        _serve(bus, servers, workers=1)
+        servers.append(TaskServer(bus, workers=1).start())
         started = tmp_path / "started"
         blocker = bus.dispatch(Sleep(1.5, started=str(started)))
         wait_for(started.exists, what="the blocking task to start")
@@ -54,7 +47,7 @@ def test_close_answers_many_pending_futures_while_polling(
 ) -> None:
     bus = make_bus(bus_name)
     try:
-        _serve(bus, servers, workers=1)
+        servers.append(TaskServer(bus, workers=1).start())
         futs = [bus.dispatch(Sleep(0.01)) for _ in range(4 * _NAP_PENDING)]  # 2.5 s of work
         st = bus._st
         assert st is not None

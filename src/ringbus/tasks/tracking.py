@@ -68,7 +68,12 @@ class Tracker:
 
     def quick_steps(
         self,
-    ) -> tuple[Callable[..., int] | None, Callable[..., object] | None, Callable[..., int], Any]:
+    ) -> tuple[
+        Callable[..., int] | None,
+        Callable[..., object] | None,
+        Callable[..., int],
+        Callable[..., None],
+    ]:
         """``(begin, finish, flag, progress)``: the table's direct calls
         (``TaskTable.local_steps``; begin and finish None without them) for a
         loop that makes the common case's steps itself -- a task with an id
